@@ -1,0 +1,122 @@
+"""FA-Net checkpoint files.
+
+An *inference* checkpoint holds the model config and the weights inference runs (low-level
+module, foreground branch, TEM, stripe embeddings) — the background branch and classifiers are
+dropped. Files are read with ``torch.load(weights_only=True)``: no pickled code is executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fanet.config import FANetConfig, config_from_dict, model_config_to_dict
+from fanet.model import FANet
+
+CHECKPOINT_FORMAT = "fanet"
+CHECKPOINT_VERSION = 1
+INFERENCE_KIND = "inference"
+TRAINING_KIND = "training"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable FA-Net checkpoint (one-line message)."""
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate the header of an FA-Net checkpoint file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable FA-Net checkpoint ({reason[:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an FA-Net checkpoint (no 'format: fanet' header)")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} has FA-Net checkpoint version {payload.get('version')!r}; this build reads "
+            f"version {CHECKPOINT_VERSION}"
+        )
+    return payload
+
+
+def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -> FANet:
+    try:
+        config = config_from_dict(FANetConfig, payload["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source} has an incompatible model config: {exc}") from None
+    model = FANet(config, num_classes=0, num_cameras=0)
+    state = {k: v for k, v in payload["state_dict"].items() if _is_inference_key(k)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{source} does not match the FA-Net architecture ({first[:160]})") from None
+    if missing or unexpected:
+        sample = (missing or unexpected)[:3]
+        raise CheckpointError(
+            f"{source} does not match the FA-Net architecture "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {', '.join(sample)})"
+        )
+    return model.eval()
+
+
+def load_inference_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> FANet:
+    """The foreground-only FA-Net stored in ``path`` (an inference or a training checkpoint)."""
+    return model_from_checkpoint(read_checkpoint(path, map_location), source=str(path))
+
+
+def _is_inference_key(key: str) -> bool:
+    return not key.startswith(("background_branch.", "background_pooling.", "person_classifiers.",
+                               "camera_classifiers."))
+
+
+def inference_state(model: FANet) -> dict[str, Any]:
+    """The payload of an inference checkpoint for ``model``."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if _is_inference_key(k)}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "kind": INFERENCE_KIND,
+        "config": model_config_to_dict(model.config),
+        "state_dict": state,
+    }
+
+
+def save_inference_checkpoint(model: FANet, path: str | os.PathLike[str], **meta: Any) -> Path:
+    """Write the foreground-only checkpoint atomically (temp file + rename)."""
+    payload = inference_state(model)
+    payload["meta"] = meta
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def untrained_inference_model(seed: int = 0, config: FANetConfig | None = None) -> FANet:
+    """A deterministic random-init FA-Net, for pipeline demos and tests only: it has not learnt
+    re-identification, and callers must say so."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FANet(config or FANetConfig(), num_classes=0, num_cameras=0)
+    return model.eval()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """A content hash of the weights (names, shapes and values), stable across machines."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        value = tensor.detach().cpu().contiguous()
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,194 @@
+"""Typed configuration for FA-Net. Every default is the paper's setting (Sec. III and IV-B).
+
+One dataclass per concern (model, data, solver) grouped in :class:`TrainConfig`. CLI flags
+override fields; ``to_dict``/``from_dict`` round-trip through ``config.json`` in a run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class TALVariant(StrEnum):
+    """Target attention loss variants of Table II."""
+
+    NONE = "none"
+    EQ4 = "eq4"  # Eq. 4: on spatially l2-normalised F and B (the paper's TAL)
+    V1 = "v1"  # Eq. 7: avg[F + B]
+    V2 = "v2"  # Eq. 7: avg[F(1-Z) + B Z] without normalisation
+
+
+class Variant(StrEnum):
+    """The rows of Table I."""
+
+    BASELINE = "baseline"
+    TEM = "tem"
+    TEM_BG = "tem_bg"
+    TEM_BG_IA = "tem_bg_ia"
+    TEM_BG_IA_TAL = "tem_bg_ia_tal"
+    FANET = "fanet"
+
+
+class DatasetName(StrEnum):
+    MARKET1501 = "market1501"
+    DUKEMTMC = "dukemtmc"
+    MSMT17 = "msmt17"
+    FOLDER = "folder"
+
+
+@dataclass
+class FANetConfig:
+    """Model switches. ``FANetConfig()`` is the full FA-Net; ``FANetConfig.variant(...)`` gives
+    each ablation row of Table I."""
+
+    use_tem: bool = True  # target enhancement module on the foreground map
+    use_background: bool = True  # camera-ID background branch (training only)
+    use_interaction: bool = True  # gate the background map with 1 - Z (IA)
+    tal: TALVariant = TALVariant.EQ4
+    use_hpp: bool = True  # horizontal pyramid pooling; off = global average pooling
+    tem_k: int = 256  # number of attention maps averaged in TEM (Fig. 5)
+    tem_mid_channels: tuple[int, int] = (256, 128)
+    hpp_stripes: tuple[int, ...] = (1, 2, 4, 8)
+    embed_dim: int = 256  # per-stripe embedding size
+    last_stride: int = 1  # last spatial down-sampling removed
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
+    pixel_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        self.tal = TALVariant(self.tal)
+        self.tem_mid_channels = tuple(self.tem_mid_channels)  # type: ignore[assignment]
+        self.hpp_stripes = tuple(self.hpp_stripes)
+        self.pixel_mean = tuple(self.pixel_mean)  # type: ignore[assignment]
+        self.pixel_std = tuple(self.pixel_std)  # type: ignore[assignment]
+        if self.tem_k < 1:
+            raise ValueError(f"tem_k must be >= 1, got {self.tem_k}")
+        if self.use_interaction and not (self.use_tem and self.use_background):
+            raise ValueError("use_interaction needs both use_tem and use_background")
+        if self.tal is not TALVariant.NONE and not self.use_background:
+            raise ValueError("the target attention loss needs the background branch")
+        if self.tal in (TALVariant.EQ4, TALVariant.V2) and not self.use_tem:
+            raise ValueError(f"TAL variant {self.tal.value!r} needs TEM (it uses the mask Z)")
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of the inference feature: 15 x 256 = 3840 with HPP, 2048 without."""
+        return sum(self.hpp_stripes) * self.embed_dim if self.use_hpp else 2048
+
+    @classmethod
+    def variant(cls, name: str | Variant, **overrides: Any) -> FANetConfig:
+        """The configuration of one row of Table I (extra keyword args override fields)."""
+        rows: dict[Variant, dict[str, Any]] = {
+            Variant.BASELINE: dict(
+                use_tem=False, use_background=False, use_interaction=False,
+                tal=TALVariant.NONE, use_hpp=False,
+            ),
+            Variant.TEM: dict(use_background=False, use_interaction=False, tal=TALVariant.NONE, use_hpp=False),
+            Variant.TEM_BG: dict(use_interaction=False, tal=TALVariant.NONE, use_hpp=False),
+            Variant.TEM_BG_IA: dict(tal=TALVariant.NONE, use_hpp=False),
+            Variant.TEM_BG_IA_TAL: dict(use_hpp=False),
+            Variant.FANET: {},
+        }
+        try:
+            row = rows[Variant(name)]
+        except ValueError:
+            raise ValueError(
+                f"unknown variant {name!r}; choose one of {', '.join(v.value for v in Variant)}"
+            ) from None
+        return cls(**{**row, **overrides})
+
+
+@dataclass
+class DataConfig:
+    dataset: DatasetName = DatasetName.MARKET1501
+    root: str = "data"
+    height: int = 384
+    width: int = 128
+    num_identities: int = 16  # P of the PK batch
+    num_instances: int = 8  # K of the PK batch
+    flip_prob: float = 0.5
+    workers: int = 4
+    test_dataset: DatasetName | None = None  # cross-dataset evaluation (Table III); None = same
+    test_root: str | None = None
+
+    def __post_init__(self) -> None:
+        self.dataset = DatasetName(self.dataset)
+        if self.test_dataset is not None:
+            self.test_dataset = DatasetName(self.test_dataset)
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_identities * self.num_instances
+
+
+@dataclass
+class SolverConfig:
+    epochs: int = 100
+    base_lr: float = 0.6
+    warmup_start_lr: float = 0.06
+    warmup_epochs: int = 10
+    milestones: tuple[int, ...] = (40, 80)
+    gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    pretrained_lr_mult: float = 0.1  # pretrained (ResNet50) layers learn at 0.1x the base lr
+    amp: bool = True  # used on CUDA only
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(self.milestones)
+
+
+@dataclass
+class TrainConfig:
+    model: FANetConfig = field(default_factory=FANetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    output_dir: str = "runs/fanet"
+    pretrained: str | None = None  # path to torchvision resnet50 ImageNet weights (.pth)
+    random_init: bool = False  # must be asked for explicitly when no pretrained file is given
+    eval_period: int = 10  # epochs; 0 disables periodic evaluation
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_iters_per_epoch: int | None = None  # for smoke tests; None = a full pass over the data
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return cls(
+            model=config_from_dict(FANetConfig, data.get("model", {})),
+            data=config_from_dict(DataConfig, data.get("data", {})),
+            solver=config_from_dict(SolverConfig, data.get("solver", {})),
+            **{k: v for k, v in data.items() if k not in ("model", "data", "solver")},
+        )
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a config dataclass, refusing unknown keys with a clear message."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+    return cls(**data)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, StrEnum):
+        return value.value
+    return value
+
+
+def model_config_to_dict(config: FANetConfig) -> dict[str, Any]:
+    return _jsonable(dataclasses.asdict(config))

@@ -1,0 +1,59 @@
+"""Embedding images with the foreground branch: preprocessing, flip averaging, l2 normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as functional
+from torch import Tensor, nn
+
+
+def preprocess_bgr(crops: Sequence[np.ndarray], height: int = 384, width: int = 128) -> Tensor:
+    """OpenCV-style BGR uint8 crops → a (N, 3, height, width) 0-1 RGB float batch."""
+    batch = torch.empty((len(crops), 3, height, width), dtype=torch.float32)
+    for i, crop in enumerate(crops):
+        if crop.ndim != 3 or crop.shape[2] != 3 or min(crop.shape[:2]) < 1:
+            raise ValueError(f"crop {i} has shape {crop.shape}; expected a non-empty (H, W, 3) image")
+        rgb = torch.from_numpy(np.ascontiguousarray(crop[:, :, ::-1])).permute(2, 0, 1)[None].float()
+        batch[i] = functional.interpolate(
+            rgb, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+        )[0].div_(255.0)
+    return batch.clamp_(0.0, 1.0)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def embed_images(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    flip: bool = True,
+    batch_size: int = 64,
+    amp: bool | None = None,
+) -> Tensor:
+    """Features of 0-1 RGB ``images`` (N, 3, H, W): the mean of the image's and its horizontal
+    mirror's features when ``flip`` (Sec. IV-B), l2-normalised so a dot product is the cosine
+    similarity. ``amp`` defaults to on for CUDA models. Returns float32 on the CPU."""
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    use_amp = device.type == "cuda" if amp is None else amp and device.type == "cuda"
+    outputs = []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                features = model(batch).float()
+                if flip:
+                    features = features + model(batch.flip(-1)).float()
+            outputs.append(functional.normalize(features, dim=1).cpu())
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return torch.empty((0, getattr(model, "feature_dim", 0)), dtype=torch.float32)
+    return torch.cat(outputs)
