@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 WEIGHTS_DIR_ENV = "REID_WEIGHTS_DIR"
@@ -33,11 +34,19 @@ def search_dirs() -> list[Path]:
     return dirs
 
 
-def resolve_weights(name: str, explicit: str | os.PathLike[str] | None = None, *, source: str = "") -> Path:
+def resolve_weights(
+    name: str,
+    explicit: str | os.PathLike[str] | None = None,
+    *,
+    source: str = "",
+    download: Callable[[], Path] | None = None,
+) -> Path:
     """Return the path of weights file ``name``.
 
     ``explicit`` (a path given by the user) wins and must exist. ``source`` says where the file
-    can be obtained; it goes into the error message.
+    can be obtained; it goes into the error message. ``download``, when given, is the owning
+    library's own fetch (e.g. torchvision's cache), tried last; offline it fails and the
+    error says so.
     """
     looked: list[str] = []
     if explicit is not None:
@@ -51,6 +60,11 @@ def resolve_weights(name: str, explicit: str | os.PathLike[str] | None = None, *
             if candidate.exists():
                 return candidate
             looked.append(str(candidate))
+        if download is not None:
+            try:
+                return download()
+            except Exception as exc:  # offline: URLError, OSError, ... — report, don't crash
+                looked.append(f"library download ({type(exc).__name__})")
     hint = f"; get it from {source}" if source else ""
     raise WeightsNotFoundError(
         f"weights file {name!r} not found (looked in: {', '.join(looked)}){hint}"
