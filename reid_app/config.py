@@ -1,0 +1,108 @@
+"""Application settings for ``reid-app``: every default lives here, CLI flags override them.
+
+Where things are stored:
+
+* the database: ``--db URL`` (any SQLAlchemy URL), default ``sqlite:///data/reid.db``;
+* the data folder (JPEG thumbnails of stored crops): ``--data-dir``, default the folder of the
+  SQLite file, or ``./data`` for a server database such as PostgreSQL;
+* the FAISS index files: next to the SQLite file, or in the data folder for other databases.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from reid_app.errors import ReidAppError
+
+DEFAULT_DATA_DIR = Path("data")
+DEFAULT_DB_URL = "sqlite:///data/reid.db"
+#: Environment variables that stand in for ``--db`` / ``--data-dir`` (handy for scripts and tests).
+DB_URL_ENV = "REID_APP_DB"
+DATA_DIR_ENV = "REID_APP_DATA_DIR"
+
+
+@dataclass
+class AppConfig:
+    """Settings of one ``reid-app`` run."""
+
+    db_url: str = DEFAULT_DB_URL
+    data_dir: Path | None = None  # None: derived from the database URL (see module docstring)
+    sample_fps: float | None = 2.0  # frames per second fed to the detector; None = every frame
+    crops_per_track: int = 4  # best crops kept (and embedded) per track
+    commit_every_frames: int = 24  # sampled frames per database transaction during ingest
+    embed_batch_size: int = 32
+    #: A gallery of at least this many vectors is searched through an IVF index instead of an
+    #: exact flat one (see reid_app.index).
+    ivf_threshold: int = 50_000
+    ivf_target_recall: float = 0.95  # recall@10 against exact search that nprobe is tuned for
+    thumbnail_max_side: int = 256  # stored JPEG thumbnails are at most this tall/wide
+    thumbnail_jpeg_quality: int = 90
+    identity_threshold: float = 0.3  # cosine distance below which clusters of tracks merge
+    lock_timeout_s: float = 120.0  # waiting for the index file lock
+    busy_timeout_s: float = 60.0  # SQLite busy timeout
+    weights: str | None = None  # embedder weights: a path, "untrained", or None (default file)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        try:
+            self._url = make_url(self.db_url)
+        except ArgumentError as exc:
+            raise ReidAppError(f"invalid database URL {self.db_url!r}: {exc}") from None
+        if self.data_dir is not None:
+            self.data_dir = Path(self.data_dir)
+
+    @classmethod
+    def from_env(cls, db_url: str | None = None, data_dir: str | Path | None = None, **kwargs) -> AppConfig:
+        """Build a config from CLI values, falling back to the environment then the defaults."""
+        db_url = db_url or os.environ.get(DB_URL_ENV) or DEFAULT_DB_URL
+        data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+        return cls(db_url=db_url, data_dir=Path(data_dir) if data_dir else None, **kwargs)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self._url.get_backend_name() == "sqlite"
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, or None for an in-memory or non-SQLite database."""
+        if not self.is_sqlite or not self._url.database or self._url.database == ":memory:":
+            return None
+        return Path(self._url.database)
+
+    @property
+    def storage_dir(self) -> Path:
+        """Folder of the data files (thumbnails)."""
+        if self.data_dir is not None:
+            return self.data_dir
+        sqlite_path = self.sqlite_path
+        return sqlite_path.parent if sqlite_path is not None else DEFAULT_DATA_DIR
+
+    @property
+    def index_dir(self) -> Path:
+        """Folder of the FAISS index files: next to the SQLite file, else the data folder."""
+        sqlite_path = self.sqlite_path
+        return sqlite_path.parent if sqlite_path is not None else self.storage_dir
+
+    @property
+    def thumbnails_dir(self) -> Path:
+        return self.storage_dir / "thumbnails"
+
+    def database_exists(self) -> bool:
+        """False only when we can tell that nothing was ever stored (a missing SQLite file)."""
+        if not self.is_sqlite:
+            return True
+        sqlite_path = self.sqlite_path
+        return sqlite_path is None or sqlite_path.exists()
+
+
+def parse_camera_id(text: str | int) -> int:
+    """A camera ID is a positive integer; anything else is a one-line error."""
+    value = str(text).strip()
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise ReidAppError(f"camera ID must be a positive integer, got {text!r}")
+    return int(value)

@@ -1,0 +1,428 @@
+"""Ingest one video of one camera: sample frames → detect → track → best crops → embed → store.
+
+Storage happens in batches: every ``commit_every_frames`` sampled frames, the tracks that
+ended meanwhile are embedded, their crops' JPEG thumbnails written, and their rows and vectors
+(track pooled vector + one vector per crop) committed in **one transaction**, together with the
+video's ``last_committed_frame``. The FAISS indexes are then synced from the database
+(:mod:`reid_app.index`), so they never hold a vector the database does not.
+
+Idempotence and crash safety:
+
+* A video is identified by (sha256 of its bytes, camera). Ingesting a pair that is already
+  ``complete`` adds nothing and says so.
+* A run killed at any point (even SIGKILL) leaves the video with status ``ingesting``. The next
+  ingest of that video **redoes it**: the partial tracks, crops and thumbnails are deleted (one
+  transaction), the indexes are synced (dropping their vectors) and the video is processed
+  from the start. Resuming from ``last_committed_frame`` instead would cut every track that was
+  open at the kill into two (the tracker's state is not stored), so the result would differ
+  from an uninterrupted run; redoing gives exactly the same rows.
+* A run that fails with an error (e.g. the model breaks) deletes what it stored, video row
+  included. A video that stops decoding part-way keeps the frames decoded so far (a warning
+  says where it stopped).
+* Everything that can be checked is checked before anything is written: the video decodes,
+  the camera id, the weights, the database's embedding model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from reid_app.config import AppConfig, parse_camera_id
+from reid_app.errors import ReidAppError
+from reid_app.index import IndexManager, file_lock
+from reid_app.store import (
+    VIDEO_COMPLETE,
+    VIDEO_INGESTING,
+    Database,
+    DatabaseInfo,
+    Detection,
+    Track,
+    Video,
+    check_model_identity,
+    utc_now,
+    vector_to_bytes,
+)
+from reid_app.track import DEFAULT_LOST_TRACK_SECONDS, PersonTracker, TrackCrops, TrackCropSelector
+from reid_app.video import VideoSource, open_video, sample_step
+
+#: A track unseen for this long (seconds, beyond the tracker's own lost-track buffer) is finished.
+TRACK_END_MARGIN_S = 1.0
+
+
+@dataclass
+class IngestProgress:
+    frames_done: int
+    frames_total: int | None
+    persons: int  # person detections seen so far
+    crops: int  # crops stored so far
+    tracks: int
+
+
+@dataclass
+class IngestSummary:
+    video_id: int
+    video_path: str
+    camera: int
+    status: str  # "ingested", "redone after an interrupted run", "already ingested"
+    sampled_frames: int = 0
+    person_detections: int = 0
+    tracks: int = 0
+    crops: int = 0
+    elapsed_s: float = 0.0
+    video_seconds: float = 0.0  # span of video processed
+    stopped_early: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def realtime_factor(self) -> float | None:
+        """Processing time / processed video duration (< 1: faster than real time)."""
+        return self.elapsed_s / self.video_seconds if self.video_seconds > 0 else None
+
+
+@dataclass
+class IngestOptions:
+    video: str
+    camera: int
+    start_time: datetime | None = None
+    max_frames: int | None = None  # stop after this many sampled frames (trial runs, tests)
+
+
+def default_start_time(video: VideoSource) -> datetime:
+    """A file's modification time, or now for a stream (both UTC)."""
+    if video.is_stream:
+        return utc_now()
+    return datetime.fromtimestamp(Path(video.source).stat().st_mtime, tz=UTC)
+
+
+def parse_start_time(text: str | None) -> datetime | None:
+    """``--start-time`` as an ISO 8601 time; a time without zone is taken as UTC."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ReidAppError(f"--start-time must be an ISO 8601 time such as 2024-05-01T14:30:00, got {text!r}") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def thumbnail_image(crop: np.ndarray, max_side: int) -> np.ndarray:
+    height, width = crop.shape[:2]
+    if max(height, width) <= max_side:
+        return crop
+    scale = max_side / max(height, width)
+    return cv2.resize(crop, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+
+
+def pooled_embedding(vectors: np.ndarray) -> np.ndarray:
+    """Mean of a track's crop embeddings, l2-normalised again."""
+    mean = vectors.mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    return (mean / norm if norm > 0 else mean).astype(np.float32)
+
+
+def video_identity(video: VideoSource, start_time: datetime) -> str:
+    """What makes two ingests "the same video": the file's sha256; for a stream (whose content
+    changes over time) the hash of its URL and start time."""
+    if not video.is_stream:
+        return video.sha256()
+    return hashlib.sha256(f"{video.source}@{start_time.isoformat()}".encode()).hexdigest()
+
+
+def _video_thumbnail_dir(camera: int, video_id: int) -> Path:
+    """Relative to the data folder."""
+    return Path("thumbnails") / f"camera_{camera}" / f"video_{video_id}"
+
+
+def _delete_video_rows(session: Session, video_id: int, *, delete_video: bool) -> None:
+    session.execute(delete(Detection).where(Detection.video_id == video_id))
+    session.execute(delete(Track).where(Track.video_id == video_id))
+    if delete_video:
+        session.execute(delete(Video).where(Video.id == video_id))
+
+
+class _Ingest:
+    """One ingest run (state shared by the steps)."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        options: IngestOptions,
+        embedder: Any,
+        detector: Any,
+        on_progress: Callable[[IngestProgress], None] | None,
+        source: VideoSource | None = None,
+    ) -> None:
+        self.config, self.options = config, options
+        self.source = source
+        self.embedder, self.detector = embedder, detector
+        self.on_progress = on_progress
+        self.db: Database | None = None
+        self.indexes: IndexManager | None = None
+        self.video_id: int | None = None
+
+    # -- validation (nothing written) ------------------------------------------------------
+    def validate(self) -> VideoSource:
+        parse_camera_id(self.options.camera)
+        if self.options.max_frames is not None and self.options.max_frames < 1:
+            raise ReidAppError(f"--max-frames must be at least 1, got {self.options.max_frames}")
+        if self.config.sample_fps is not None and not self.config.sample_fps > 0:
+            raise ReidAppError(f"--fps must be positive, got {self.config.sample_fps}")
+        video = self.source or open_video(self.options.video)
+        if self.config.sqlite_path is None or self.config.sqlite_path.exists():
+            probe = Database(self.config, create=False)
+            info = probe.info()
+            check_model_identity(info, self.embedder.model_name, self.embedder.weights_sha256, self.embedder.dim)
+            probe.dispose()
+        return video
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> IngestSummary:
+        video = self.validate()
+        start_time = self.options.start_time or default_start_time(video)
+        sha256 = video_identity(video, start_time)  # before the database is touched: hashing takes a while
+        self.db = Database(self.config, create=True)
+        self.indexes = IndexManager(self.db, self.config)
+        summary = IngestSummary(video_id=0, video_path=video.source, camera=self.options.camera, status="ingested")
+        # Held for the whole run: a second ingest of the same video and camera must not take the
+        # first one's unfinished rows for those of a killed run and delete them.
+        lock_path = self.config.index_dir / "locks" / f"ingest_{sha256[:32]}_camera_{self.options.camera}.lock"
+        busy = f"video {video.source} (camera {self.options.camera}) is being ingested by another process right now"
+        with file_lock(lock_path, timeout_s=0, busy_message=busy):
+            existing = self._claim_video(video, sha256, start_time, summary)
+            if existing == VIDEO_COMPLETE:
+                return summary
+            try:
+                self.indexes.sync_all()  # drop vectors of a redone run's deleted rows
+                self._process(video, summary)
+            except Exception:
+                self._discard()
+                raise
+        return summary
+
+    def _claim_video(self, video: VideoSource, sha256: str, start_time: datetime, summary: IngestSummary) -> str | None:
+        """Create (or reset, after an interrupted run) the video row; return the previous status."""
+        embedder = self.embedder
+
+        def work(session: Session) -> tuple[int, str | None]:
+            info = session.get(DatabaseInfo, 1)
+            check_model_identity(info, embedder.model_name, embedder.weights_sha256, embedder.dim)
+            if info.model_name is None:
+                info.model_name = embedder.model_name
+                info.model_weights_sha256 = embedder.weights_sha256
+                info.model_dim = embedder.dim
+                info.model_is_trained = bool(embedder.is_trained)
+            row = session.scalars(
+                select(Video).where(Video.sha256 == sha256, Video.camera_id == self.options.camera)
+            ).first()
+            if row is not None and row.status == VIDEO_COMPLETE:
+                return row.id, VIDEO_COMPLETE
+            previous = None
+            if row is None:
+                row = Video(sha256=sha256, camera_id=self.options.camera, created_at=utc_now())
+                session.add(row)
+            else:
+                previous = row.status
+                _delete_video_rows(session, row.id, delete_video=False)
+            row.path = str(Path(video.source).resolve()) if not video.is_stream else video.source
+            row.fps, row.frame_count = video.fps, video.frame_count or 0
+            row.width, row.height = video.width, video.height
+            row.sample_fps = self.config.sample_fps
+            row.start_time = start_time
+            row.status = VIDEO_INGESTING
+            row.last_committed_frame = -1
+            row.detector = self.detector.name
+            session.flush()
+            return row.id, previous
+
+        self.db.ensure_info()
+        try:
+            self.video_id, previous = self.db.write(work)
+        except IntegrityError:
+            raise ReidAppError(
+                f"video {video.source} (camera {self.options.camera}) is being ingested by another process right now"
+            ) from None
+        summary.video_id = self.video_id
+        if previous == VIDEO_COMPLETE:
+            summary.status = "already ingested"
+            summary.notes.append(
+                f"video {video.source} (sha256 {sha256[:12]}) is already ingested for camera "
+                f"{self.options.camera} (video id {self.video_id}): nothing added"
+            )
+        elif previous == VIDEO_INGESTING:
+            summary.status = "redone after an interrupted run"
+            shutil.rmtree(self.config.storage_dir / _video_thumbnail_dir(self.options.camera, self.video_id), True)
+            summary.notes.append(
+                f"video id {self.video_id} was left unfinished by an interrupted run: its partial rows were "
+                "deleted and the video is processed again from the start"
+            )
+        return previous
+
+    def _process(self, video: VideoSource, summary: IngestSummary) -> None:
+        started = time.perf_counter()
+        step = sample_step(video.fps, self.config.sample_fps)
+        tracker = PersonTracker(frame_rate=video.fps / step)
+        selector = TrackCropSelector(max_crops=self.config.crops_per_track)
+        max_age = math.ceil((DEFAULT_LOST_TRACK_SECONDS + TRACK_END_MARGIN_S) * video.fps)
+        frames_total = math.ceil(video.frame_count / step) if video.frame_count else None
+        if self.options.max_frames is not None:
+            frames_total = min(frames_total or self.options.max_frames, self.options.max_frames)
+        pending: list[TrackCrops] = []
+        last_frame_index, first_ts, last_ts = -1, None, 0.0
+        # A stream has no end: Ctrl-C ends its ingest normally (what was seen is stored and the video
+        # marked complete). For a file, Ctrl-C interrupts the run like a kill (redone next time).
+        try:
+            for frame in video.iter_frames(sample_fps=self.config.sample_fps):
+                first_ts = frame.timestamp_s if first_ts is None else first_ts
+                last_ts, last_frame_index = frame.timestamp_s, frame.index
+                tracked = tracker.update(self.detector.detect(frame.image), frame.image)
+                summary.person_detections += len(tracked)
+                selector.add(frame.index, frame.timestamp_s, frame.image, tracked)
+                pending.extend(selector.finished_tracks(frame.index, max_age))
+                summary.sampled_frames += 1
+                if summary.sampled_frames % self.config.commit_every_frames == 0:
+                    self._commit(pending, frame.index, summary, final=False)
+                    pending = []
+                self._report(summary, frames_total)
+                if self.options.max_frames is not None and summary.sampled_frames >= self.options.max_frames:
+                    break
+        except KeyboardInterrupt:
+            if not video.is_stream:
+                raise
+            summary.notes.append(f"stream {video.source}: stopped by the operator; what was seen is stored")
+        pending.extend(selector.flush())
+        summary.stopped_early = video.stopped_early
+        self._commit(pending, last_frame_index, summary, final=True)
+        self._report(summary, frames_total)
+        summary.elapsed_s = time.perf_counter() - started
+        summary.video_seconds = (last_ts - (first_ts or 0.0)) + step / video.fps if first_ts is not None else 0.0
+
+    def _report(self, summary: IngestSummary, frames_total: int | None) -> None:
+        if self.on_progress is not None:
+            self.on_progress(
+                IngestProgress(
+                    summary.sampled_frames, frames_total, summary.person_detections, summary.crops, summary.tracks
+                )
+            )
+
+    def _commit(self, finished: list[TrackCrops], frame_index: int, summary: IngestSummary, *, final: bool) -> None:
+        """Embed the finished tracks and store them with their vectors in one transaction."""
+        crops = [c for track in finished for c in track.crops]
+        vectors = self.embedder.embed([c.image for c in crops]) if crops else np.zeros((0, self.embedder.dim))
+        thumb_dir = _video_thumbnail_dir(self.options.camera, self.video_id)
+        (self.config.storage_dir / thumb_dir).mkdir(parents=True, exist_ok=True)
+        rows: list[tuple[TrackCrops, np.ndarray, list[str]]] = []
+        offset = 0
+        for track in finished:
+            track_vectors = vectors[offset : offset + len(track.crops)]
+            offset += len(track.crops)
+            paths = []
+            for crop in track.crops:
+                relative = thumb_dir / f"track_{track.track_id}_frame_{crop.frame_index}.jpg"
+                image = thumbnail_image(crop.image, self.config.thumbnail_max_side)
+                quality = [cv2.IMWRITE_JPEG_QUALITY, self.config.thumbnail_jpeg_quality]
+                if not cv2.imwrite(str(self.config.storage_dir / relative), image, quality):
+                    raise ReidAppError(f"cannot write thumbnail {self.config.storage_dir / relative}")
+                paths.append(str(relative))
+            rows.append((track, track_vectors, paths))
+
+        def work(session: Session) -> None:
+            for track, track_vectors, paths in rows:
+                track_row = Track(
+                    video_id=self.video_id,
+                    camera_id=self.options.camera,
+                    tracker_id=track.track_id,
+                    first_frame=track.first_frame,
+                    last_frame=track.last_frame,
+                    first_timestamp_s=track.first_timestamp_s,
+                    last_timestamp_s=track.last_timestamp_s,
+                    num_crops=len(track.crops),
+                    embedding=vector_to_bytes(pooled_embedding(track_vectors)),
+                )
+                session.add(track_row)
+                session.flush()
+                for crop, vector, path in zip(track.crops, track_vectors, paths, strict=True):
+                    x1, y1, x2, y2 = (float(v) for v in crop.bbox)
+                    session.add(
+                        Detection(
+                            track_id=track_row.id,
+                            video_id=self.video_id,
+                            camera_id=self.options.camera,
+                            frame_index=crop.frame_index,
+                            timestamp_s=crop.timestamp_s,
+                            x1=x1,
+                            y1=y1,
+                            x2=x2,
+                            y2=y2,
+                            score=float(crop.score),
+                            thumbnail_path=path,
+                            embedding=vector_to_bytes(vector),
+                        )
+                    )
+            video = session.get(Video, self.video_id)
+            video.last_committed_frame = frame_index
+            if final:
+                video.status = VIDEO_COMPLETE
+                video.completed_at = utc_now()
+
+        self.db.write(work)
+        summary.tracks += len(rows)
+        summary.crops += len(crops)
+        if rows or final:
+            self.indexes.sync_all()
+
+    def _discard(self) -> None:
+        """Undo a failed run: its rows, video row, thumbnails and index vectors."""
+        if self.db is None or self.video_id is None:
+            return
+        video_id = self.video_id
+        self.db.write(lambda session: _delete_video_rows(session, video_id, delete_video=True))
+        shutil.rmtree(self.config.storage_dir / _video_thumbnail_dir(self.options.camera, video_id), True)
+        self.indexes.sync_all()
+
+
+def ingest_video(
+    config: AppConfig,
+    options: IngestOptions,
+    *,
+    embedder: Any,
+    detector: Any,
+    on_progress: Callable[[IngestProgress], None] | None = None,
+    source: VideoSource | None = None,
+) -> IngestSummary:
+    """Ingest ``options.video`` as camera ``options.camera`` (see the module docstring).
+    ``source``: the video already opened with :func:`reid_app.video.open_video`, if it was."""
+    return _Ingest(config, options, embedder, detector, on_progress, source).run()
+
+
+# -- models, shared by `ingest` and `search` -----------------------------------------------------
+def load_embedder(config: AppConfig) -> Any:
+    """The FA-Net embedder for ``config.weights`` (a path, "untrained", or None: the default file);
+    a missing weights file is a one-line error."""
+    from fanet.weights import WeightsNotFoundError
+    from reid_app.embed import Embedder
+
+    try:
+        return Embedder(config.weights, device=config.device, batch_size=config.embed_batch_size)
+    except (WeightsNotFoundError, FileNotFoundError) as exc:
+        raise ReidAppError(str(exc).splitlines()[0] if str(exc) else f"embedder weights not found: {exc}") from None
+
+
+def load_detector(detector_weights: str | None, device: str) -> Any:
+    """The person detector (see :func:`reid_app.detect.build_detector`)."""
+    from reid_app.detect import DetectorConfig, build_detector
+
+    return build_detector(DetectorConfig(weights=detector_weights, device=device))

@@ -1,0 +1,262 @@
+"""Search the gallery with a query image.
+
+Which part of the query image is embedded (the rule):
+
+1. The detector runs on the whole image.
+2. The image is **crop-like** when its height/width ratio is between 1.2 and 4 (a standing
+   person's crop is about 2:1) *and* either the detector finds nobody (tight crops often have
+   too little context for a detector) or the largest person box covers at least half the image.
+   A crop-like image is embedded as it is, as one person.
+3. Otherwise, when the detector finds persons, the largest box is the query (``--all``: every
+   box, each searched separately).
+4. Otherwise the query has no person: a one-line error.
+
+Results are database rows ranked by cosine similarity (inner product of unit vectors): one per
+track (pooled embedding, the default) or one per stored crop (``--detections``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from reid_app.config import AppConfig
+from reid_app.errors import ReidAppError
+from reid_app.index import IndexManager
+from reid_app.store import Database, DatabaseInfo, Detection, Track, Video, as_utc, require_nonempty
+from reid_app.track import crop
+
+CROP_MIN_ASPECT = 1.2
+CROP_MAX_ASPECT = 4.0
+CROP_MIN_COVERAGE = 0.5
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+SearchLevel = Literal["tracks", "detections"]
+
+
+@dataclass
+class SearchOptions:
+    top_k: int = 10
+    cameras: list[int] = field(default_factory=list)
+    exclude_cameras: list[int] = field(default_factory=list)
+    threshold: float | None = None
+    level: SearchLevel = "tracks"
+    all_persons: bool = False
+
+    def validate(self) -> None:
+        if self.top_k < 1:
+            raise ReidAppError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.cameras and self.exclude_cameras:
+            raise ReidAppError("use either --camera or --exclude-camera, not both")
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise ReidAppError(f"--threshold is a cosine similarity in [-1, 1], got {self.threshold}")
+
+
+@dataclass
+class QueryPerson:
+    """One person in the query image: its box in the image and how it was chosen."""
+
+    bbox: tuple[float, float, float, float]
+    how: str  # "whole image (crop-like)" or "detected person"
+    image: np.ndarray  # BGR crop that is embedded
+    detector_score: float | None = None
+
+
+@dataclass
+class SearchHit:
+    rank: int
+    score: float
+    camera: int
+    video_id: int
+    video_path: str
+    frame_index: int
+    timestamp_s: float
+    time: str  # absolute UTC time: video start time + timestamp
+    track_id: int
+    detection_id: int | None  # the matched crop (detections level) or the track's best crop
+    identity_id: int | None
+    bbox: list[float]
+    thumbnail: str  # absolute path of the JPEG thumbnail
+
+
+@dataclass
+class PersonResults:
+    person: int
+    bbox: list[float]
+    how: str
+    hits: list[SearchHit]
+
+
+@dataclass
+class SearchResult:
+    query_image: str
+    level: SearchLevel
+    warning: str | None
+    model: dict[str, Any]
+    index: dict[str, Any]
+    persons: list[PersonResults]
+    query_persons: list[QueryPerson]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Machine-readable form; keys are stable."""
+        return {
+            "query_image": self.query_image,
+            "level": self.level,
+            "matches_are_meaningful": self.warning is None,
+            "warning": self.warning,
+            "model": self.model,
+            "index": self.index,
+            "persons": [
+                {
+                    "person": p.person,
+                    "bbox": p.bbox,
+                    "how": p.how,
+                    "results": [asdict(hit) for hit in p.hits],
+                }
+                for p in self.persons
+            ],
+        }
+
+
+def load_query_image(path: str | Path) -> np.ndarray:
+    """Read a query image (BGR); a missing or non-image file is a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        raise ReidAppError(f"query image not found: {path}")
+    if not path.is_file():
+        raise ReidAppError(f"query image is not a file: {path}")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise ReidAppError(f"not an image (OpenCV cannot decode it): {path}")
+    return image
+
+
+def is_crop_like(image_shape: tuple[int, ...], largest_box_area: float | None) -> bool:
+    """Rule 2 of the module docstring."""
+    height, width = image_shape[:2]
+    aspect = height / max(width, 1)
+    if not CROP_MIN_ASPECT <= aspect <= CROP_MAX_ASPECT:
+        return False
+    return largest_box_area is None or largest_box_area >= CROP_MIN_COVERAGE * height * width
+
+
+def select_query_persons(image: np.ndarray, detector: Any, all_persons: bool = False) -> list[QueryPerson]:
+    """The person(s) of the query image to search for (the rule in the module docstring)."""
+    height, width = image.shape[:2]
+    boxes = sorted(detector.detect(image), key=lambda d: d.area, reverse=True)
+    largest_area = boxes[0].area if boxes else None
+    if is_crop_like(image.shape, largest_area):
+        return [QueryPerson(bbox=(0.0, 0.0, float(width), float(height)), how="whole image (crop-like)", image=image)]
+    if not boxes:
+        raise ReidAppError(
+            f"no person found in the query image ({width}x{height}); give a person crop or a frame showing a person"
+        )
+    chosen = boxes if all_persons else boxes[:1]
+    return [
+        QueryPerson(bbox=tuple(d.bbox), how="detected person", image=crop(image, d.bbox), detector_score=d.score)
+        for d in chosen
+    ]
+
+
+def _allowed_ids(session: Session, level: SearchLevel, options: SearchOptions) -> np.ndarray | None:
+    if not options.cameras and not options.exclude_cameras:
+        return None
+    model = Track if level == "tracks" else Detection
+    query = select(model.id)
+    if options.cameras:
+        query = query.where(model.camera_id.in_(options.cameras))
+    else:
+        query = query.where(model.camera_id.not_in(options.exclude_cameras))
+    return np.asarray(session.scalars(query).all(), dtype=np.int64)
+
+
+def _best_detection(session: Session, track_id: int) -> Detection:
+    """The crop that represents a track: its highest-scoring stored detection."""
+    return session.scalars(
+        select(Detection).where(Detection.track_id == track_id).order_by(Detection.score.desc(), Detection.id)
+    ).first()
+
+
+def _hit(session: Session, config: AppConfig, level: SearchLevel, rank: int, score: float, row_id: int) -> SearchHit:
+    if level == "tracks":
+        track = session.get(Track, row_id)
+        detection = _best_detection(session, row_id)
+    else:
+        detection = session.get(Detection, row_id)
+        track = session.get(Track, detection.track_id)
+    video = session.get(Video, track.video_id)
+    timestamp = detection.timestamp_s
+    return SearchHit(
+        rank=rank,
+        score=round(float(score), 6),
+        camera=track.camera_id,
+        video_id=video.id,
+        video_path=video.path,
+        frame_index=detection.frame_index,
+        timestamp_s=round(timestamp, 3),
+        time=(as_utc(video.start_time) + timedelta(seconds=timestamp)).isoformat(),
+        track_id=track.id,
+        detection_id=detection.id,
+        identity_id=track.identity_id,
+        bbox=[round(v, 1) for v in detection.bbox],
+        thumbnail=str((config.storage_dir / detection.thumbnail_path).resolve()),
+    )
+
+
+def model_dict(info: DatabaseInfo) -> dict[str, Any]:
+    return {
+        "name": info.model_name,
+        "weights_sha256": info.model_weights_sha256,
+        "dim": info.model_dim,
+        "trained": bool(info.model_is_trained),
+    }
+
+
+def run_search(
+    config: AppConfig,
+    query_path: str | Path,
+    options: SearchOptions,
+    *,
+    embedder: Any,
+    detector: Any,
+    db: Database | None = None,
+) -> SearchResult:
+    """Search the gallery for the person(s) in ``query_path``. ``embedder`` must already have been
+    checked against the database's model (:func:`reid_app.store.check_model_identity`)."""
+    options.validate()
+    image = load_query_image(query_path)
+    db = db or Database(config)
+    info = require_nonempty(db)
+    persons = select_query_persons(image, detector, options.all_persons)
+    vectors = embedder.embed([p.image for p in persons])
+    gallery, _ = IndexManager(db, config).sync(options.level)
+    results: list[PersonResults] = []
+    with db.read() as session:
+        allowed = _allowed_ids(session, options.level, options)
+        for number, (person, vector) in enumerate(zip(persons, vectors, strict=True), start=1):
+            hits: list[SearchHit] = []
+            if allowed is None or len(allowed):
+                scores, ids = gallery.search(vector[None, :], options.top_k, allowed)
+                for score, row_id in zip(scores[0], ids[0], strict=True):
+                    if row_id < 0 or (options.threshold is not None and score < options.threshold):
+                        continue
+                    hits.append(_hit(session, config, options.level, len(hits) + 1, float(score), int(row_id)))
+            results.append(
+                PersonResults(person=number, bbox=[round(v, 1) for v in person.bbox], how=person.how, hits=hits)
+            )
+    return SearchResult(
+        query_image=str(Path(query_path).resolve()),
+        level=options.level,
+        warning=embedder.warning(),
+        model=model_dict(info),
+        index={"kind": options.level, "type": gallery.index_type, "ntotal": gallery.ntotal},
+        persons=results,
+        query_persons=persons,
+    )

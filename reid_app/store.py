@@ -1,0 +1,300 @@
+"""The database: SQLAlchemy 2 ORM models and session helpers.
+
+The database is the single source of truth. Every stored vector (each crop's embedding and each
+track's pooled embedding) is kept in it as little-endian float32 bytes, so the FAISS index files
+(:mod:`reid_app.index`) are a derivative that can always be rebuilt from it.
+
+Only portable SQLAlchemy constructs are used, so any SQLAlchemy URL works (SQLite by default,
+PostgreSQL, ...). SQLite gets what concurrent writers need: WAL journal, a busy timeout,
+``BEGIN IMMEDIATE`` for write transactions (so two writers queue instead of failing on a lock
+upgrade) and :func:`Database.write` retries a transaction that still hits "database is locked".
+Tables use AUTOINCREMENT on SQLite so a deleted row id is never handed out again: an index file
+that still holds a vector for a deleted id can then never be mistaken for the new row's vector.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import numpy as np
+from sqlalchemy import (
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from reid_app.config import AppConfig
+from reid_app.errors import ReidAppError
+
+T = TypeVar("T")
+
+VIDEO_INGESTING = "ingesting"
+VIDEO_COMPLETE = "complete"
+_SQLITE_TABLE_ARGS = {"sqlite_autoincrement": True}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DatabaseInfo(Base):
+    """One row: this database's identity and the embedding model its vectors come from."""
+
+    __tablename__ = "database_info"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    model_weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    model_dim: Mapped[int | None] = mapped_column(Integer)
+    model_is_trained: Mapped[bool | None]
+    identity_threshold: Mapped[float | None] = mapped_column(Float)
+    identities_computed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Video(Base):
+    __tablename__ = "videos"
+    __table_args__ = (UniqueConstraint("sha256", "camera_id", name="uq_video_sha256_camera"), _SQLITE_TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String(4096))
+    sha256: Mapped[str] = mapped_column(String(64))
+    camera_id: Mapped[int] = mapped_column(Integer, index=True)
+    fps: Mapped[float] = mapped_column(Float)
+    frame_count: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    sample_fps: Mapped[float | None] = mapped_column(Float)  # None: every frame
+    start_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(String(16))
+    last_committed_frame: Mapped[int] = mapped_column(Integer, default=-1)
+    detector: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    tracks: Mapped[list[Track]] = relationship(back_populates="video")
+
+
+class Track(Base):
+    """One person tracked within one video; ``embedding`` is the mean of its crops' embeddings,
+    l2-normalised again."""
+
+    __tablename__ = "tracks"
+    __table_args__ = (_SQLITE_TABLE_ARGS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"), index=True)
+    camera_id: Mapped[int] = mapped_column(Integer, index=True)
+    tracker_id: Mapped[int] = mapped_column(Integer)  # the tracker's own id within the video
+    first_frame: Mapped[int] = mapped_column(Integer)
+    last_frame: Mapped[int] = mapped_column(Integer)
+    first_timestamp_s: Mapped[float] = mapped_column(Float)
+    last_timestamp_s: Mapped[float] = mapped_column(Float)
+    num_crops: Mapped[int] = mapped_column(Integer)
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    identity_id: Mapped[int | None] = mapped_column(Integer, index=True)  # set by `reid-app identities`
+
+    video: Mapped[Video] = relationship(back_populates="tracks")
+    detections: Mapped[list[Detection]] = relationship(back_populates="track", order_by="Detection.id")
+
+
+class Detection(Base):
+    """One stored crop of a track: where it is in the video, its thumbnail and its embedding."""
+
+    __tablename__ = "detections"
+    __table_args__ = (Index("ix_detections_video_frame", "video_id", "frame_index"), _SQLITE_TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    track_id: Mapped[int] = mapped_column(ForeignKey("tracks.id"), index=True)
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"))
+    camera_id: Mapped[int] = mapped_column(Integer, index=True)
+    frame_index: Mapped[int] = mapped_column(Integer)
+    timestamp_s: Mapped[float] = mapped_column(Float)
+    x1: Mapped[float] = mapped_column(Float)
+    y1: Mapped[float] = mapped_column(Float)
+    x2: Mapped[float] = mapped_column(Float)
+    y2: Mapped[float] = mapped_column(Float)
+    score: Mapped[float] = mapped_column(Float)
+    thumbnail_path: Mapped[str] = mapped_column(String(4096))  # relative to the data folder
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+
+    track: Mapped[Track] = relationship(back_populates="detections")
+
+    @property
+    def bbox(self) -> tuple[float, float, float, float]:
+        return (self.x1, self.y1, self.x2, self.y2)
+
+
+def vector_to_bytes(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def bytes_to_vectors(blobs: list[bytes], dim: int) -> np.ndarray:
+    """Stack stored vectors into a float32 (N, dim) array."""
+    if not blobs:
+        return np.zeros((0, dim), dtype=np.float32)
+    matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim)
+    return matrix.astype(np.float32, copy=True)
+
+
+def _is_lock_error(exc: OperationalError) -> bool:
+    text = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+class Database:
+    """Engine plus session helpers for one database URL."""
+
+    def __init__(self, config: AppConfig, *, create: bool = False) -> None:
+        """Connect. ``create=False`` refuses a SQLite file that does not exist yet (a read command on
+        an empty database must not create one); ``create=True`` makes the file and the schema."""
+        self.config = config
+        sqlite_path = config.sqlite_path
+        if sqlite_path is not None and not sqlite_path.exists():
+            if not create:
+                raise ReidAppError(f"the database is empty: {sqlite_path} does not exist (run `reid-app ingest` first)")
+            sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = self._make_engine(config)
+        self._write_engine = (
+            self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE") if config.is_sqlite else self.engine
+        )
+        if create:
+            # In a write transaction (BEGIN IMMEDIATE on SQLite): two processes creating the same new
+            # database queue up instead of failing, and the second finds the tables made.
+            self._retry_locked(lambda: Base.metadata.create_all(self._write_engine))
+
+    @staticmethod
+    def _make_engine(config: AppConfig) -> Engine:
+        if not config.is_sqlite:
+            return create_engine(config.db_url, pool_pre_ping=True)
+        engine = create_engine(config.db_url, connect_args={"timeout": config.busy_timeout_s})
+        busy_ms = int(config.busy_timeout_s * 1000)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API objects
+            # Let SQLAlchemy's "begin" hook below issue BEGIN, so writers can ask for IMMEDIATE.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_on_begin(connection) -> None:  # noqa: ANN001
+            connection.exec_driver_sql(connection.get_execution_options().get("sqlite_begin", "BEGIN"))
+
+        return engine
+
+    def has_schema(self) -> bool:
+        from sqlalchemy import inspect
+
+        return inspect(self.engine).has_table(DatabaseInfo.__tablename__)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading; nothing it does is committed. Objects loaded through it stay
+        readable after it closes (closing, unlike a rollback, does not expire them)."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    def write(self, work: Callable[[Session], T], *, retries: int = 8) -> T:
+        """Run ``work`` in one write transaction and commit; retried from scratch when the database
+        is locked by another process (``work`` must therefore only touch the database)."""
+
+        def transaction() -> T:
+            with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+                return work(session)
+
+        return self._retry_locked(transaction, retries=retries)
+
+    @staticmethod
+    def _retry_locked(action: Callable[[], T], *, retries: int = 8) -> T:
+        """Run ``action``, again after a growing pause while the database reports it is locked."""
+        delay = 0.2
+        for attempt in range(retries + 1):
+            try:
+                return action()
+            except OperationalError as exc:
+                if not _is_lock_error(exc) or attempt == retries:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    def info(self) -> DatabaseInfo | None:
+        if not self.has_schema():
+            return None
+        with self.read() as session:
+            return session.get(DatabaseInfo, 1)
+
+    def ensure_info(self) -> DatabaseInfo:
+        """The database_info row, created (with a fresh uuid) on first use."""
+
+        def work(session: Session) -> DatabaseInfo:
+            info = session.get(DatabaseInfo, 1)
+            if info is None:
+                info = DatabaseInfo(id=1, uuid=str(uuid.uuid4()), created_at=utc_now())
+                session.add(info)
+            return info
+
+        return self.write(work)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def count_rows(session: Session, model: type[Base]) -> int:
+    return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def require_nonempty(db: Database) -> DatabaseInfo:
+    """The database's info row, or a one-line error when nothing was ever ingested."""
+    info = db.info()
+    if info is None or info.model_name is None:
+        raise ReidAppError("the database is empty: nothing has been ingested yet (run `reid-app ingest` first)")
+    with db.read() as session:
+        if count_rows(session, Track) == 0:
+            raise ReidAppError("the database is empty: no person tracks are stored (run `reid-app ingest` first)")
+    return info
+
+
+def as_utc(moment: datetime) -> datetime:
+    """Datetimes read back from SQLite lose their zone; everything stored is UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def check_model_identity(info: DatabaseInfo | None, name: str, weights_sha256: str, dim: int) -> None:
+    """Refuse to mix embeddings of two models in one database."""
+    if info is None or info.model_name is None:
+        return
+    stored = (info.model_name, info.model_weights_sha256, info.model_dim)
+    if stored != (name, weights_sha256, dim):
+        raise ReidAppError(
+            f"this database holds embeddings of model {info.model_name} (weights sha256 "
+            f"{(info.model_weights_sha256 or '')[:12]}, dim {info.model_dim}) but this run uses {name} (weights "
+            f"sha256 {weights_sha256[:12]}, dim {dim}); embeddings of different models cannot be compared: "
+            "use the same --weights or another --db"
+        )
