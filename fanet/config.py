@@ -156,6 +156,7 @@ class TrainConfig:
     eval_period: int = 10  # epochs; 0 disables periodic evaluation
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    sync_bn: bool = False  # SyncBatchNorm across DDP replicas (CUDA)
     max_iters_per_epoch: int | None = None  # for smoke tests; None = a full pass over the data
 
     def to_dict(self) -> dict[str, Any]:

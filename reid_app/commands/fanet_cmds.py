@@ -1,0 +1,357 @@
+"""FA-Net commands: ``train``, ``evaluate``, ``visualize`` and ``export``.
+
+Flags override the fields of :class:`fanet.config.TrainConfig` (whose defaults are the paper's
+settings). fanet's own exceptions become one-line :class:`ReidAppError` messages here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from reid_app.errors import ReidAppError
+
+DATASETS = ("market1501", "dukemtmc", "msmt17", "folder")
+VARIANTS = ("baseline", "tem", "tem_bg", "tem_bg_ia", "tem_bg_ia_tal", "fanet")
+TAL_VARIANTS = ("eq4", "v1", "v2", "none")
+
+
+@contextmanager
+def fanet_errors() -> Iterator[None]:
+    """Turn fanet's user-facing exceptions into ReidAppError one-liners."""
+    from fanet.checkpoint import CheckpointError  # noqa: PLC0415 (torch import only when used)
+
+    try:
+        yield
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReidAppError(message) from None
+
+
+def _choice(value: str | None, allowed: tuple[str, ...], flag: str) -> str | None:
+    if value is not None and value not in allowed:
+        raise ReidAppError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+def build_train_config(
+    base: Any,
+    *,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    test_dataset: str | None = None,
+    test_root: str | None = None,
+    variant: str | None = None,
+    tal: str | None = None,
+    k: int | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_p: int | None = None,
+    batch_k: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    pretrained: str | None = None,
+    random_init: bool = False,
+    output: str | None = None,
+    eval_period: int | None = None,
+    device: str | None = None,
+    workers: int | None = None,
+    max_iters_per_epoch: int | None = None,
+    seed: int | None = None,
+    amp: bool | None = None,
+) -> Any:
+    """``base`` (a TrainConfig) with every flag that was given applied to it."""
+    from fanet.config import DataConfig, FANetConfig, SolverConfig, TALVariant  # noqa: PLC0415
+
+    model = base.model
+    if variant is not None:
+        model = FANetConfig.variant(variant)
+    model_changes: dict[str, Any] = {}
+    if tal is not None:
+        model_changes["tal"] = TALVariant(tal)
+    if k is not None:
+        model_changes["tem_k"] = k
+    if model_changes:
+        model = dataclasses.replace(model, **model_changes)
+
+    data_changes = {
+        name: value
+        for name, value in (
+            ("dataset", dataset),
+            ("root", data_root),
+            ("test_dataset", test_dataset),
+            ("test_root", test_root),
+            ("num_identities", batch_p),
+            ("num_instances", batch_k),
+            ("height", height),
+            ("width", width),
+            ("workers", workers),
+        )
+        if value is not None
+    }
+    solver_changes = {
+        name: value for name, value in (("epochs", epochs), ("base_lr", lr), ("amp", amp)) if value is not None
+    }
+    if lr is not None:
+        # The warmup starts at a tenth of the base lr, as 0.06 -> 0.6 in the paper.
+        solver_changes["warmup_start_lr"] = lr * base.solver.warmup_start_lr / base.solver.base_lr
+    data: DataConfig = dataclasses.replace(base.data, **data_changes)
+    solver: SolverConfig = dataclasses.replace(base.solver, **solver_changes)
+    top_changes: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("output_dir", output),
+            ("eval_period", eval_period),
+            ("device", device),
+            ("max_iters_per_epoch", max_iters_per_epoch),
+            ("seed", seed),
+        )
+        if value is not None
+    }
+    if pretrained is not None:
+        top_changes["pretrained"], top_changes["random_init"] = pretrained, False
+    if random_init:
+        top_changes["random_init"], top_changes["pretrained"] = True, None
+    return dataclasses.replace(base, model=model, data=data, solver=solver, **top_changes)
+
+
+def train_command(
+    dataset: Annotated[str | None, typer.Option(help=f"Training dataset: {', '.join(DATASETS)}.")] = None,
+    data_root: Annotated[str | None, typer.Option(help="Folder holding the dataset (official layout).")] = None,
+    test_dataset: Annotated[
+        str | None, typer.Option(help="Evaluate on another dataset (cross-dataset, Table III).")
+    ] = None,
+    test_root: Annotated[str | None, typer.Option(help="Root of --test-dataset.")] = None,
+    variant: Annotated[str | None, typer.Option(help=f"Table I row: {', '.join(VARIANTS)}.")] = None,
+    tal: Annotated[str | None, typer.Option(help=f"Target attention loss: {', '.join(TAL_VARIANTS)}.")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Number of TEM attention maps (paper: 256).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (paper: 100).")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Base learning rate (paper: 0.6); the warmup starts at a tenth of it.")
+    ] = None,
+    batch_p: Annotated[int | None, typer.Option(help="Identities per batch, P (paper: 16).")] = None,
+    batch_k: Annotated[int | None, typer.Option(help="Images per identity, K (paper: 8).")] = None,
+    height: Annotated[int | None, typer.Option(help="Input height (paper: 384).")] = None,
+    width: Annotated[int | None, typer.Option(help="Input width (paper: 128).")] = None,
+    pretrained: Annotated[
+        str | None, typer.Option(help="torchvision ImageNet ResNet50 file (resnet50-0676ba61.pth).")
+    ] = None,
+    random_init: Annotated[
+        bool, typer.Option("--random-init", help="Train from random weights (not the paper's setting).")
+    ] = False,
+    output: Annotated[str | None, typer.Option(help="Run folder (default runs/fanet, then runs/fanet2...).")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue a run: its folder or its last.pt.")] = None,
+    eval_period: Annotated[int | None, typer.Option(help="Evaluate every N epochs (0: never).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    max_iters_per_epoch: Annotated[int | None, typer.Option(help="Cap on steps per epoch (smoke tests).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = None,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across GPUs (torchrun).")] = False,
+) -> None:
+    """Train FA-Net (Sec. IV-B settings unless overridden). Multi-GPU: torchrun ... -m reid_app train."""
+    _choice(dataset, DATASETS, "--dataset")
+    _choice(test_dataset, DATASETS, "--test-dataset")
+    _choice(variant, VARIANTS, "--variant")
+    _choice(tal, TAL_VARIANTS, "--tal")
+    if pretrained is not None and random_init:
+        raise ReidAppError("--pretrained and --random-init exclude each other")
+    with fanet_errors():
+        from fanet.config import TrainConfig  # noqa: PLC0415
+        from fanet.engine.trainer import Trainer, read_training_checkpoint, resolve_resume_path  # noqa: PLC0415
+
+        if resume is not None:
+            if output is not None:
+                raise ReidAppError("--resume continues in the run's own folder; drop --output")
+            base = TrainConfig.from_dict(read_training_checkpoint(resolve_resume_path(resume))["train_config"])
+        else:
+            if dataset is None or data_root is None:
+                raise ReidAppError("train needs --dataset and --data-root (or --resume RUN)")
+            base = TrainConfig()
+        config = build_train_config(
+            base,
+            dataset=dataset,
+            data_root=data_root,
+            test_dataset=test_dataset,
+            test_root=test_root,
+            variant=variant,
+            tal=tal,
+            k=k,
+            epochs=epochs,
+            lr=lr,
+            batch_p=batch_p,
+            batch_k=batch_k,
+            height=height,
+            width=width,
+            pretrained=pretrained,
+            random_init=random_init,
+            output=output,
+            eval_period=eval_period,
+            device=device,
+            workers=workers,
+            max_iters_per_epoch=max_iters_per_epoch,
+            seed=seed,
+            amp=amp,
+        )
+        result = Trainer(config, resume=resume, sync_bn=sync_bn or None).train()
+    if result.final_inference_checkpoint is not None:
+        note = "  (RANDOM INIT: not comparable with the paper)" if config.random_init else ""
+        typer.echo(f"run folder: {result.run_dir}")
+        typer.echo(f"inference checkpoint: {result.final_inference_checkpoint}{note}")
+        if result.best_map is not None:
+            typer.echo(f"best mAP: {result.best_map:.2%}{note}")
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _checkpoint_input_size(payload: dict[str, Any]) -> tuple[int, int] | None:
+    """The training input size recorded in a checkpoint, if any."""
+    if "train_config" in payload:
+        data = payload["train_config"].get("data", {})
+        if "height" in data and "width" in data:
+            return int(data["height"]), int(data["width"])
+    size = payload.get("meta", {}).get("input_size")
+    return (int(size[0]), int(size[1])) if size else None
+
+
+def _checkpoint_init(payload: dict[str, Any]) -> str | None:
+    return payload.get("init") or payload.get("meta", {}).get("init")
+
+
+def evaluate_command(
+    checkpoint: Annotated[str, typer.Option(help="FA-Net checkpoint (inference or training).")],
+    dataset: Annotated[str, typer.Option(help=f"Test dataset: {', '.join(DATASETS)}.")],
+    data_root: Annotated[str, typer.Option(help="Folder holding the dataset.")],
+    rerank: Annotated[bool, typer.Option("--rerank", help="k-reciprocal re-ranking.")] = False,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Average with the mirrored image.")] = True,
+    height: Annotated[int | None, typer.Option(help="Input height (default: the checkpoint's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Input width (default: the checkpoint's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 4,
+) -> None:
+    """Single-query CMC (R1/R5/R10/R20) and mAP of a checkpoint on a dataset's query/gallery split."""
+    _choice(dataset, DATASETS, "--dataset")
+    with fanet_errors():
+        from fanet.checkpoint import model_from_checkpoint, read_checkpoint  # noqa: PLC0415
+        from fanet.config import DataConfig  # noqa: PLC0415
+        from fanet.engine.distributed import select_device  # noqa: PLC0415
+        from fanet.engine.evaluator import evaluate_checkpoint_model  # noqa: PLC0415
+
+        payload = read_checkpoint(checkpoint)
+        model = model_from_checkpoint(payload, source=checkpoint)
+        default_size = _checkpoint_input_size(payload) or (384, 128)
+        data = DataConfig(
+            dataset=dataset,
+            root=data_root,
+            height=height or default_size[0],
+            width=width or default_size[1],
+            workers=workers,
+        )
+        result = evaluate_checkpoint_model(model, data, flip=flip, rerank=rerank, device=select_device(device))
+    if _checkpoint_init(payload) == "random":
+        typer.echo("note: this checkpoint was trained from RANDOM init (--random-init)")
+    typer.echo(
+        f"{dataset} ({result.num_query} queries, {result.num_gallery} gallery images)"
+        f"{', re-ranked' if rerank else ''}{', flip' if flip else ''}"
+    )
+    typer.echo("  ".join(f"R{k} {result.rank(k):.2%}" for k in (1, 5, 10, 20)) + f"  mAP {result.mAP:.2%}")
+
+
+# --------------------------------------------------------------------------------------------
+# visualize
+
+
+def visualize_command(
+    images: Annotated[list[Path], typer.Argument(help="Person images (crops).")],
+    checkpoint: Annotated[str, typer.Option(help="FA-Net checkpoint; a training one also shows B and 1-Z.")],
+    output: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("attention.png"),
+    height: Annotated[int | None, typer.Option(help="Input height (default: the checkpoint's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Input width (default: the checkpoint's).")] = None,
+) -> None:
+    """Fig. 7-style grid: each image with its F, Z, B and 1-Z maps overlaid."""
+    with fanet_errors():
+        from fanet.checkpoint import TRAINING_KIND, model_from_checkpoint, read_checkpoint  # noqa: PLC0415
+        from fanet.engine.trainer import load_training_model  # noqa: PLC0415
+        from fanet.visualize import save_attention_grid  # noqa: PLC0415
+
+        payload = read_checkpoint(checkpoint)
+        if payload.get("kind") == TRAINING_KIND:
+            model, _ = load_training_model(checkpoint)
+        else:
+            model = model_from_checkpoint(payload, source=checkpoint)
+        default_size = _checkpoint_input_size(payload) or (384, 128)
+        rows = save_attention_grid(
+            model, images, output, height=height or default_size[0], width=width or default_size[1]
+        )
+    typer.echo(f"wrote {output} (rows: {', '.join(rows)})")
+    if _checkpoint_init(payload) == "random":
+        typer.echo("note: this checkpoint was trained from RANDOM init (--random-init)")
+    if "B" not in rows:
+        typer.echo("note: B and 1-Z need the background branch: pass a training checkpoint (last.pt)")
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def export_command(
+    checkpoint: Annotated[str, typer.Option(help="FA-Net checkpoint (inference or training).")],
+    output: Annotated[Path | None, typer.Option(help="ONNX file to write.")] = None,
+    inference_checkpoint: Annotated[
+        Path | None, typer.Option(help="Also write the foreground-only .pt inference checkpoint here.")
+    ] = None,
+    height: Annotated[int, typer.Option(help="Input height.")] = 384,
+    width: Annotated[int, typer.Option(help="Input width.")] = 128,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare with onnxruntime.")] = True,
+) -> None:
+    """Export the inference (foreground-only) model to ONNX and/or an inference checkpoint."""
+    if output is None and inference_checkpoint is None:
+        raise ReidAppError("export needs --output model.onnx and/or --inference-checkpoint out.pt")
+    with fanet_errors():
+        from fanet.checkpoint import load_inference_model, read_checkpoint, save_inference_checkpoint  # noqa: PLC0415
+
+        payload = read_checkpoint(checkpoint)
+        model = load_inference_model(checkpoint)
+        meta = dict(payload.get("meta", {}))
+        if "init" in payload:
+            meta.setdefault("init", payload["init"])
+        input_size = _checkpoint_input_size(payload)
+        if input_size is not None:
+            meta.setdefault("input_size", list(input_size))
+        if inference_checkpoint is not None:
+            save_inference_checkpoint(model, inference_checkpoint, **meta, source=str(checkpoint))
+            typer.echo(f"wrote {inference_checkpoint}")
+        if output is not None:
+            from fanet.export import export_onnx, verify_onnx  # noqa: PLC0415
+
+            try:
+                export_onnx(model, output, height=height, width=width)
+            except ImportError as exc:
+                raise ReidAppError(f"ONNX export needs the dev extras (onnx, onnxscript): {exc}") from None
+            typer.echo(
+                f"wrote {output} (input images: N x 3 x {height} x {width}, 0-1 RGB; output: N x {model.feature_dim})"
+            )
+            if verify:
+                try:
+                    difference = verify_onnx(output, model, height=height, width=width)
+                except ImportError as exc:
+                    raise ReidAppError(f"--verify needs onnxruntime: {exc}") from None
+                typer.echo(f"onnxruntime matches PyTorch: max abs difference {difference:.2e}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("evaluate")(evaluate_command)
+    app.command("visualize")(visualize_command)
+    app.command("export")(export_command)
