@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+from cli_helpers import run_cli
 from ultralytics.utils import ASSETS
 
 from reid_app import cli
@@ -23,16 +24,6 @@ CLIP = REPO / "sample_videos" / "cam1_square_left.mp4"
 UNTRAINED = ["--weights", "untrained"]
 
 
-def run_cli(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["reid-app", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.app()
-    out, err = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else int(code)), out, err
 
 
 def db_url(folder: Path) -> str:

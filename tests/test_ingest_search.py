@@ -19,6 +19,7 @@ import cv2
 import faiss
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 
 from reid_app import cli
 from reid_app.config import AppConfig
@@ -49,17 +50,6 @@ def clip(path: Path, shared_dir: Path) -> Path:
     return path if path.exists() else shared_dir / "videos" / "dancer.avi"
 
 
-def run_cli(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str, str]:
-    """Run ``reid-app ARGS`` in this process, exactly as the console script does."""
-    monkeypatch.setattr(sys, "argv", ["reid-app", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.app()
-    out, err = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else int(code)), out, err
 
 
 def cli_subprocess(args: list[str], **kwargs) -> subprocess.Popen:

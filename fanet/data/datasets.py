@@ -171,34 +171,33 @@ def _read_bbox_dataset(name: str, data_dir: Path, max_camera: int, dataset_label
     return ReIDDataset(name, data_dir, train, query, gallery, num_pids, num_cams)
 
 
-def read_market1501(root: str | Path) -> ReIDDataset:
-    """Market-1501 (Zheng et al., ICCV 2015): 751 train ids, 6 cameras."""
+def _read_bbox_release(
+    root: str | Path, name: DatasetName, label: str, official: str, alias: str, num_cameras: int
+) -> ReIDDataset:
+    """A release in the bounding_box_train/query/bounding_box_test layout, found at
+    ``root/official``, ``root/alias/official``, ``root/alias`` or ``root`` itself."""
     root = Path(root).expanduser()
     _require_root(root)
-    official = "Market-1501-v15.09.15"
-    candidates = [root / official, root / "market1501" / official, root / "market1501", root]
+    candidates = [root / official, root / alias / official, root / alias, root]
     data_dir = _first_layout(candidates, _has_bbox_splits)
     if data_dir is None:
         raise DatasetLayoutError(
-            f"Market-1501 not found under {root}: expected folders {', '.join(_BBOX_SPLITS)} in "
-            f"{root / official} (or {root / 'market1501' / official}, or {root} itself)"
+            f"{label} not found under {root}: expected folders {', '.join(_BBOX_SPLITS)} in "
+            f"{root / official} (or {root / alias / official}, or {root} itself)"
         )
-    return _read_bbox_dataset(DatasetName.MARKET1501.value, data_dir, 6, "Market-1501")
+    return _read_bbox_dataset(name.value, data_dir, num_cameras, label)
+
+
+def read_market1501(root: str | Path) -> ReIDDataset:
+    """Market-1501 (Zheng et al., ICCV 2015): 751 train ids, 6 cameras."""
+    return _read_bbox_release(
+        root, DatasetName.MARKET1501, "Market-1501", "Market-1501-v15.09.15", "market1501", 6
+    )
 
 
 def read_dukemtmc(root: str | Path) -> ReIDDataset:
     """DukeMTMC-reID (Zheng et al., ICCV 2017): 702 train ids, 8 cameras."""
-    root = Path(root).expanduser()
-    _require_root(root)
-    official = "DukeMTMC-reID"
-    candidates = [root / official, root / "dukemtmc-reid" / official, root / "dukemtmc-reid", root]
-    data_dir = _first_layout(candidates, _has_bbox_splits)
-    if data_dir is None:
-        raise DatasetLayoutError(
-            f"DukeMTMC-reID not found under {root}: expected folders {', '.join(_BBOX_SPLITS)} in "
-            f"{root / official} (or {root / 'dukemtmc-reid' / official}, or {root} itself)"
-        )
-    return _read_bbox_dataset(DatasetName.DUKEMTMC.value, data_dir, 8, "DukeMTMC-reID")
+    return _read_bbox_release(root, DatasetName.DUKEMTMC, "DukeMTMC-reID", "DukeMTMC-reID", "dukemtmc-reid", 8)
 
 
 # --------------------------------------------------------------------------------------------
