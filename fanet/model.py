@@ -51,16 +51,15 @@ class TargetEnhancementModule(nn.Module):
 
 
 class StripeEmbedding(nn.Module):
-    """One HPP stripe: avg + max pooling (as in HPM [33]) then a 256-d linear embedding + BN."""
+    """One HPP stripe's embedding: its pooled 2048-d vector to 256-d (linear + BN)."""
 
     def __init__(self, in_channels: int, embed_dim: int) -> None:
         super().__init__()
         self.embed = nn.Linear(in_channels, embed_dim, bias=False)
         self.bn = nn.BatchNorm1d(embed_dim)
 
-    def forward(self, stripe: Tensor) -> Tensor:
-        pooled = functional.adaptive_avg_pool2d(stripe, 1) + functional.adaptive_max_pool2d(stripe, 1)
-        return self.bn(self.embed(pooled.flatten(1)))
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.bn(self.embed(pooled))
 
 
 class PyramidPooling(nn.Module):
@@ -74,6 +73,9 @@ class PyramidPooling(nn.Module):
         )
 
     def forward(self, feature_map: Tensor) -> list[Tensor]:
+        # Each stripe is pooled with avg + max, as in HPM [33]. Rows are reduced once and every
+        # stripe is read off those (N, C, H) rows, instead of pooling 15 slices of the full map.
+        row_mean, row_max = feature_map.mean(dim=3), feature_map.amax(dim=3)
         height = feature_map.shape[2]
         out: list[Tensor] = []
         index = 0
@@ -81,7 +83,8 @@ class PyramidPooling(nn.Module):
             # Stripe borders follow torch's adaptive pooling rule so any height works.
             for i in range(count):
                 top, bottom = (i * height) // count, -(-(i + 1) * height // count)
-                out.append(self.embeddings[index](feature_map[:, :, top:bottom]))
+                pooled = row_mean[:, :, top:bottom].mean(dim=2) + row_max[:, :, top:bottom].amax(dim=2)
+                out.append(self.embeddings[index](pooled))
                 index += 1
         return out
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ASSETS
 from PIL import Image, ImageEnhance
-from ultralytics.utils import ASSETS
 
 # (photo, x1, y1, x2, y2) from yolo11n-pose on the ultralytics assets.
 PERSON_BOXES: dict[str, tuple[str, int, int, int, int]] = {

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import cv2
 import pytest
-from cli_helpers import run_cli
-from ultralytics.utils import ASSETS
+from helpers import ASSETS, run_cli
 
 from reid_app import cli
 from reid_app.config import AppConfig

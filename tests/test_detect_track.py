@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import ASSETS
 
 from fanet.weights import REPO_WEIGHTS_DIR
 from reid_app.detect import (
@@ -36,7 +37,6 @@ from reid_app.video import open_video
 
 REPO = Path(__file__).resolve().parents[1]
 # Found without importing ultralytics: reid_app must be the first to import it (it sets offline mode).
-ASSETS = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets"  # type: ignore[union-attr, arg-type]
 CAM1 = REPO / "sample_videos" / "cam1_square_left.mp4"
 CAM2 = REPO / "sample_videos" / "cam2_square_right.mp4"
 DANCER = REPO.parent / "shared" / "videos" / "dancer.avi"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import ASSETS
 
 from fanet.checkpoint import save_inference_checkpoint, untrained_inference_model
 from fanet.weights import REPO_WEIGHTS_DIR, sha256_file
@@ -18,7 +18,6 @@ from reid_app.video import open_video
 
 REPO = Path(__file__).resolve().parents[1]
 # Ultralytics' sample photos, found without importing it (reid_app sets its offline mode first).
-ASSETS = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets"  # type: ignore[union-attr, arg-type]
 CAM1 = REPO / "sample_videos" / "cam1_square_left.mp4"
 # Person boxes in bus.jpg (x1, y1, x2, y2), as YOLO11n-pose finds them.
 BUS_PEOPLE = [(48, 400, 244, 906), (669, 388, 810, 878), (223, 405, 344, 859)]

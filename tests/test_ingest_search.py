@@ -19,7 +19,7 @@ import cv2
 import faiss
 import numpy as np
 import pytest
-from cli_helpers import run_cli
+from helpers import run_cli
 
 from reid_app import cli
 from reid_app.config import AppConfig

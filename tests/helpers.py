@@ -1,12 +1,17 @@
-"""Running ``reid-app`` in the test process, exactly as the console script does."""
+"""Helpers shared by the tests: the ultralytics sample photos and an in-process ``reid-app``."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 
 from reid_app import cli
+
+# Found without importing ultralytics, which must first see the offline switches reid_app sets.
+ASSETS = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets"  # type: ignore[union-attr, arg-type]
 
 
 def run_cli(
