@@ -35,7 +35,8 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         raise CheckpointError(f"{path} is not a readable FA-Net checkpoint ({reason[:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an FA-Net checkpoint (no 'format: fanet' header)")
