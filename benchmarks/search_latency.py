@@ -1,23 +1,35 @@
-"""Search latency (p50/p99) and recall@10 against exact search, at several gallery sizes.
+"""Search latency (p50/p99), recall@10 against exact search, build time and index size at several
+gallery sizes.
 
 The index is the one ``reid-app`` itself would use at each size (``reid_app.index``): exact
-``IndexFlatIP`` below the IVF threshold (50,000 vectors), IVF-SQ8 with nlist = 4·sqrt(N) and an
-nprobe tuned at build time for recall@10 >= 0.95 from there on. Vectors are synthetic, 3840-d
-like FA-Net's: unit vectors grouped as people (``--views`` noisy views around each person's
-random centre), which is how re-ID embeddings are laid out; ``--spread`` sets how far the views
-scatter. Queries are new noisy views of stored people. Each query is searched alone (batch of
-one, as the app does) with ``--threads`` FAISS threads; build time is reported too.
+``IndexFlatIP`` below the threshold (``--ivf-threshold``, the app's default 50,000 vectors),
+from there on PCA-256 + IVF-SQ8 candidates re-scored with SQ8 full vectors, nprobe and k_factor
+tuned at build time for recall@10 >= 0.95.
 
-    python benchmarks/search_latency.py --sizes 10000,100000 --threads 1
+Vectors are synthetic, 3840-d like FA-Net's, laid out like re-ID embeddings: each person has a
+centre and ``--views`` noisy views of it. Real CNN embeddings are far from isotropic (most of
+their energy lies in a few hundred directions), so centres and most of the view noise are drawn
+in a ``--latent-dim`` (512) subspace with a 1/i power spectrum (its top 256 directions carry
+90% of that energy); ``--isotropic`` of the noise energy is spread over all 3840 dimensions.
+``--spread`` is the noise norm of a view relative to its centre. Queries are new views of stored
+people, searched one at a time (batch of one, as the app does) with 1 and with 2 FAISS threads.
 
-Memory: float32 vectors are 15 KB each at 3840-d (1M = 15.4 GB), SQ8 codes 3.8 KB (1M = 3.8 GB);
-the generator keeps all vectors of a size in memory as float16 (1M = 7.7 GB).
+    python benchmarks/search_latency.py --sizes 10000,100000,1000000
+
+Memory: no size is ever held as float32 (1M x 3840 = 15.4 GB). The vector of row id i is a pure
+function of (seed, i's batch of ``CHUNK`` rows): batches are generated when the index build
+reads them, and the exact top-10 of the queries is updated from each batch the first time it is
+generated. The index holds 3.8 KB (SQ8 full vector) + 256 B (reduced code) per vector.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
+import tempfile
 import time
+from collections.abc import Iterator
 
 import faiss
 import numpy as np
@@ -26,6 +38,7 @@ from reid_app.index import (
     INDEX_TYPE_FLAT,
     INDEX_TYPE_IVF,
     GalleryIndex,
+    _exact_topk_update,
     build_ivf,
     desired_type,
     recall_at_k,
@@ -33,105 +46,162 @@ from reid_app.index import (
 
 DIM = 3840
 CHUNK = 20_000
+K = 10
 
 
-class SyntheticGallery:
-    """``size`` unit vectors, ``views`` per person, stored as float16 to halve memory."""
+class SyntheticPeople:
+    """``size`` unit vectors with row ids 1..size, ``views`` consecutive ids per person."""
 
-    def __init__(self, size: int, views: int, spread: float, seed: int) -> None:
+    def __init__(self, size: int, views: int, spread: float, isotropic: float, latent_dim: int, seed: int) -> None:
         rng = np.random.default_rng(seed)
+        self.size, self.views, self.seed = size, views, seed
         self.people = max(1, size // views)
-        self.views, self.spread = views, spread
-        self.centres = rng.standard_normal((self.people, DIM), dtype=np.float32)
-        self.centres /= np.linalg.norm(self.centres, axis=1, keepdims=True)
-        self.vectors = np.empty((size, DIM), dtype=np.float16)
-        for start in range(0, size, CHUNK):
-            stop = min(size, start + CHUNK)
-            self.vectors[start:stop] = self._views_of(np.arange(start, stop) // views % self.people, rng)
         self.ids = np.arange(1, size + 1, dtype=np.int64)  # database row ids start at 1
+        self.basis = np.linalg.qr(rng.standard_normal((DIM, latent_dim), dtype=np.float32))[0]  # orthonormal columns
+        spectrum = 1 / np.sqrt(np.arange(1, latent_dim + 1, dtype=np.float32))
+        self.spectrum = spectrum / np.linalg.norm(spectrum)  # centre energy 1 on average
+        self.centres = rng.standard_normal((self.people, latent_dim), dtype=np.float32) * self.spectrum
+        self.latent_noise = spread * np.sqrt(1 - isotropic)
+        self.isotropic_noise = spread * np.sqrt(isotropic / DIM)
+        self.batches_seen: set[int] = set()
+        self.queries = np.zeros((0, DIM), dtype=np.float32)
+        self.truth_scores = np.zeros((0, K), dtype=np.float32)
+        self.truth_ids = np.zeros((0, K), dtype=np.int64)
 
     def _views_of(self, people: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        noise = rng.standard_normal((len(people), DIM), dtype=np.float32) * (self.spread / np.sqrt(DIM))
-        vectors = self.centres[people] + noise
-        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        latent = self.centres[people] + self.latent_noise * self.spectrum * rng.standard_normal(
+            (len(people), len(self.spectrum)), dtype=np.float32
+        )
+        vectors = latent @ self.basis.T
+        vectors += self.isotropic_noise * rng.standard_normal(vectors.shape, dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors
 
-    def read(self, ids: np.ndarray):
-        """(ids, float32 vectors) chunks, as the database reader yields them."""
-        for start in range(0, len(ids), CHUNK):
-            chunk = ids[start : start + CHUNK]
-            yield chunk, self.vectors[chunk - 1].astype(np.float32)
-
-    def queries(self, count: int, seed: int) -> np.ndarray:
+    def set_queries(self, count: int, seed: int) -> None:
+        """New views of ``count`` random stored people; their exact top-k is gathered from now on."""
         rng = np.random.default_rng(seed)
-        return self._views_of(rng.integers(0, self.people, count), rng).astype(np.float32)
+        self.queries = self._views_of(rng.integers(0, self.people, count), rng)
+        self.truth_scores = np.full((count, K), -np.inf, dtype=np.float32)
+        self.truth_ids = np.full((count, K), -1, dtype=np.int64)
+        self.batches_seen.clear()
+
+    def batch(self, number: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of batch ``number``; merged into the queries' truth the first time."""
+        ids = self.ids[number * CHUNK : (number + 1) * CHUNK]
+        vectors = self._views_of((ids - 1) // self.views % self.people, np.random.default_rng([self.seed, number]))
+        if number not in self.batches_seen:
+            self.batches_seen.add(number)
+            self.truth_scores, self.truth_ids = _exact_topk_update(
+                self.truth_scores, self.truth_ids, self.queries, ids, vectors
+            )
+        return ids, vectors
+
+    def read(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, float32 vectors) chunks of sorted ``ids``, as the database reader yields them."""
+        batch_of = (ids - 1) // CHUNK
+        for number in np.unique(batch_of):
+            wanted = ids[batch_of == number]
+            _, vectors = self.batch(int(number))
+            yield wanted, vectors[wanted - 1 - number * CHUNK]
+
+    def truth(self) -> np.ndarray:
+        for number in range((self.size + CHUNK - 1) // CHUNK):
+            if number not in self.batches_seen:
+                self.batch(number)
+        return self.truth_ids
 
 
-def exact_top_k(gallery: SyntheticGallery, queries: np.ndarray, k: int) -> np.ndarray:
-    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    best_ids = np.full((len(queries), k), -1, dtype=np.int64)
-    for ids, vectors in gallery.read(gallery.ids):
-        scores = np.concatenate([best_scores, queries @ vectors.T], axis=1)
-        all_ids = np.concatenate([best_ids, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
-        order = np.argsort(-scores, axis=1)[:, :k]
-        best_scores, best_ids = np.take_along_axis(scores, order, 1), np.take_along_axis(all_ids, order, 1)
-    return best_ids
-
-
-def build(gallery: SyntheticGallery, threshold: int) -> GalleryIndex:
-    index_type, _ = desired_type(len(gallery.ids), None, 0, threshold)
+def build(gallery: SyntheticPeople, index_type: str) -> GalleryIndex:
     if index_type == INDEX_TYPE_IVF:
-        index, meta = build_ivf(gallery.read, gallery.ids, DIM, target_recall=0.95)
+        started = time.perf_counter()
+
+        def progress(message: str) -> None:
+            print(f"  [N={gallery.size} build +{time.perf_counter() - started:.0f} s] {message}", flush=True)
+
+        index, meta = build_ivf(gallery.read, gallery.ids, DIM, target_recall=0.95, progress=progress)
         return GalleryIndex("tracks", index, {"type": INDEX_TYPE_IVF, **meta})
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+    flat = GalleryIndex("tracks", faiss.IndexIDMap2(faiss.IndexFlatIP(DIM)), {"type": INDEX_TYPE_FLAT})
     for ids, vectors in gallery.read(gallery.ids):
-        index.add_with_ids(vectors, ids)
-    return GalleryIndex("tracks", index, {"type": INDEX_TYPE_FLAT})
+        flat.add(ids, vectors)
+    return flat
+
+
+def latencies_ms(index: GalleryIndex, queries: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query latency (ms) of single-query searches, and the ids found."""
+    faiss.omp_set_num_threads(threads)
+    index.search(queries[:5], K)  # warm-up
+    times, found = [], []
+    for query in queries:
+        started = time.perf_counter()
+        _, ids = index.search(query[None, :], K)
+        times.append((time.perf_counter() - started) * 1000)
+        found.append(ids[0])
+    return np.asarray(times), np.asarray(found)
+
+
+def file_size_mb(index: faiss.Index, folder: str) -> float:
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = os.path.join(tmp, "index.faiss")
+        faiss.write_index(index, path)
+        return os.path.getsize(path) / 1e6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--views", type=int, default=8, help="vectors per synthetic person")
-    parser.add_argument("--spread", type=float, default=0.8, help="noise norm of a view around its centre")
+    parser.add_argument("--spread", type=float, default=0.8, help="noise norm of a view relative to its centre")
+    parser.add_argument("--isotropic", type=float, default=0.25, help="share of the noise energy spread over all dims")
+    parser.add_argument("--latent-dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=1, help="FAISS threads while searching")
     parser.add_argument("--build-threads", type=int, default=2)
     parser.add_argument("--ivf-threshold", type=int, default=50_000)
+    parser.add_argument("--tmp-dir", default=None, help="where the index file is written to measure its size")
     args = parser.parse_args()
     print(
-        f"dim {DIM}, {args.views} views per person, spread {args.spread}, {args.queries} single-vector queries, "
-        f"{args.threads} search thread(s)"
+        f"dim {DIM}, {args.views} views per person, spread {args.spread}, isotropic {args.isotropic}, "
+        f"latent dim {args.latent_dim}, {args.queries} single-vector queries, recall@{K} vs exact"
     )
     print(
-        f"{'N':>9} {'index':>8} {'nlist':>6} {'nprobe':>6} {'build s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'recall@10':>9} {'index MB':>9}"
+        f"{'N':>9} {'index':>18} {'nlist':>6} {'nprobe':>6} {'kfac':>4} {'build s':>8} {'p50 1t':>7} {'p99 1t':>7} "
+        f"{'p50 2t':>7} {'p99 2t':>7} {'recall':>6} {'tuned':>6} {'file MB':>8} {'peak RSS GB':>11}"
     )
     for size in (int(s) for s in args.sizes.split(",")):
         faiss.omp_set_num_threads(args.build_threads)
+        gallery = SyntheticPeople(size, args.views, args.spread, args.isotropic, args.latent_dim, seed=size)
+        gallery.set_queries(args.queries, seed=size + 1)
+        index_type, _ = desired_type(size, None, 0, args.ivf_threshold)
         started = time.perf_counter()
-        gallery = SyntheticGallery(size, args.views, args.spread, seed=size)
-        generated = time.perf_counter() - started
-        started = time.perf_counter()
-        index = build(gallery, args.ivf_threshold)
+        index = build(gallery, index_type)
         built = time.perf_counter() - started
-        queries = gallery.queries(args.queries, seed=size + 1)
-        truth = exact_top_k(gallery, queries, 10)
-        faiss.omp_set_num_threads(args.threads)
-        index.search(queries[:5], 10)  # warm-up
-        latencies, found = [], []
-        for query in queries:
-            started = time.perf_counter()
-            _, ids = index.search(query[None, :], 10)
-            latencies.append((time.perf_counter() - started) * 1000)
-            found.append(ids[0])
-        recall = recall_at_k(np.asarray(found), truth)
-        size_mb = len(faiss.serialize_index(index.index)) / 1e6
+        truth = gallery.truth()
+        one_thread, found = latencies_ms(index, gallery.queries, threads=1)
+        two_threads, _ = latencies_ms(index, gallery.queries, threads=2)
+        recall = recall_at_k(found, truth)
+        peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        meta = index.meta
         print(
-            f"{size:>9} {index.index_type:>8} {index.meta.get('nlist', '-'):>6} {index.meta.get('nprobe', '-'):>6} "
-            f"{built:>8.1f} {np.percentile(latencies, 50):>8.2f} {np.percentile(latencies, 99):>8.2f} "
-            f"{recall:>9.3f} {size_mb:>9.0f}   (vectors generated in {generated:.0f} s)",
+            f"{size:>9} {index.index_type:>18} {meta.get('nlist', '-'):>6} {meta.get('nprobe', '-'):>6} "
+            f"{meta.get('k_factor', '-'):>4} {built:>8.1f} "
+            f"{np.percentile(one_thread, 50):>7.2f} {np.percentile(one_thread, 99):>7.2f} "
+            f"{np.percentile(two_threads, 50):>7.2f} {np.percentile(two_threads, 99):>7.2f} {recall:>6.3f} "
+            f"{meta.get('recall_at_10', float('nan')):>6.3f} {file_size_mb(index.index, args.tmp_dir):>8.0f} "
+            f"{peak_rss_gb:>11.1f}",
             flush=True,
         )
+        if index.index_type == INDEX_TYPE_IVF:
+            tuned = dict(index.meta)
+            for nprobe in sorted({max(1, tuned["nprobe"] // 4), max(1, tuned["nprobe"] // 2), tuned["nprobe"]}):
+                for k_factor in sorted({tuned["k_factor"], 2 * tuned["k_factor"]}):
+                    index.meta.update(nprobe=nprobe, k_factor=k_factor)
+                    times, found = latencies_ms(index, gallery.queries, threads=1)
+                    times_2, _ = latencies_ms(index, gallery.queries, threads=2)
+                    print(
+                        f"    nprobe {nprobe:>5} k_factor {k_factor:>3}: p50 {np.percentile(times, 50):.2f} ms "
+                        f"(2 threads {np.percentile(times_2, 50):.2f} ms), recall@{K} {recall_at_k(found, truth):.3f}",
+                        flush=True,
+                    )
+            index.meta.update(tuned)
         del gallery, index
 
 

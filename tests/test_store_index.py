@@ -24,10 +24,13 @@ from reid_app.identities import agglomerative_clusters, compute_identities
 from reid_app.index import (
     INDEX_TYPE_FLAT,
     INDEX_TYPE_IVF,
+    K_FACTORS,
     IndexManager,
     index_ids,
     index_paths,
     ivf_nlist,
+    reduced_dim,
+    refine_parts,
 )
 from reid_app.store import (
     Base,
@@ -243,6 +246,79 @@ def test_switch_to_ivf_keeps_exact_top1(tmp_path: Path) -> None:
     stats = collect_stats(config)["indexes"]["tracks"]
     assert stats["type"] == INDEX_TYPE_IVF and stats["ivf_threshold"] == 1000
     assert stats["nlist"] == gallery.meta["nlist"] and stats["recall_at_10"] >= 0.95
+
+
+def noisy_views(vectors: np.ndarray, count: int, noise: float, seed: int) -> np.ndarray:
+    """``count`` new unit views of randomly picked rows of ``vectors`` (a person seen again)."""
+    rng = np.random.default_rng(seed)
+    picked = vectors[rng.choice(len(vectors), size=count, replace=False)]
+    queries = picked + rng.standard_normal(picked.shape).astype(np.float32) * noise / np.sqrt(picked.shape[1])
+    return (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+
+
+def db_track_vectors(db: Database) -> tuple[np.ndarray, np.ndarray]:
+    with db.read() as session:
+        rows = session.execute(select(Track.id, Track.embedding).order_by(Track.id)).all()
+    return np.asarray([r[0] for r in rows], dtype=np.int64), bytes_to_vectors([r[1] for r in rows], DIM)
+
+
+def test_approximate_index_keeps_exact_top1_through_sync_and_reopening(tmp_path: Path) -> None:
+    """The large-gallery type (PCA candidates re-scored with full vectors), with a lowered
+    threshold: rows deleted and added behind its back are synced, and every reopened copy
+    answers like exact search."""
+    config, db = make_db(tmp_path, ivf_threshold=1000)
+    ids = np.asarray(add_tracks(db, clustered_unit_vectors(250, 8, DIM, 0.6, seed=20)))
+    gallery, report = IndexManager(db, config).sync("tracks")
+    assert report.rebuilt and gallery.index_type == INDEX_TYPE_IVF
+    assert gallery.meta["k_factor"] in K_FACTORS and gallery.meta["recall_at_10"] >= 0.95
+    candidates_index, store = refine_parts(gallery.index)
+    assert faiss.extract_index_ivf(candidates_index).d == reduced_dim(DIM) < DIM  # candidates: reduced space
+    assert store.d == DIM  # re-scoring: full vectors
+    # A redone video's rows are deleted, a new camera's rows committed, neither synced yet.
+    gone = ids[:40]
+    db.write(
+        lambda s: (
+            s.execute(delete(Detection).where(Detection.track_id.in_(gone.tolist()))),
+            s.execute(delete(Track).where(Track.id.in_(gone.tolist()))),
+        )
+    )
+    new_ids = np.asarray(add_tracks(db, clustered_unit_vectors(30, 4, DIM, 0.6, seed=21), camera=2, sha="7" * 64))
+    reopened, report = IndexManager(db, config).sync("tracks")
+    assert reopened.index_type == INDEX_TYPE_IVF and not report.rebuilt
+    assert report.removed == len(gone) and report.added == len(new_ids)
+    candidates_index, store = refine_parts(reopened.index)
+    np.testing.assert_array_equal(index_ids(reopened.index), db_track_ids(db))
+    np.testing.assert_array_equal(np.sort(faiss.vector_to_array(store.id_map)), db_track_ids(db))
+    assert candidates_index.ntotal == store.ntotal == reopened.ntotal
+    # Another process reopening the saved file finds it in agreement and searches like exact.
+    third, again = IndexManager(db, config).sync("tracks")
+    assert not again.changed and third is not reopened
+    stored_ids, stored_vectors = db_track_vectors(db)
+    queries = noisy_views(stored_vectors, 100, 0.2, seed=22)
+    exact_scores = queries @ stored_vectors.T
+    scores, found = third.search(queries, 1)
+    np.testing.assert_array_equal(found[:, 0], stored_ids[exact_scores.argmax(axis=1)])
+    np.testing.assert_allclose(scores[:, 0], exact_scores.max(axis=1), atol=0.01)  # SQ8 re-scoring
+    _, near_gone = third.search(clustered_unit_vectors(250, 8, DIM, 0.6, seed=20)[:40], 10)
+    assert not set(near_gone.ravel().tolist()) & set(gone.tolist())
+    _, on_camera_2 = third.search(queries[:10], 5, allowed_ids=new_ids)
+    assert set(on_camera_2.ravel().tolist()) <= set(new_ids.tolist())
+    assert (on_camera_2 >= 0).all()
+
+
+def test_approximate_index_with_disagreeing_parts_is_rebuilt(tmp_path: Path) -> None:
+    config, db = make_db(tmp_path, ivf_threshold=1000)
+    add_tracks(db, clustered_unit_vectors(150, 8, DIM, 0.6, seed=23))
+    manager = IndexManager(db, config)
+    gallery, _ = manager.sync("tracks")
+    # Only the full-vector store loses a row: the candidate index still returns it.
+    _, store = refine_parts(gallery.index)
+    store.remove_ids(faiss.IDSelectorBatch(np.asarray([int(index_ids(gallery.index)[0])], dtype=np.int64)))
+    manager._save(gallery)
+    rebuilt, report = IndexManager(db, config).sync("tracks")
+    assert report.rebuilt and "different rows" in report.reason
+    _, store = refine_parts(rebuilt.index)
+    np.testing.assert_array_equal(np.sort(faiss.vector_to_array(store.id_map)), db_track_ids(db))
 
 
 def test_camera_filter_restricts_results(tmp_path: Path) -> None:

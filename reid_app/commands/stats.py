@@ -70,7 +70,11 @@ def collect_stats(config: AppConfig) -> dict[str, Any]:
             "type": meta["type"],
             "vectors": gallery.ntotal,
             "ivf_threshold": config.ivf_threshold,
-            **({k: meta.get(k) for k in ("nlist", "nprobe", "recall_at_10")} if meta["type"] == INDEX_TYPE_IVF else {}),
+            **(
+                {k: meta.get(k) for k in ("nlist", "nprobe", "k_factor", "reduced_dim", "recall_at_10")}
+                if meta["type"] == INDEX_TYPE_IVF
+                else {}
+            ),
         }
     return {
         "database": config.db_url,
@@ -128,8 +132,14 @@ def stats_command(
     for kind, entry in stats["indexes"].items():
         line = f"index {kind}: {entry['type']}, {entry['vectors']} vectors"
         if entry["type"] == INDEX_TYPE_IVF:
-            line += f", nlist {entry['nlist']}, nprobe {entry['nprobe']}, recall@10 {entry['recall_at_10']:.3f}"
-        line += f" (exact flat search below {entry['ivf_threshold']} vectors, IVF-SQ8 from there on)"
+            line += (
+                f", nlist {entry['nlist']}, nprobe {entry['nprobe']}, k_factor {entry['k_factor']},"
+                f" recall@10 {entry['recall_at_10']:.3f}"
+            )
+        line += (
+            f" (exact flat search below {entry['ivf_threshold']} vectors; from there on PCA-256 IVF-SQ8"
+            " candidates re-scored with the full vectors)"
+        )
         console.print(line)
     ident = stats["identities"]
     if ident["computed_at"]:
