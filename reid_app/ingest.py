@@ -381,7 +381,9 @@ class _Ingest:
         self.db.write(work)
         summary.tracks += len(rows)
         summary.crops += len(crops)
-        if rows or final:
+        if final:
+            # The index is derived from the database (searches re-sync it first): bringing it up to
+            # date once per video avoids rewriting the whole index file after every batch.
             self.indexes.sync_all()
 
     def _discard(self) -> None:

@@ -38,7 +38,10 @@ def select_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` → this process's GPU when CUDA is available, else the CPU."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {requested!r} requested but CUDA is not available")
