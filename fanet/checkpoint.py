@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fanet.config import FANetConfig, config_from_dict, model_config_to_dict
+from fanet.config import DataConfig, FANetConfig, config_from_dict, model_config_to_dict
 from fanet.model import FANet
 
 CHECKPOINT_FORMAT = "fanet"
@@ -46,6 +46,18 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             f"version {CHECKPOINT_VERSION}"
         )
     return payload
+
+
+def checkpoint_input_size(payload: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) the checkpoint's model was trained at: from a training checkpoint's config
+    or an inference checkpoint's metadata, else the paper's 384 x 128."""
+    data = payload.get("train_config", {}).get("data", {})
+    if "height" in data and "width" in data:
+        return int(data["height"]), int(data["width"])
+    size = (payload.get("meta") or {}).get("input_size")
+    if size:
+        return int(size[0]), int(size[1])
+    return DataConfig.height, DataConfig.width
 
 
 def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -> FANet:

@@ -15,6 +15,7 @@ import torch
 
 from fanet.checkpoint import (
     CheckpointError,
+    checkpoint_input_size,
     model_from_checkpoint,
     read_checkpoint,
     state_dict_sha256,
@@ -31,7 +32,6 @@ DEFAULT_EMBEDDER_SOURCE = (
 )
 UNTRAINED = "untrained"
 UNTRAINED_SEED = 0
-DEFAULT_INPUT_SIZE = (384, 128)
 
 
 def resolve_torch_device(device: str) -> torch.device:
@@ -68,6 +68,7 @@ class Embedder:
         self.batch_size = batch_size
         self._device = resolve_torch_device(device)
         self.metadata: dict[str, Any] = {}
+        payload: dict[str, Any] = {}  # the untrained model has none: the paper's input size applies
         if weights is not None and weights.strip().lower() == UNTRAINED:
             model = untrained_inference_model(seed=UNTRAINED_SEED)
             self.model_name = f"fanet-untrained-seed{UNTRAINED_SEED}"
@@ -87,7 +88,7 @@ class Embedder:
             self.weights_sha256 = sha256_file(path)
             # An exported file is a trained model unless its metadata says it saw no training at all.
             self.is_trained = self.metadata.get("epochs_trained", 1) != 0
-        self.input_size = tuple(input_size or self.metadata.get("input_size") or DEFAULT_INPUT_SIZE)
+        self.input_size = tuple(input_size or checkpoint_input_size(payload))
         self.model = model.to(self._device).eval()
         self.dim: int = int(model.feature_dim)
 

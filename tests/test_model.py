@@ -21,7 +21,7 @@ from fanet import (
     target_attention_loss,
     untrained_inference_model,
 )
-from fanet.checkpoint import state_dict_sha256
+from fanet.checkpoint import checkpoint_input_size, state_dict_sha256
 from fanet.config import TALVariant, Variant
 from fanet.losses import spatial_l2_normalise
 from fanet.model import PyramidPooling, TargetEnhancementModule
@@ -238,3 +238,9 @@ def test_preprocess_bgr_converts_to_rgb_0_1() -> None:
     assert float(batch[0, 2].min()) == pytest.approx(1.0) and float(batch[0, 0].max()) == 0.0
     with pytest.raises(ValueError, match="crop 0"):
         preprocess_bgr([np.zeros((0, 5, 3), dtype=np.uint8)])
+
+
+def test_checkpoint_input_size_sources() -> None:
+    assert checkpoint_input_size({"train_config": {"data": {"height": 256, "width": 96}}}) == (256, 96)
+    assert checkpoint_input_size({"meta": {"input_size": [128, 64]}}) == (128, 64)
+    assert checkpoint_input_size({}) == (384, 128)  # the paper's size

@@ -215,16 +215,6 @@ def train_command(
 # evaluate
 
 
-def _checkpoint_input_size(payload: dict[str, Any]) -> tuple[int, int] | None:
-    """The training input size recorded in a checkpoint, if any."""
-    if "train_config" in payload:
-        data = payload["train_config"].get("data", {})
-        if "height" in data and "width" in data:
-            return int(data["height"]), int(data["width"])
-    size = payload.get("meta", {}).get("input_size")
-    return (int(size[0]), int(size[1])) if size else None
-
-
 def _checkpoint_init(payload: dict[str, Any]) -> str | None:
     return payload.get("init") or payload.get("meta", {}).get("init")
 
@@ -243,14 +233,14 @@ def evaluate_command(
     """Single-query CMC (R1/R5/R10/R20) and mAP of a checkpoint on a dataset's query/gallery split."""
     _choice(dataset, DATASETS, "--dataset")
     with fanet_errors():
-        from fanet.checkpoint import model_from_checkpoint, read_checkpoint  # noqa: PLC0415
+        from fanet.checkpoint import checkpoint_input_size, model_from_checkpoint, read_checkpoint  # noqa: PLC0415
         from fanet.config import DataConfig  # noqa: PLC0415
         from fanet.engine.distributed import select_device  # noqa: PLC0415
         from fanet.engine.evaluator import evaluate_checkpoint_model  # noqa: PLC0415
 
         payload = read_checkpoint(checkpoint)
         model = model_from_checkpoint(payload, source=checkpoint)
-        default_size = _checkpoint_input_size(payload) or (384, 128)
+        default_size = checkpoint_input_size(payload)
         data = DataConfig(
             dataset=dataset,
             root=data_root,
@@ -281,7 +271,12 @@ def visualize_command(
 ) -> None:
     """Fig. 7-style grid: each image with its F, Z, B and 1-Z maps overlaid."""
     with fanet_errors():
-        from fanet.checkpoint import TRAINING_KIND, model_from_checkpoint, read_checkpoint  # noqa: PLC0415
+        from fanet.checkpoint import (  # noqa: PLC0415
+            TRAINING_KIND,
+            checkpoint_input_size,
+            model_from_checkpoint,
+            read_checkpoint,
+        )
         from fanet.engine.trainer import load_training_model  # noqa: PLC0415
         from fanet.visualize import save_attention_grid  # noqa: PLC0415
 
@@ -290,7 +285,7 @@ def visualize_command(
             model, _ = load_training_model(checkpoint)
         else:
             model = model_from_checkpoint(payload, source=checkpoint)
-        default_size = _checkpoint_input_size(payload) or (384, 128)
+        default_size = checkpoint_input_size(payload)
         rows = save_attention_grid(
             model, images, output, height=height or default_size[0], width=width or default_size[1]
         )
@@ -311,24 +306,29 @@ def export_command(
     inference_checkpoint: Annotated[
         Path | None, typer.Option(help="Also write the foreground-only .pt inference checkpoint here.")
     ] = None,
-    height: Annotated[int, typer.Option(help="Input height.")] = 384,
-    width: Annotated[int, typer.Option(help="Input width.")] = 128,
+    height: Annotated[int | None, typer.Option(help="Input height (default: the checkpoint's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Input width (default: the checkpoint's).")] = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare with onnxruntime.")] = True,
 ) -> None:
     """Export the inference (foreground-only) model to ONNX and/or an inference checkpoint."""
     if output is None and inference_checkpoint is None:
         raise ReidAppError("export needs --output model.onnx and/or --inference-checkpoint out.pt")
     with fanet_errors():
-        from fanet.checkpoint import load_inference_model, read_checkpoint, save_inference_checkpoint  # noqa: PLC0415
+        from fanet.checkpoint import (  # noqa: PLC0415
+            checkpoint_input_size,
+            model_from_checkpoint,
+            read_checkpoint,
+            save_inference_checkpoint,
+        )
 
         payload = read_checkpoint(checkpoint)
-        model = load_inference_model(checkpoint)
+        model = model_from_checkpoint(payload, source=checkpoint)
         meta = dict(payload.get("meta", {}))
         if "init" in payload:
             meta.setdefault("init", payload["init"])
-        input_size = _checkpoint_input_size(payload)
-        if input_size is not None:
-            meta.setdefault("input_size", list(input_size))
+        input_size = checkpoint_input_size(payload)
+        meta.setdefault("input_size", list(input_size))
+        height, width = height or input_size[0], width or input_size[1]
         if inference_checkpoint is not None:
             save_inference_checkpoint(model, inference_checkpoint, **meta, source=str(checkpoint))
             typer.echo(f"wrote {inference_checkpoint}")
