@@ -107,6 +107,11 @@ def save_inference_checkpoint(model: FANet, path: str | os.PathLike[str], **meta
     """Write the foreground-only checkpoint atomically (temp file + rename)."""
     payload = inference_state(model)
     payload["meta"] = meta
+    return save_atomically(payload, path)
+
+
+def save_atomically(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` to a temporary file then rename: a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fanet.checkpoint import load_inference_model, read_checkpoint
+from fanet.checkpoint import load_inference_model, read_checkpoint, save_atomically
 from fanet.config import DataConfig, SolverConfig, TrainConfig
-from fanet.engine.trainer import Trainer, _atomic_save, capture_rng_state, load_training_model
+from fanet.engine.trainer import Trainer, capture_rng_state, load_training_model
 from fanet.export import export_onnx, verify_onnx
 from fanet.visualize import attention_grid, attention_rows, jet_colormap, load_images
 from reid_app.cli import typer_app
@@ -43,7 +43,7 @@ def training_checkpoint(tiny_market_root: Path, tmp_path_factory: pytest.TempPat
     for _ in range(2):
         trainer.train_step(batch)
     path = folder / "last.pt"
-    _atomic_save(trainer.checkpoint_payload(0, [capture_rng_state(trainer.device)]), path)
+    save_atomically(trainer.checkpoint_payload(0, [capture_rng_state(trainer.device)]), path)
     return path
 
 

@@ -44,6 +44,7 @@ from fanet.checkpoint import (
     TRAINING_KIND,
     CheckpointError,
     read_checkpoint,
+    save_atomically,
     save_inference_checkpoint,
 )
 from fanet.config import FANetConfig, TALVariant, TrainConfig, config_from_dict, model_config_to_dict
@@ -573,9 +574,9 @@ class Trainer:
         rng_states = distributed.all_gather_objects(capture_rng_state(self.device), self.context)
         if self.context.is_main:
             payload = self.checkpoint_payload(epoch, rng_states)
-            _atomic_save(payload, self.run_dir / LAST_CHECKPOINT)
+            save_atomically(payload, self.run_dir / LAST_CHECKPOINT)
             if is_best:
-                _atomic_save(payload, self.run_dir / BEST_CHECKPOINT)
+                save_atomically(payload, self.run_dir / BEST_CHECKPOINT)
                 save_inference_checkpoint(self.model, self.run_dir / BEST_INFERENCE, **self._meta(epoch))
             self._append_result(result)
             text = "  ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
@@ -640,8 +641,3 @@ class _ProgressWithLoss(Progress):
         kwargs.setdefault("loss", float("nan"))
         return super().add_task(description, **kwargs)
 
-
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
