@@ -52,6 +52,7 @@ from reid_app.store import (
     Detection,
     Track,
     Video,
+    as_utc,
     check_model_identity,
     utc_now,
     vector_to_bytes,
@@ -116,7 +117,7 @@ def parse_start_time(text: str | None) -> datetime | None:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise ReidAppError(f"--start-time must be an ISO 8601 time such as 2024-05-01T14:30:00, got {text!r}") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return as_utc(moment)
 
 
 def thumbnail_image(crop: np.ndarray, max_side: int) -> np.ndarray:

@@ -31,6 +31,7 @@ from fanet.evaluation.distance import (
     row_norms,
     to_numpy,
 )
+from fanet.evaluation.rerank import DEFAULT_K1, DEFAULT_K2, DEFAULT_LAMBDA
 
 DEFAULT_CHUNK_SIZE = 256
 
@@ -251,9 +252,9 @@ def evaluate_features(
     *,
     max_rank: int = 50,
     rerank: bool = False,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
+    k1: int = DEFAULT_K1,
+    k2: int = DEFAULT_K2,
+    lambda_value: float = DEFAULT_LAMBDA,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> RankMetrics:
     """CMC/mAP of cosine-distance retrieval, optionally after k-reciprocal re-ranking.
