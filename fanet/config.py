@@ -41,7 +41,15 @@ class DatasetName(StrEnum):
     MARKET1501 = "market1501"
     DUKEMTMC = "dukemtmc"
     MSMT17 = "msmt17"
+    CUHK03 = "cuhk03"
     FOLDER = "folder"
+
+
+class Backbone(StrEnum):
+    """Backbones of :mod:`fanet.backbones`; ResNet50 is the paper's."""
+
+    RESNET50 = "resnet50"
+    MOBILENETV2 = "mobilenetv2"
 
 
 @dataclass
@@ -49,6 +57,7 @@ class FANetConfig:
     """Model switches. ``FANetConfig()`` is the full FA-Net; ``FANetConfig.variant(...)`` gives
     each ablation row of Table I."""
 
+    backbone: Backbone = Backbone.RESNET50
     use_tem: bool = True  # target enhancement module on the foreground map
     use_background: bool = True  # camera-ID background branch (training only)
     use_interaction: bool = True  # gate the background map with 1 - Z (IA)
@@ -63,6 +72,12 @@ class FANetConfig:
     pixel_std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
+        try:
+            self.backbone = Backbone(self.backbone)
+        except ValueError:
+            raise ValueError(
+                f"unknown backbone {self.backbone!r}; choose one of {', '.join(b.value for b in Backbone)}"
+            ) from None
         self.tal = TALVariant(self.tal)
         self.tem_mid_channels = tuple(self.tem_mid_channels)  # type: ignore[assignment]
         self.hpp_stripes = tuple(self.hpp_stripes)
@@ -79,8 +94,15 @@ class FANetConfig:
 
     @property
     def feature_dim(self) -> int:
-        """Size of the inference feature: 15 x 256 = 3840 with HPP, 2048 without."""
-        return sum(self.hpp_stripes) * self.embed_dim if self.use_hpp else 2048
+        """Size of the inference feature: 15 x 256 = 3840 with HPP, else the backbone's channels
+        (2048 for ResNet50)."""
+        return sum(self.hpp_stripes) * self.embed_dim if self.use_hpp else self.backbone_channels
+
+    @property
+    def backbone_channels(self) -> int:
+        from fanet.backbones import get_backbone  # noqa: PLC0415 (the backbones import torchvision)
+
+        return get_backbone(self.backbone.value).channels
 
     @classmethod
     def variant(cls, name: str | Variant, **overrides: Any) -> FANetConfig:
@@ -114,6 +136,8 @@ class DataConfig:
     num_identities: int = 16  # P of the PK batch
     num_instances: int = 8  # K of the PK batch
     flip_prob: float = 0.5
+    pad: int = 0  # zero-padding before a random crop back to size (0 = off, the paper)
+    erase_prob: float = 0.0  # random erasing probability (0 = off, the paper)
     workers: int = 4
     test_dataset: DatasetName | None = None  # cross-dataset evaluation (Table III); None = same
     test_root: str | None = None

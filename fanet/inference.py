@@ -7,20 +7,26 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as functional
+from PIL import Image
 from torch import Tensor, nn
+
+from fanet.data.transforms import resize_rgb
 
 
 def preprocess_bgr(crops: Sequence[np.ndarray], height: int = 384, width: int = 128) -> Tensor:
-    """OpenCV-style BGR uint8 crops → a (N, 3, height, width) 0-1 RGB float batch."""
+    """OpenCV-style BGR uint8 crops → a (N, 3, height, width) 0-1 RGB float batch.
+
+    The resize is the training/evaluation one (:func:`fanet.data.transforms.resize_rgb`, PIL
+    bilinear), so the app embeds a crop exactly as the evaluator embedded the test images.
+    """
     batch = torch.empty((len(crops), 3, height, width), dtype=torch.float32)
     for i, crop in enumerate(crops):
-        if crop.ndim != 3 or crop.shape[2] != 3 or min(crop.shape[:2]) < 1:
-            raise ValueError(f"crop {i} has shape {crop.shape}; expected a non-empty (H, W, 3) image")
-        rgb = torch.from_numpy(np.ascontiguousarray(crop[:, :, ::-1])).permute(2, 0, 1)[None].float()
-        batch[i] = functional.interpolate(
-            rgb, size=(height, width), mode="bilinear", align_corners=False, antialias=True
-        )[0].div_(255.0)
-    return batch.clamp_(0.0, 1.0)
+        if crop.ndim != 3 or crop.shape[2] != 3 or min(crop.shape[:2]) < 1 or crop.dtype != np.uint8:
+            raise ValueError(
+                f"crop {i} has shape {crop.shape} and dtype {crop.dtype}; expected a non-empty (H, W, 3) uint8 image"
+            )
+        batch[i] = resize_rgb(Image.fromarray(np.ascontiguousarray(crop[:, :, ::-1])), height, width)
+    return batch
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -1,8 +1,9 @@
 """FA-Net: the end-to-end foreground-aware network (Liu et al., IEEE TIP), Sec. III.
 
-A ResNet50 with its last spatial down-sampling removed is cut before res_conv4: the stem,
-res_conv2 and res_conv3 form the shared low-level module; res_conv4 and res_conv5 are copied
-into a foreground (person-ID) branch and a background (camera-ID) branch that share no weights.
+A ResNet50 (or another backbone of :mod:`fanet.backbones`, cut the same way) with its last
+spatial down-sampling removed is cut before res_conv4: the stem, res_conv2 and res_conv3 form
+the shared low-level module; res_conv4 and res_conv5 are copied into a foreground (person-ID)
+branch and a background (camera-ID) branch that share no weights.
 The target enhancement module (TEM) turns the foreground map F into a soft mask Z that gates F
 (F * Z) and, with the interaction (IA), the background map B (B * (1 - Z)). Horizontal pyramid
 pooling (HPP, 1/2/4/8 stripes) embeds every stripe of both gated maps to 256-d and feeds one
@@ -20,9 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as functional
-import torchvision
 from torch import Tensor, nn
 
+from fanet.backbones import get_backbone
 from fanet.config import FANetConfig
 
 
@@ -108,17 +109,6 @@ class FANetOutput:
     features: Tensor | None = None  # the inference feature of this batch
 
 
-def _resnet50_last_stride(last_stride: int, imagenet_weights: str | Path | None) -> torchvision.models.ResNet:
-    resnet = torchvision.models.resnet50(weights=None)
-    if imagenet_weights is not None:
-        state = torch.load(imagenet_weights, map_location="cpu", weights_only=True)
-        resnet.load_state_dict(state, strict=True)
-    block = resnet.layer4[0]
-    block.conv2.stride = (last_stride, last_stride)
-    block.downsample[0].stride = (last_stride, last_stride)
-    return resnet
-
-
 class FANet(nn.Module):
     """FA-Net and its ablations.
 
@@ -142,17 +132,12 @@ class FANet(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
 
-        resnet = _resnet50_last_stride(config.last_stride, imagenet_weights)
-        self.low_level = nn.Sequential(
-            resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2
-        )
-        self.foreground_branch = nn.Sequential(resnet.layer3, resnet.layer4)
-        self.background_branch = (
-            nn.Sequential(copy.deepcopy(resnet.layer3), copy.deepcopy(resnet.layer4))
-            if self.num_cameras > 0
-            else None
-        )
-        channels = 2048
+        backbone = get_backbone(config.backbone.value)
+        parts = backbone.build(config.last_stride, Path(imagenet_weights) if imagenet_weights else None)
+        self.low_level = parts.low_level
+        self.foreground_branch = parts.high_level
+        self.background_branch = copy.deepcopy(parts.high_level) if self.num_cameras > 0 else None
+        channels = backbone.channels
         self.target_enhancement = (
             TargetEnhancementModule(channels, config.tem_mid_channels, config.tem_k) if config.use_tem else None
         )
@@ -177,12 +162,12 @@ class FANet(nn.Module):
         return self.config.feature_dim
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
-        """ResNet50 parameters (trained at ``pretrained_lr_mult`` x the base lr)."""
+        """Backbone parameters (trained at ``pretrained_lr_mult`` x the base lr)."""
         modules = [self.low_level, self.foreground_branch, self.background_branch]
         return [p for m in modules if m is not None for p in m.parameters()]
 
     def new_parameters(self) -> list[nn.Parameter]:
-        """Parameters FA-Net adds on top of ResNet50 (TEM, stripe embeddings, classifiers)."""
+        """Parameters FA-Net adds on top of the backbone (TEM, stripe embeddings, classifiers)."""
         pretrained = {id(p) for p in self.pretrained_parameters()}
         return [p for p in self.parameters() if id(p) not in pretrained]
 

@@ -25,10 +25,11 @@ from fanet.inference import embed_images, preprocess_bgr
 from fanet.weights import WeightsNotFoundError, resolve_weights, sha256_file
 from reid_app.errors import ReidAppError
 
-DEFAULT_EMBEDDER_WEIGHTS = "fanet_reid.pt"
+#: The FA-Net shipped in weights/ (MobileNetV2 backbone, trained on CUHK03; see weights/README.md).
+DEFAULT_EMBEDDER_WEIGHTS = "fanet_mobilenetv2_cuhk03.pt"
 DEFAULT_EMBEDDER_SOURCE = (
-    "`reid-app train` then `reid-app export --checkpoint RUN/best.pt --inference-checkpoint "
-    "weights/fanet_reid.pt` (or pass --weights untrained for a demo with an untrained model)"
+    "the repository's weights/ folder (a fresh clone has it), or your own: `reid-app train` then "
+    "`reid-app export --checkpoint RUN/best.pt --inference-checkpoint FILE` and --weights FILE"
 )
 UNTRAINED = "untrained"
 UNTRAINED_SEED = 0
@@ -50,7 +51,7 @@ def resolve_torch_device(device: str) -> torch.device:
 class Embedder:
     """FA-Net foreground branch over BGR person crops.
 
-    ``weights``: a path to an FA-Net checkpoint, None for ``fanet_reid.pt`` in the weights
+    ``weights``: a path to an FA-Net checkpoint, None for the shipped ``fanet_mobilenetv2_cuhk03.pt`` in the weights
     folders (``$REID_WEIGHTS_DIR``, then ``weights/``), or ``"untrained"`` for a seeded
     random-init model (pipeline demos only). ``input_size`` is (height, width); None takes it
     from the checkpoint's metadata, else 384×128 (the paper's size).

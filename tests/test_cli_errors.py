@@ -14,8 +14,10 @@ import cv2
 import pytest
 from helpers import ASSETS, run_cli
 
+import fanet.weights
 from reid_app import cli
 from reid_app.config import AppConfig
+from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS
 from reid_app.store import Database
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,9 +207,11 @@ def test_missing_weights_file(filled: Path, video: Path, query_crop: Path, tmp_p
     ):
         code, _, err = run_cli(args, capsys, monkeypatch)
         assert_one_error_line(code, err, "no_such_weights.pt")
-    # No --weights: the default fanet_reid.pt, which does not exist on this machine.
+    # No --weights, in a checkout whose weights/ lacks the shipped default model.
+    monkeypatch.setattr(fanet.weights, "REPO_WEIGHTS_DIR", tmp_path)
+    monkeypatch.setenv("REID_WEIGHTS_DIR", str(tmp_path))
     code, _, err = run_cli(["ingest", str(video), "--camera", "4", "--db", db_url(filled)], capsys, monkeypatch)
-    assert_one_error_line(code, err, "fanet_reid.pt")
+    assert_one_error_line(code, err, DEFAULT_EMBEDDER_WEIGHTS)
     assert snapshot(filled) == before
 
 

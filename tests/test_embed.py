@@ -10,9 +10,10 @@ import pytest
 import torch
 from helpers import ASSETS
 
+import fanet.weights
 from fanet.checkpoint import save_inference_checkpoint, untrained_inference_model
-from fanet.weights import REPO_WEIGHTS_DIR, sha256_file
-from reid_app.embed import Embedder
+from fanet.weights import sha256_file
+from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS, Embedder
 from reid_app.errors import ReidAppError
 from reid_app.video import open_video
 
@@ -103,10 +104,12 @@ def test_checkpoint_file_round_trip(
 
 
 def test_default_file_is_found_in_the_weights_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    save_inference_checkpoint(untrained_inference_model(seed=1), tmp_path / "fanet_reid.pt", epochs_trained=0)
+    # $REID_WEIGHTS_DIR comes before the repository's weights/ (which holds the shipped model).
+    default = tmp_path / DEFAULT_EMBEDDER_WEIGHTS
+    save_inference_checkpoint(untrained_inference_model(seed=1), default, epochs_trained=0)
     monkeypatch.setenv("REID_WEIGHTS_DIR", str(tmp_path))
     embedder = Embedder(None, device="cpu")
-    assert embedder.weights_path == tmp_path / "fanet_reid.pt"
+    assert embedder.weights_path == default
     # Metadata saying no epoch was trained makes the embedder say so.
     assert not embedder.is_trained and "NOT trained" in (embedder.warning() or "")
 
@@ -114,14 +117,17 @@ def test_default_file_is_found_in_the_weights_dir(tmp_path: Path, monkeypatch: p
 def test_missing_default_weights_name_the_file_and_the_places_looked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if (REPO_WEIGHTS_DIR / "fanet_reid.pt").exists():
-        pytest.skip("weights/fanet_reid.pt exists in this checkout")
+    # A checkout without the shipped file (e.g. an sdist): the error names it and every place.
+    empty_repo_weights = tmp_path / "repo_weights"
+    empty_repo_weights.mkdir()
+    monkeypatch.setattr(fanet.weights, "REPO_WEIGHTS_DIR", empty_repo_weights)
     monkeypatch.setenv("REID_WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(ReidAppError) as info:
         Embedder(None)
     message = str(info.value)
-    assert "fanet_reid.pt" in message and str(tmp_path / "fanet_reid.pt") in message
-    assert str(REPO_WEIGHTS_DIR / "fanet_reid.pt") in message and "reid-app train" in message
+    name = DEFAULT_EMBEDDER_WEIGHTS
+    assert name in message and str(tmp_path / name) in message
+    assert str(empty_repo_weights / name) in message and "reid-app train" in message
     assert "\n" not in message
 
 

@@ -121,3 +121,27 @@ def test_cli_export_and_visualize(training_checkpoint: Path, tiny_market_root: P
     assert "rows: X, F, Z" in result.output
     with Image.open(tmp_path / "fg.png") as grid:
         assert grid.size == (28 + 2 * (32 + 2) + 2, 3 * (64 + 2) + 2)
+
+
+def test_cli_export_half_and_re_export(training_checkpoint: Path, tmp_path: Path) -> None:
+    """--half stores float16 (about half the file) with features within fp16 rounding; exporting an
+    exported checkpoint again works (a plausible workflow) and keeps its metadata."""
+    runner = CliRunner()
+    full, half, again = tmp_path / "full.pt", tmp_path / "half.pt", tmp_path / "again.pt"
+    for path, extra in ((full, []), (half, ["--half"])):
+        result = runner.invoke(typer_app, ["export", "--checkpoint", str(training_checkpoint),
+                                           "--inference-checkpoint", str(path), *extra])
+        assert result.exit_code == 0, result.output
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    payload = read_checkpoint(half)
+    assert payload["state_dict"]["low_level.0.weight"].dtype == torch.float16
+    assert payload["meta"]["epochs_trained"] == 1 and payload["meta"]["dataset"] == "market1501"
+    assert payload["meta"]["source"] == training_checkpoint.name
+    images = torch.rand(2, 3, HEIGHT, WIDTH)
+    with torch.no_grad():
+        reference, halved = load_inference_model(full)(images), load_inference_model(half)(images)
+    assert halved.dtype == torch.float32
+    assert float((reference - halved).abs().max()) < 0.05 * float(reference.abs().max())
+    result = runner.invoke(typer_app, ["export", "--checkpoint", str(half), "--inference-checkpoint", str(again)])
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(again)["meta"]["epochs_trained"] == 1

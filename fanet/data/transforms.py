@@ -1,5 +1,6 @@
 """Image transforms and the image Dataset (Sec. IV-B: inputs resized to 384 x 128, random
-horizontal flipping as the only augmentation).
+horizontal flipping as the only augmentation). Padding + random crop and random erasing
+(Zhong et al., AAAI 2020) are off by default and can be switched on for small data.
 
 Images become float tensors in [0, 1]; mean/std normalisation belongs to the model, which owns
 its pixel mean and std. The random flip draws from an explicit ``torch.Generator`` held by the
@@ -8,6 +9,7 @@ dataset (seeded per epoch and per worker by the train loader), so augmentation i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,36 +19,78 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms.v2 import functional as F
 
-from fanet.config import DataConfig
+from fanet.config import IMAGENET_MEAN, DataConfig
 from fanet.data.datasets import Sample
 
 
-class ReIDTransform:
-    """Resize a PIL image to (height, width) with bilinear filtering, make a 3xHxW float tensor
-    in [0, 1], and flip it horizontally with probability ``flip_prob``."""
+def resize_rgb(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """The one resize every path uses (training, evaluation and the app's crops): PIL bilinear
+    to (height, width), as a 3xHxW float tensor in [0, 1]."""
+    image = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    return F.pil_to_tensor(image).float().div_(255.0)
 
-    def __init__(self, height: int, width: int, flip_prob: float = 0.0) -> None:
+
+class ReIDTransform:
+    """Resize a PIL image to (height, width) (:func:`resize_rgb`), then the training
+    augmentation: horizontal flip with probability ``flip_prob``; zero-pad by ``pad`` pixels and
+    crop back at a random place; erase a random rectangle (2-40 % of the area, aspect 0.3-3.3)
+    with the ImageNet mean colour with probability ``erase_prob``."""
+
+    def __init__(
+        self, height: int, width: int, flip_prob: float = 0.0, pad: int = 0, erase_prob: float = 0.0
+    ) -> None:
         if height < 1 or width < 1:
             raise ValueError(f"image size must be positive, got {height}x{width}")
-        if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"flip probability must be in [0, 1], got {flip_prob}")
+        for name, value in (("flip", flip_prob), ("erasing", erase_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} probability must be in [0, 1], got {value}")
+        if pad < 0:
+            raise ValueError(f"padding must be >= 0, got {pad}")
         self.height = height
         self.width = width
         self.flip_prob = flip_prob
+        self.pad = pad
+        self.erase_prob = erase_prob
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        image = image.convert("RGB").resize((self.width, self.height), Image.Resampling.BILINEAR)
-        tensor = F.pil_to_tensor(image).float().div_(255.0)
+        tensor = resize_rgb(image, self.height, self.width)
         if self.flip_prob > 0 and torch.rand((), generator=generator).item() < self.flip_prob:
             tensor = tensor.flip(-1)
+        if self.pad > 0:
+            tensor = self._pad_crop(tensor, generator)
+        if self.erase_prob > 0 and torch.rand((), generator=generator).item() < self.erase_prob:
+            tensor = self._erase(tensor, generator)
+        return tensor
+
+    def _pad_crop(self, tensor: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        padded = torch.nn.functional.pad(tensor, (self.pad,) * 4)
+        top, left = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,), generator=generator))
+        return padded[:, top : top + self.height, left : left + self.width].contiguous()
+
+    def _erase(self, tensor: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        area = self.height * self.width
+        for _ in range(100):  # rejection sampling of a rectangle that fits, as Zhong et al. do
+            target, log_aspect = torch.rand(2, generator=generator).tolist()
+            target_area = area * (0.02 + 0.38 * target)
+            aspect = math.exp(math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * log_aspect)
+            h, w = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
+            if 0 < h < self.height and 0 < w < self.width:
+                top = int(torch.randint(0, self.height - h + 1, (), generator=generator))
+                left = int(torch.randint(0, self.width - w + 1, (), generator=generator))
+                tensor = tensor.clone()
+                tensor[:, top : top + h, left : left + w] = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+                return tensor
         return tensor
 
     def __repr__(self) -> str:
-        return f"ReIDTransform(height={self.height}, width={self.width}, flip_prob={self.flip_prob})"
+        return (
+            f"ReIDTransform(height={self.height}, width={self.width}, flip_prob={self.flip_prob}, "
+            f"pad={self.pad}, erase_prob={self.erase_prob})"
+        )
 
 
 def build_train_transform(config: DataConfig) -> ReIDTransform:
-    return ReIDTransform(config.height, config.width, config.flip_prob)
+    return ReIDTransform(config.height, config.width, config.flip_prob, config.pad, config.erase_prob)
 
 
 def build_test_transform(config: DataConfig) -> ReIDTransform:

