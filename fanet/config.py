@@ -152,8 +152,14 @@ class DataConfig:
         return self.num_identities * self.num_instances
 
 
+class OptimizerName(StrEnum):
+    SGD = "sgd"  # the paper's
+    ADAM = "adam"  # as in Luo et al.'s "Bag of Tricks" baseline: robust for short CPU schedules
+
+
 @dataclass
 class SolverConfig:
+    optimizer: OptimizerName = OptimizerName.SGD
     epochs: int = 100
     base_lr: float = 0.6
     warmup_start_lr: float = 0.06
@@ -164,9 +170,12 @@ class SolverConfig:
     weight_decay: float = 5e-4
     pretrained_lr_mult: float = 0.1  # pretrained (ResNet50) layers learn at 0.1x the base lr
     amp: bool = True  # used on CUDA only
+    adam_betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
+        self.optimizer = OptimizerName(self.optimizer)
         self.milestones = tuple(self.milestones)
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
 
 
 @dataclass

@@ -42,7 +42,11 @@ class AppConfig:
     ivf_target_recall: float = 0.95  # recall@10 against exact search that nprobe is tuned for
     thumbnail_max_side: int = 256  # stored JPEG thumbnails are at most this tall/wide
     thumbnail_jpeg_quality: int = 90
-    identity_threshold: float = 0.3  # cosine distance below which clusters of tracks merge
+    #: Default minimum cosine similarity of a search hit, and the cosine distance up to which
+    #: identities merge tracks: both calibrated for the shipped model on the CUHK03 test split
+    #: (benchmarks/cuhk03_report.py; figures in weights/README.md).
+    search_threshold: float = 0.0
+    identity_threshold: float = 0.3
     lock_timeout_s: float = 120.0  # waiting for the index file lock
     busy_timeout_s: float = 60.0  # SQLite busy timeout
     weights: str | None = None  # embedder weights: a path, "untrained", or None (default file)

@@ -2,16 +2,15 @@
 # The main job end to end on the bundled sample videos, with the embedded default storage
 # (SQLite file + FAISS index files under data/demo/):
 #   ingest clip 1 as camera 1 and clip 2 as camera 2, then search for a person cut from clip 1.
-# No trained re-ID checkpoint ships yet, so this runs a seeded random-init FA-Net
-# (--weights untrained) and the app says on every step that its matches are not meaningful.
-# Put a trained checkpoint at weights/fanet_reid.pt and set REID_DEMO_WEIGHTS= to use it.
+# It uses the FA-Net shipped in weights/ (see weights/README.md); REID_DEMO_WEIGHTS=FILE runs it
+# with other weights (REID_DEMO_WEIGHTS=untrained: a seeded random-init model, pipeline only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 db_dir=data/demo
 db="sqlite:///${db_dir}/reid.db"
-weights=(--weights "${REID_DEMO_WEIGHTS-untrained}")
-[ -n "${REID_DEMO_WEIGHTS-untrained}" ] || weights=()
+weights=()
+[ -z "${REID_DEMO_WEIGHTS-}" ] || weights=(--weights "$REID_DEMO_WEIGHTS")
 mkdir -p "$db_dir"
 
 echo "== ingest sample_videos/cam1_square_left.mp4 as camera 1"

@@ -48,7 +48,14 @@ from fanet.checkpoint import (
     save_atomically,
     save_inference_checkpoint,
 )
-from fanet.config import FANetConfig, TALVariant, TrainConfig, config_from_dict, model_config_to_dict
+from fanet.config import (
+    FANetConfig,
+    OptimizerName,
+    TALVariant,
+    TrainConfig,
+    config_from_dict,
+    model_config_to_dict,
+)
 from fanet.engine import distributed
 from fanet.engine.distributed import DistContext
 from fanet.engine.scheduler import WarmupMultiStepLR
@@ -378,13 +385,16 @@ class Trainer:
             self.run_dir = Path(distributed.broadcast_object(str(self.run_dir), self.context))
         self._test_loaders: tuple[Any, Any] | None = None
 
-    def _build_optimizer(self, model: FANet) -> torch.optim.SGD:
+    def _build_optimizer(self, model: FANet) -> torch.optim.Optimizer:
         solver = self.config.solver
         groups = [
             {"params": model.pretrained_parameters(), "lr": solver.base_lr * solver.pretrained_lr_mult,
              "name": "pretrained"},
             {"params": model.new_parameters(), "lr": solver.base_lr, "name": "new"},
         ]
+        if solver.optimizer is OptimizerName.ADAM:
+            return torch.optim.Adam(groups, lr=solver.base_lr, betas=solver.adam_betas,
+                                    weight_decay=solver.weight_decay)
         return torch.optim.SGD(groups, lr=solver.base_lr, momentum=solver.momentum,
                                weight_decay=solver.weight_decay)
 

@@ -18,6 +18,7 @@ from reid_app.errors import ReidAppError
 
 DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder")
 BACKBONES = ("resnet50", "mobilenetv2")
+OPTIMIZERS = ("sgd", "adam")
 VARIANTS = ("baseline", "tem", "tem_bg", "tem_bg_ia", "tem_bg_ia_tal", "fanet")
 TAL_VARIANTS = ("eq4", "v1", "v2", "none")
 
@@ -57,6 +58,7 @@ def build_train_config(
     k: int | None = None,
     epochs: int | None = None,
     lr: float | None = None,
+    optimizer: str | None = None,
     warmup_epochs: int | None = None,
     milestones: str | None = None,
     pretrained_lr_mult: float | None = None,
@@ -115,6 +117,7 @@ def build_train_config(
             ("epochs", epochs),
             ("base_lr", lr),
             ("amp", amp),
+            ("optimizer", optimizer),
             ("warmup_epochs", warmup_epochs),
             ("pretrained_lr_mult", pretrained_lr_mult),
         )
@@ -165,6 +168,9 @@ def train_command(
     lr: Annotated[
         float | None, typer.Option(help="Base learning rate (paper: 0.6); the warmup starts at a tenth of it.")
     ] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="sgd (paper; momentum 0.9) or adam.")
+    ] = None,
     warmup_epochs: Annotated[int | None, typer.Option(help="Linear warmup epochs (paper: 10).")] = None,
     milestones: Annotated[
         str | None, typer.Option(help="Epochs at which the lr drops x0.1, comma-separated (paper: 40,80).")
@@ -203,6 +209,7 @@ def train_command(
     _choice(test_dataset, DATASETS, "--test-dataset")
     _choice(variant, VARIANTS, "--variant")
     _choice(backbone, BACKBONES, "--backbone")
+    _choice(optimizer, OPTIMIZERS, "--optimizer")
     _choice(tal, TAL_VARIANTS, "--tal")
     if pretrained is not None and random_init:
         raise ReidAppError("--pretrained and --random-init exclude each other")
@@ -230,6 +237,7 @@ def train_command(
             k=k,
             epochs=epochs,
             lr=lr,
+            optimizer=optimizer,
             warmup_epochs=warmup_epochs,
             milestones=milestones,
             pretrained_lr_mult=pretrained_lr_mult,

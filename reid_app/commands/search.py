@@ -24,7 +24,12 @@ def search_command(
     top_k: int = typer.Option(10, "--top-k", "-k", help="Number of matches per query person."),
     camera: list[str] = typer.Option([], "--camera", help="Only these cameras (repeatable)."),
     exclude_camera: list[str] = typer.Option([], "--exclude-camera", help="Not these cameras (repeatable)."),
-    threshold: float | None = typer.Option(None, "--threshold", help="Minimum cosine similarity."),
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        help=f"Minimum cosine similarity (default {AppConfig.search_threshold}, calibrated for the shipped model "
+        f"on CUHK03: see weights/README.md; -1 shows every match).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (stable keys) instead of a table."),
     report: str | None = typer.Option(None, "--report", help="Also write a self-contained HTML report here."),
     tracks: bool = typer.Option(True, "--tracks/--detections", help="Match whole tracks or single crops."),
@@ -38,6 +43,7 @@ def search_command(
     weights: str | None = typer.Option(None, "--weights", help="FA-Net weights (must be those of the database)."),
 ) -> None:
     """Search the gallery for the person(s) in IMAGE."""
+    threshold = AppConfig.search_threshold if threshold is None else threshold
     options = SearchOptions(
         top_k=top_k,
         cameras=[parse_camera_id(c) for c in camera],
