@@ -8,6 +8,7 @@ FAISS indexes. Ingests sample 1 frame per second of the first seconds of a clip 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -23,7 +24,10 @@ from helpers import run_cli
 
 from reid_app import cli
 from reid_app.config import AppConfig
+from reid_app.embed import Embedder
 from reid_app.index import INDEX_KINDS, IndexManager, index_ids, index_paths
+from reid_app.ingest import IngestOptions, ingest_video, load_detector
+from reid_app.search import SearchOptions, run_search
 from reid_app.store import Database
 from reid_app.video import open_video
 
@@ -333,3 +337,218 @@ def test_every_frame_flag_conflicts_with_fps(capsys, monkeypatch, tmp_path: Path
     )
     assert code == 2 and err.strip() == "error: use either --fps or --every-frame, not both"
     assert not (tmp_path / "reid.db").exists()
+
+
+# --------------------------------------------------------------------------- two cameras: the filters
+
+
+@pytest.fixture(scope="module")
+def two_camera_gallery(gallery: Path, tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
+    """``gallery`` (camera 1) copied, then the second sample clip ingested as camera 2."""
+    folder = tmp_path_factory.mktemp("two_cameras")
+    shutil.copytree(gallery, folder, dirs_exist_ok=True)
+    second = CLIP_CAM2 if CLIP_CAM2.exists() else clip(CLIP_CAM1, shared_dir)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(
+            sys, "argv",
+            ["reid-app", "ingest", str(second), "--camera", "2", "--db", db_url(folder), "--quiet", *INGEST_ARGS],
+        )
+        with pytest.raises(SystemExit) as exit_info:
+            cli.app()
+    assert exit_info.value.code in (0, None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[Embedder, object]:
+    """The embedder and detector ``--weights untrained`` searches and ingests use, loaded once."""
+    return Embedder("untrained", device="cpu"), load_detector(None, "cpu")
+
+
+def row_ids(folder: Path, table: str, camera: int) -> set[int]:
+    with sqlite3.connect(folder / "reid.db") as connection:
+        return {row[0] for row in connection.execute(f"SELECT id FROM {table} WHERE camera_id = ?", (camera,))}
+
+
+def stored_vectors(folder: Path, table: str) -> dict[int, np.ndarray]:
+    with sqlite3.connect(folder / "reid.db") as connection:
+        rows = connection.execute(f"SELECT id, embedding FROM {table}").fetchall()
+    return {row_id: np.frombuffer(blob, dtype="<f4") for row_id, blob in rows}
+
+
+@pytest.mark.parametrize("level", ["tracks", "detections"])
+def test_camera_filters_keep_exactly_the_rows_of_the_chosen_cameras(
+    two_camera_gallery: Path, models, level: str, tmp_path: Path
+) -> None:
+    folder = two_camera_gallery
+    embedder, detector = models
+    query = tmp_path / "query.jpg"
+    _query_crop_of_stored_detection(folder, query)
+    ids = {camera: row_ids(folder, level, camera) for camera in (1, 2)}
+    assert ids[1] and ids[2]
+    if level == "detections":  # the filter has something to get wrong: these are not the track ids
+        assert row_ids(folder, "tracks", 2) != ids[2] and row_ids(folder, "tracks", 1) != ids[1]
+    vectors = stored_vectors(folder, level)
+    query_vector = embedder.embed([cv2.imread(str(query))])[0]  # a crop: embedded whole
+    config = AppConfig(db_url=db_url(folder), weights="untrained", device="cpu")
+    everything = len(ids[1]) + len(ids[2])
+    for wanted, options in (
+        (2, SearchOptions(top_k=everything, cameras=[2], level=level)),
+        (2, SearchOptions(top_k=everything, exclude_cameras=[1], level=level)),
+        (1, SearchOptions(top_k=everything, cameras=[1], level=level)),
+        (1, SearchOptions(top_k=everything, exclude_cameras=[2], level=level)),
+        (None, SearchOptions(top_k=everything, level=level)),
+    ):
+        result = run_search(config, query, options, embedder=embedder, detector=detector)
+        hits = result.persons[0].hits
+        found = [hit.track_id if level == "tracks" else hit.detection_id for hit in hits]
+        expected = ids[1] | ids[2] if wanted is None else ids[wanted]
+        assert sorted(found) == sorted(expected), options
+        if wanted is not None:
+            assert {hit.camera for hit in hits} == {wanted}
+        # Ranked by cosine similarity with the stored vectors.
+        scores = [hit.score for hit in hits]
+        assert scores == sorted(scores, reverse=True)
+        np.testing.assert_allclose(scores, [float(vectors[i] @ query_vector) for i in found], atol=1e-4)
+
+
+def test_cli_camera_filters_on_two_cameras(two_camera_gallery: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    folder = two_camera_gallery
+    query = tmp_path / "query.jpg"
+    _query_crop_of_stored_detection(folder, query)
+    base = ["search", str(query), "--db", db_url(folder), "--weights", "untrained", "--json", "--top-k", "1000"]
+    code, out, err = run_cli([*base, "--detections", "--exclude-camera", "1"], capsys, monkeypatch)
+    assert code == 0, err
+    hits = json.loads(out)["persons"][0]["results"]
+    assert {hit["detection_id"] for hit in hits} == row_ids(folder, "detections", 2)
+    code, out, err = run_cli([*base, "--camera", "1"], capsys, monkeypatch)
+    assert code == 0, err
+    hits = json.loads(out)["persons"][0]["results"]
+    assert {hit["track_id"] for hit in hits} == row_ids(folder, "tracks", 1)
+
+
+# --------------------------------------------------------------------------- runs that fail or are killed
+
+
+class SimulatedKill(BaseException):
+    """Stands for SIGKILL: not an ``Exception``, so the run cleans nothing up."""
+
+
+class FailingEmbedder(Embedder):
+    """The real untrained embedder, made to raise on its second non-empty batch of crops, i.e.
+    after a first batch was embedded and committed. Records what the database held then."""
+
+    def __init__(self, error: BaseException, folder: Path) -> None:
+        super().__init__("untrained", device="cpu")
+        self.error, self.folder = error, folder
+        self.batches = 0
+        self.stored_when_failing: tuple[int, int] | None = None
+
+    def embed(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
+        if crops_bgr:
+            self.batches += 1
+            if self.batches == 2:
+                self.stored_when_failing = camera_counts(self.folder, 3)
+                raise self.error
+        return super().embed(crops_bgr)
+
+
+def failure_config(folder: Path) -> AppConfig:
+    """Settings of the failure-injection ingests: 1 fps, a transaction every 2 sampled frames."""
+    return AppConfig(
+        db_url=db_url(folder), sample_fps=1.0, crops_per_track=2, commit_every_frames=2, weights="untrained",
+        device="cpu",
+    )
+
+
+def failure_options(shared_dir: Path) -> IngestOptions:
+    second = CLIP_CAM2 if CLIP_CAM2.exists() else clip(CLIP_CAM1, shared_dir)
+    return IngestOptions(video=str(second), camera=3, max_frames=6)
+
+
+def snapshot(folder: Path) -> dict[str, object]:
+    """Everything an ingest may change: all rows, the ids in each index file, the thumbnail files."""
+    with sqlite3.connect(folder / "reid.db") as connection:
+        rows = {
+            table: connection.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+            for table in ("videos", "tracks", "detections")
+        }
+    config = AppConfig(db_url=db_url(folder))
+    indexes = {
+        kind: index_ids(faiss.read_index(str(index_paths(config.index_dir, kind)[0]))).tolist() for kind in INDEX_KINDS
+    }
+    # Files only: undoing a run may leave an empty thumbnails/camera_N/ folder behind.
+    thumbnails = {str(p.relative_to(folder)): p.read_bytes() for p in (folder / "thumbnails").rglob("*") if p.is_file()}
+    return {"rows": rows, "indexes": indexes, "thumbnails": thumbnails}
+
+
+def test_a_run_that_fails_part_way_leaves_everything_as_before(
+    gallery: Path, models, tmp_path: Path, shared_dir: Path
+) -> None:
+    folder = tmp_path / "db"
+    shutil.copytree(gallery, folder)
+    before = snapshot(folder)
+    embedder = FailingEmbedder(RuntimeError("the model broke"), folder)
+    with pytest.raises(RuntimeError, match="the model broke"):
+        ingest_video(failure_config(folder), failure_options(shared_dir), embedder=embedder, detector=models[1])
+    # It failed part-way: a first batch of camera 3 had been committed, thumbnails written.
+    assert embedder.stored_when_failing is not None and min(embedder.stored_when_failing) > 0
+    after = snapshot(folder)
+    assert after == before
+    assert_db_and_index_agree(folder)
+
+
+def test_a_run_that_fails_after_storing_and_indexing_everything_is_undone(
+    gallery: Path, models, tmp_path: Path, shared_dir: Path
+) -> None:
+    """The last thing a run does is report progress, after the final commit and index sync: an
+    error there must still remove the video's rows, its vectors from the index files and its
+    thumbnails."""
+    folder = tmp_path / "db"
+    shutil.copytree(gallery, folder)
+    before = snapshot(folder)
+    seen: dict[str, object] = {}
+
+    def fail_once_complete(progress) -> None:
+        with sqlite3.connect(folder / "reid.db") as connection:
+            status = connection.execute("SELECT status FROM videos WHERE camera_id = 3").fetchone()
+        if status == ("complete",):
+            seen.update(snapshot(folder))
+            raise RuntimeError("the progress display broke")
+
+    embedder, detector = models
+    with pytest.raises(RuntimeError, match="progress display"):
+        ingest_video(
+            failure_config(folder), failure_options(shared_dir), embedder=embedder, detector=detector,
+            on_progress=fail_once_complete,
+        )
+    # At the failure, camera 3 was stored, indexed and had thumbnails.
+    assert len(seen["indexes"]["detections"]) > len(before["indexes"]["detections"])
+    assert len(seen["rows"]["videos"]) == len(before["rows"]["videos"]) + 1
+    assert any("camera_3" in name for name in seen["thumbnails"])
+    assert snapshot(folder) == before
+    assert_db_and_index_agree(folder)
+
+
+def test_a_killed_run_is_redone_without_its_old_thumbnails(
+    gallery: Path, models, tmp_path: Path, shared_dir: Path
+) -> None:
+    folder = tmp_path / "db"
+    shutil.copytree(gallery, folder)
+    config, options = failure_config(folder), failure_options(shared_dir)
+    embedder, detector = models
+    with pytest.raises(SimulatedKill):
+        ingest_video(config, options, embedder=FailingEmbedder(SimulatedKill(), folder), detector=detector)
+    with sqlite3.connect(folder / "reid.db") as connection:
+        video_id, status = connection.execute("SELECT id, status FROM videos WHERE camera_id = 3").fetchone()
+    assert status == "ingesting" and min(camera_counts(folder, 3)) > 0
+    video_thumbs = folder / "thumbnails" / "camera_3" / f"video_{video_id}"
+    assert any(video_thumbs.glob("*.jpg"))
+    # A kill between writing a batch's JPEGs and committing its rows leaves files no row names.
+    orphan = video_thumbs / "track_9999_frame_0.jpg"
+    orphan.write_bytes(next(video_thumbs.glob("*.jpg")).read_bytes())
+
+    summary = ingest_video(config, options, embedder=embedder, detector=detector)
+    assert summary.status == "redone after an interrupted run" and summary.video_id == video_id
+    assert not orphan.exists()
+    assert_db_and_index_agree(folder)
