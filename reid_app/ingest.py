@@ -17,18 +17,25 @@ Idempotence and crash safety:
   open at the kill into two (the tracker's state is not stored), so the result would differ
   from an uninterrupted run; redoing gives exactly the same rows.
 * A run that fails with an error (e.g. the model breaks) deletes what it stored, video row
-  included. A video that stops decoding part-way keeps the frames decoded so far (a warning
-  says where it stopped).
+  included, and exactly the thumbnail files it wrote itself. A video that stops decoding
+  part-way keeps the frames decoded so far (a warning says where it stopped).
+* Thumbnails live under ``thumbnails/<database uuid>/camera_<N>/video_<id>/`` in the data
+  folder, so databases that share a data folder (two SQLite files given one ``--data-dir``,
+  PostgreSQL databases on the default ``./data``) never write, overwrite or delete each other's
+  files. Rows of older databases keep their ``thumbnails/camera_<N>/...`` paths and are read as
+  they are.
 * Everything that can be checked is checked before anything is written: the video decodes,
   the camera id, the weights, the database's embedding model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -143,9 +150,20 @@ def video_identity(video: VideoSource, start_time: datetime) -> str:
     return hashlib.sha256(f"{video.source}@{start_time.isoformat()}".encode()).hexdigest()
 
 
-def _video_thumbnail_dir(camera: int, video_id: int) -> Path:
-    """Relative to the data folder."""
-    return Path("thumbnails") / f"camera_{camera}" / f"video_{video_id}"
+def _video_thumbnail_dir(db_uuid: str, camera: int, video_id: int) -> Path:
+    """Relative to the data folder; the database's uuid keeps databases sharing a data folder apart."""
+    return Path("thumbnails") / db_uuid / f"camera_{camera}" / f"video_{video_id}"
+
+
+def _checked_uuid(value: object) -> str:
+    """The database's uuid in canonical form: it becomes a folder name, so a row holding anything
+    else (``../..``) must not reach the file system."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ReidAppError(
+            f"the database's uuid {str(value)[:40]!r} is not a UUID: its database_info row is damaged"
+        ) from None
 
 
 def _delete_video_rows(session: Session, video_id: int, *, delete_video: bool) -> None:
@@ -174,6 +192,8 @@ class _Ingest:
         self.db: Database | None = None
         self.indexes: IndexManager | None = None
         self.video_id: int | None = None
+        self.db_uuid: str | None = None
+        self.written: list[Path] = []  # thumbnail files this run wrote: all that a failure may delete
 
     # -- validation (nothing written) ------------------------------------------------------
     def validate(self) -> VideoSource:
@@ -249,7 +269,7 @@ class _Ingest:
             session.flush()
             return row.id, previous
 
-        self.db.ensure_info()
+        self.db_uuid = _checked_uuid(self.db.ensure_info().uuid)
         try:
             self.video_id, previous = self.db.write(work)
         except IntegrityError:
@@ -265,7 +285,8 @@ class _Ingest:
             )
         elif previous == VIDEO_INGESTING:
             summary.status = "redone after an interrupted run"
-            shutil.rmtree(self.config.storage_dir / _video_thumbnail_dir(self.options.camera, self.video_id), True)
+            # The killed run's files, committed or not: this folder belongs to this database's video alone.
+            shutil.rmtree(self.config.storage_dir / self._thumbnail_dir(), True)
             summary.notes.append(
                 f"video id {self.video_id} was left unfinished by an interrupted run: its partial rows were "
                 "deleted and the video is processed again from the start"
@@ -323,7 +344,7 @@ class _Ingest:
         """Embed the finished tracks and store them with their vectors in one transaction."""
         crops = [c for track in finished for c in track.crops]
         vectors = self.embedder.embed([c.image for c in crops]) if crops else np.zeros((0, self.embedder.dim))
-        thumb_dir = _video_thumbnail_dir(self.options.camera, self.video_id)
+        thumb_dir = self._thumbnail_dir()
         (self.config.storage_dir / thumb_dir).mkdir(parents=True, exist_ok=True)
         rows: list[tuple[TrackCrops, np.ndarray, list[str]]] = []
         offset = 0
@@ -335,6 +356,7 @@ class _Ingest:
                 relative = thumb_dir / f"track_{track.track_id}_frame_{crop.frame_index}.jpg"
                 image = thumbnail_image(crop.image, self.config.thumbnail_max_side)
                 quality = [cv2.IMWRITE_JPEG_QUALITY, self.config.thumbnail_jpeg_quality]
+                self.written.append(self.config.storage_dir / relative)
                 if not cv2.imwrite(str(self.config.storage_dir / relative), image, quality):
                     raise ReidAppError(f"cannot write thumbnail {self.config.storage_dir / relative}")
                 paths.append(str(relative))
@@ -387,13 +409,24 @@ class _Ingest:
             # date once per video avoids rewriting the whole index file after every batch.
             self.indexes.sync_all()
 
+    def _thumbnail_dir(self) -> Path:
+        assert self.db_uuid is not None and self.video_id is not None
+        return _video_thumbnail_dir(self.db_uuid, self.options.camera, self.video_id)
+
     def _discard(self) -> None:
-        """Undo a failed run: its rows, video row, thumbnails and index vectors."""
+        """Undo a failed run: its rows, video row, the thumbnail files it wrote and index vectors."""
         if self.db is None or self.video_id is None:
             return
         video_id = self.video_id
         self.db.write(lambda session: _delete_video_rows(session, video_id, delete_video=True))
-        shutil.rmtree(self.config.storage_dir / _video_thumbnail_dir(self.options.camera, video_id), True)
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        # Its folders too, when that leaves them empty (rmdir refuses a folder that is not).
+        folder = self.config.storage_dir / self._thumbnail_dir()
+        for _ in range(3):  # video_<id>, camera_<N>, then the database's own folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+            folder = folder.parent
         self.indexes.sync_all()
 
 

