@@ -10,6 +10,7 @@ import sys
 import typer
 
 from reid_app.errors import ReidAppError, describe_failure
+from reid_app.safetext import plain
 
 COMMAND_MODULES = ("ingest", "search", "stats", "identities", "fanet_cmds")
 #: Set to 1 to get the traceback of a failure the CLI would otherwise report in one line.
@@ -38,7 +39,7 @@ def app() -> None:
     try:
         typer_app()
     except ReidAppError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {plain(exc)}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except Exception as exc:
         # A failure of the machine (full disk, permissions, a foreign file, a value out of range)
@@ -46,7 +47,7 @@ def app() -> None:
         message = describe_failure(exc)
         if message is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {plain(message)}", file=sys.stderr)
         sys.exit(ReidAppError.exit_code)
 
 

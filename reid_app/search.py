@@ -13,6 +13,10 @@ Which part of the query image is embedded (the rule):
 
 Results are database rows ranked by cosine similarity (inner product of unit vectors): one per
 track (pooled embedding, the default) or one per stored crop (``--detections``).
+
+A row is data, not a file name to trust: a thumbnail path that leads outside the data folder
+(absolute, ``..``, a symbolic link out) is reported as no thumbnail, so nothing outside the
+data folder is ever read on a row's say-so.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ class SearchHit:
     detection_id: int | None  # the matched crop (detections level) or the track's best crop
     identity_id: int | None
     bbox: list[float]
-    thumbnail: str  # absolute path of the JPEG thumbnail
+    thumbnail: str | None  # absolute path of the JPEG thumbnail; None if its row points outside the data folder
 
 
 @dataclass
@@ -206,8 +210,19 @@ def _hit(session: Session, config: AppConfig, level: SearchLevel, rank: int, sco
         detection_id=detection.id,
         identity_id=track.identity_id,
         bbox=[round(v, 1) for v in detection.bbox],
-        thumbnail=str((config.storage_dir / detection.thumbnail_path).resolve()),
+        thumbnail=confined_thumbnail(config.storage_dir, detection.thumbnail_path),
     )
+
+
+def confined_thumbnail(data_dir: Path, stored: object) -> str | None:
+    """The absolute path a row's ``thumbnail_path`` names inside ``data_dir`` (symbolic links
+    resolved), or None when it leads anywhere else."""
+    try:
+        root = data_dir.resolve()
+        path = (root / str(stored)).resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop
+        return None
+    return str(path) if path != root and path.is_relative_to(root) else None
 
 
 def model_dict(info: DatabaseInfo) -> dict[str, Any]:

@@ -10,8 +10,10 @@ after.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import shutil
 import sqlite3
 import sys
 from pathlib import Path
@@ -174,3 +176,64 @@ def test_databases_sharing_a_data_folder_keep_their_own_thumbnails(
     assert not list((data / "thumbnails" / uuid_d).rglob("*"))
     with sqlite3.connect(root / "d" / "reid.db") as connection:
         assert connection.execute("SELECT count(*) FROM videos").fetchone()[0] == 0
+
+
+# -- 3. database rows are data, not file names or markup ---------------------------------------------------
+
+HOSTILE_CAMERA = "<img src=x onerror=alert(1)>"
+HOSTILE_IDENTITY = "\x1b[2J\x1b]0;owned\x07[bold]id"
+
+
+@pytest.fixture()
+def hostile_copy(two_databases: dict, tmp_path: Path) -> Path:
+    """A copy of database A (thumbnails beside it) whose rows point at a file outside its data
+    folder in three ways and hold markup and terminal escape sequences in INTEGER columns."""
+    folder = tmp_path / "hostile"
+    shutil.copytree(two_databases["root"] / "a", folder)
+    shutil.copytree(two_databases["data"] / "thumbnails", folder / "thumbnails")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-CONTENT\n")
+    (folder / "thumbnails" / "link.jpg").symlink_to(secret)
+    with sqlite3.connect(folder / "reid.db") as connection:
+        ids = [row[0] for row in connection.execute("SELECT id FROM detections ORDER BY id")]
+        for row_id, path in zip(ids, [str(secret), "../secret.txt", "thumbnails/link.jpg"], strict=False):
+            connection.execute("UPDATE detections SET thumbnail_path = ? WHERE id = ?", (path, row_id))
+        for table in ("videos", "tracks", "detections"):
+            connection.execute(f"UPDATE {table} SET camera_id = ?", (HOSTILE_CAMERA,))
+        connection.execute("UPDATE tracks SET identity_id = ?", (HOSTILE_IDENTITY,))
+    return folder
+
+
+def test_rows_cannot_read_files_outside_the_data_folder_or_inject_markup(
+    hostile_copy: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    query = tmp_path / "person.jpg"
+    shutil.copy(next((hostile_copy / "thumbnails").rglob("track_*.jpg")), query)
+    url = db_url(hostile_copy)
+    report = tmp_path / "report.html"
+    code, out, err = run_cli(
+        ["search", str(query), "--db", url, "--detections", "--report", str(report), *UNTRAINED], capsys, monkeypatch
+    )
+    assert code == 0, err
+    html_text = report.read_text()
+    assert "VE9QLVNFQ1JFV" not in html_text and "TOP-SECRET" not in html_text  # base64 of the secret, or itself
+    assert "<img src=x" not in html_text and "&lt;img src=x onerror=alert(1)&gt;" in html_text
+    assert "\x1b" not in html_text and "\x07" not in html_text
+    assert "\x1b" not in out and "[bold]id" in out  # shown literally, not as markup or escape codes
+    code, out, _ = run_cli(
+        ["search", str(query), "--db", url, "--detections", "--json", *UNTRAINED], capsys, monkeypatch
+    )
+    hits = [hit for person in json.loads(out)["persons"] for hit in person["results"]]
+    assert len(hits) == 3 and all(hit["thumbnail"] is None for hit in hits)
+    # A row naming a file inside the data folder that is not a thumbnail: not embedded either.
+    with sqlite3.connect(hostile_copy / "reid.db") as connection:
+        connection.execute("UPDATE detections SET thumbnail_path = 'tracks.faiss'")
+    code, _, err = run_cli(
+        ["search", str(query), "--db", url, "--report", str(report), *UNTRAINED], capsys, monkeypatch
+    )
+    assert code == 0, err
+    assert "data:image/jpeg;base64," not in report.read_text().split("class='matches'", 1)[1]
+    for command in (["stats"], ["identities"]):
+        code, out, err = run_cli([*command, "--db", url], capsys, monkeypatch)
+        assert code == 0, err
+        assert "\x1b" not in out + err and "\x07" not in out + err
