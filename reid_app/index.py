@@ -655,6 +655,10 @@ class IndexManager:
         return GalleryIndex(kind=kind, index=index, meta=meta)
 
     def sync_all(self) -> list[SyncReport]:
+        """Sync every index; none while no vector was ever stored (no model recorded yet)."""
+        info = self.db.info()
+        if info is None or info.model_dim is None:
+            return []
         return [self.sync(kind)[1] for kind in INDEX_KINDS]
 
     def describe(self, kind: str) -> dict[str, Any] | None:

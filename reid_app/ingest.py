@@ -26,6 +26,9 @@ Idempotence and crash safety:
   they are.
 * Everything that can be checked is checked before anything is written: the video decodes,
   the camera id, the weights, the database's embedding model.
+* The embedding model is recorded in the database by the transaction that commits its first
+  vectors (and checked again there), and forgotten again when a failed run's cleanup leaves no
+  vector at all: a run that stored nothing never ties the database to its model.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from reid_app.store import (
     Video,
     as_utc,
     check_model_identity,
+    count_rows,
     utc_now,
     vector_to_bytes,
 )
@@ -241,11 +245,6 @@ class _Ingest:
         def work(session: Session) -> tuple[int, str | None]:
             info = session.get(DatabaseInfo, 1)
             check_model_identity(info, embedder.model_name, embedder.weights_sha256, embedder.dim)
-            if info.model_name is None:
-                info.model_name = embedder.model_name
-                info.model_weights_sha256 = embedder.weights_sha256
-                info.model_dim = embedder.dim
-                info.model_is_trained = bool(embedder.is_trained)
             row = session.scalars(
                 select(Video).where(Video.sha256 == sha256, Video.camera_id == self.options.camera)
             ).first()
@@ -363,6 +362,8 @@ class _Ingest:
             rows.append((track, track_vectors, paths))
 
         def work(session: Session) -> None:
+            if rows:
+                self._record_model(session)
             for track, track_vectors, paths in rows:
                 track_row = Track(
                     video_id=self.video_id,
@@ -409,6 +410,18 @@ class _Ingest:
             # date once per video avoids rewriting the whole index file after every batch.
             self.indexes.sync_all()
 
+    def _record_model(self, session: Session) -> None:
+        """Tie the database to this run's model, in the transaction of its vectors. Checked again
+        here: another ingest may have stored vectors of another model since this one was claimed."""
+        info = session.get(DatabaseInfo, 1)
+        embedder = self.embedder
+        check_model_identity(info, embedder.model_name, embedder.weights_sha256, embedder.dim)
+        if info.model_name is None:
+            info.model_name = embedder.model_name
+            info.model_weights_sha256 = embedder.weights_sha256
+            info.model_dim = embedder.dim
+            info.model_is_trained = bool(embedder.is_trained)
+
     def _thumbnail_dir(self) -> Path:
         assert self.db_uuid is not None and self.video_id is not None
         return _video_thumbnail_dir(self.db_uuid, self.options.camera, self.video_id)
@@ -418,7 +431,15 @@ class _Ingest:
         if self.db is None or self.video_id is None:
             return
         video_id = self.video_id
-        self.db.write(lambda session: _delete_video_rows(session, video_id, delete_video=True))
+
+        def work(session: Session) -> None:
+            _delete_video_rows(session, video_id, delete_video=True)
+            if count_rows(session, Track) == 0 and count_rows(session, Detection) == 0:
+                # No vector of any model is left: the next ingest may bring other weights.
+                info = session.get(DatabaseInfo, 1)
+                info.model_name = info.model_weights_sha256 = info.model_dim = info.model_is_trained = None
+
+        self.db.write(work)
         for path in self.written:
             path.unlink(missing_ok=True)
         # Its folders too, when that leaves them empty (rmdir refuses a folder that is not).

@@ -237,3 +237,59 @@ def test_rows_cannot_read_files_outside_the_data_folder_or_inject_markup(
         code, out, err = run_cli([*command, "--db", url], capsys, monkeypatch)
         assert code == 0, err
         assert "\x1b" not in out + err and "\x07" not in out + err
+
+
+# -- 4. a failed first ingest does not tie the database to its model ---------------------------------------
+
+
+def model_fields(folder: Path) -> tuple:
+    with sqlite3.connect(folder / "reid.db") as connection:
+        return connection.execute(
+            "SELECT model_name, model_weights_sha256, model_dim, model_is_trained FROM database_info"
+        ).fetchone()
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real FA-Net inference checkpoint other than ``--weights untrained`` (another seed)."""
+    from fanet.checkpoint import save_inference_checkpoint, untrained_inference_model
+
+    path = tmp_path_factory.mktemp("weights") / "other_fanet.pt"
+    return save_inference_checkpoint(untrained_inference_model(seed=1), path, input_size=[128, 64], epochs_trained=0)
+
+
+def test_failed_first_ingest_does_not_lock_the_database_to_its_model(
+    video: Path, other_weights: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    folder = tmp_path / "db"
+    # Fails before committing anything: its thumbnails cannot be written.
+    unwritable = tmp_path / "data"
+    unwritable.mkdir()
+    (unwritable / "thumbnails").write_text("a file where the thumbnail folder should be")
+    code, _, err = run_cli(
+        ["ingest", str(video), "--camera", "1", "--db", db_url(folder), "--data-dir", str(unwritable), *FAST_INGEST],
+        capsys,
+        monkeypatch,
+    )
+    assert_one_error_line(code, err, "not a directory")
+    assert model_fields(folder) == (None, None, None, None)
+    # Fails in its last transaction, after earlier batches were committed (and then removed).
+    with sqlite3.connect(folder / "reid.db") as connection:
+        connection.execute(
+            "CREATE TRIGGER no_completion BEFORE UPDATE OF status ON videos WHEN NEW.status = 'complete' "
+            "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"
+        )
+    args = ["ingest", str(video), "--camera", "1", "--db", db_url(folder), *FAST_INGEST, "--batch-frames", "1"]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert_one_error_line(code, err, "disk I/O error")
+    assert model_fields(folder) == (None, None, None, None)
+    with sqlite3.connect(folder / "reid.db") as connection:
+        connection.execute("DROP TRIGGER no_completion")
+        assert connection.execute("SELECT count(*) FROM tracks").fetchone()[0] == 0
+    # Other weights are welcome: nothing of the failed runs' model was kept.
+    other = ["--weights", str(other_weights)]
+    code, _, err = run_cli(
+        ["ingest", str(video), "--camera", "1", "--db", db_url(folder), *FAST_INGEST[:-2], *other], capsys, monkeypatch
+    )
+    assert code == 0, err
+    assert model_fields(folder)[:1] == ("other_fanet.pt",)
