@@ -100,9 +100,14 @@ class AppConfig:
         return sqlite_path is None or sqlite_path.exists()
 
 
+#: Largest camera ID: it must fit a 32-bit INTEGER column (PostgreSQL's, not only SQLite's).
+MAX_CAMERA_ID = 2**31 - 1
+
+
 def parse_camera_id(text: str | int) -> int:
-    """A camera ID is a positive integer; anything else is a one-line error."""
+    """A camera ID is a positive integer up to MAX_CAMERA_ID; anything else is a one-line error."""
     value = str(text).strip()
-    if not (value.isascii() and value.isdigit()) or int(value) < 1:
-        raise ReidAppError(f"camera ID must be a positive integer, got {text!r}")
+    # The length test first: int() of a very long digit string is slow (and refused by Python).
+    if not (value.isascii() and value.isdigit()) or len(value) > 10 or not 1 <= int(value) <= MAX_CAMERA_ID:
+        raise ReidAppError(f"camera ID must be a positive integer up to {MAX_CAMERA_ID}, got {str(text)[:40]!r}")
     return int(value)

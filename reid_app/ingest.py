@@ -73,6 +73,12 @@ from reid_app.video import VideoSource, open_video, sample_step
 
 #: A track unseen for this long (seconds, beyond the tracker's own lost-track buffer) is finished.
 TRACK_END_MARGIN_S = 1.0
+#: Accepted start times of a video (README.md, Limits). Stored times are start + offset and are
+#: shifted and formatted later: a start near year 9999 would overflow every read of the database.
+EARLIEST_START_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_START_TIME = datetime(2200, 1, 1, tzinfo=UTC)
+#: Lowest --fps: one frame every 1000 s. Lower values make the sampling step overflow.
+MIN_SAMPLE_FPS = 0.001
 
 
 @dataclass
@@ -117,18 +123,40 @@ def default_start_time(video: VideoSource) -> datetime:
     """A file's modification time, or now for a stream (both UTC)."""
     if video.is_stream:
         return utc_now()
-    return datetime.fromtimestamp(Path(video.source).stat().st_mtime, tz=UTC)
+    mtime = Path(video.source).stat().st_mtime
+    try:
+        moment = datetime.fromtimestamp(mtime, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        moment = None
+    if moment is None or not EARLIEST_START_TIME <= moment < LATEST_START_TIME:
+        raise ReidAppError(
+            f"the modification time of {video.source} ({mtime:.0f} s after 1970) is not a plausible recording "
+            "time: give the time of its first frame with --start-time"
+        )
+    return moment
 
 
 def parse_start_time(text: str | None) -> datetime | None:
-    """``--start-time`` as an ISO 8601 time; a time without zone is taken as UTC."""
+    """``--start-time`` as an ISO 8601 time between EARLIEST_START_TIME and LATEST_START_TIME; a
+    time without zone is taken as UTC."""
     if text is None:
         return None
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ReidAppError(f"--start-time must be an ISO 8601 time such as 2024-05-01T14:30:00, got {text!r}") from None
-    return as_utc(moment)
+        moment = as_utc(datetime.fromisoformat(text))
+    except (ValueError, OverflowError):  # OverflowError: a zone pushing year 1 or 9999 out of range
+        moment = None
+    if moment is None or not EARLIEST_START_TIME <= moment < LATEST_START_TIME:
+        raise ReidAppError(
+            f"--start-time must be an ISO 8601 time from {EARLIEST_START_TIME:%Y-%m-%d} to before "
+            f"{LATEST_START_TIME:%Y-%m-%d}, such as 2024-05-01T14:30:00; got {text[:60]!r}"
+        )
+    return moment
+
+
+def check_sample_fps(fps: float | None) -> None:
+    """``--fps``: None (every frame) or a finite rate of at least MIN_SAMPLE_FPS."""
+    if fps is not None and not (math.isfinite(fps) and fps >= MIN_SAMPLE_FPS):
+        raise ReidAppError(f"--fps must be a number of at least {MIN_SAMPLE_FPS:g} frames per second, got {fps}")
 
 
 def thumbnail_image(crop: np.ndarray, max_side: int) -> np.ndarray:
@@ -204,8 +232,7 @@ class _Ingest:
         parse_camera_id(self.options.camera)
         if self.options.max_frames is not None and self.options.max_frames < 1:
             raise ReidAppError(f"--max-frames must be at least 1, got {self.options.max_frames}")
-        if self.config.sample_fps is not None and not self.config.sample_fps > 0:
-            raise ReidAppError(f"--fps must be positive, got {self.config.sample_fps}")
+        check_sample_fps(self.config.sample_fps)
         video = self.source or open_video(self.options.video)
         if self.config.sqlite_path is None or self.config.sqlite_path.exists():
             probe = Database(self.config, create=False)

@@ -26,13 +26,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from reid_app.config import AppConfig
 from reid_app.errors import ReidAppError
+from reid_app.images import read_image
 from reid_app.index import IndexManager
 from reid_app.store import Database, DatabaseInfo, Detection, Track, Video, as_utc, require_nonempty
 from reid_app.track import crop
@@ -40,6 +40,9 @@ from reid_app.track import crop
 CROP_MIN_ASPECT = 1.2
 CROP_MAX_ASPECT = 4.0
 CROP_MIN_COVERAGE = 0.5
+#: Most results asked for per query person (README.md, Limits); a gallery smaller than that gives
+#: all it has: the index is never asked for more rows than it holds.
+MAX_TOP_K = 10_000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 SearchLevel = Literal["tracks", "detections"]
@@ -55,8 +58,8 @@ class SearchOptions:
     all_persons: bool = False
 
     def validate(self) -> None:
-        if self.top_k < 1:
-            raise ReidAppError(f"--top-k must be at least 1, got {self.top_k}")
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise ReidAppError(f"--top-k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
         if self.cameras and self.exclude_cameras:
             raise ReidAppError("use either --camera or --exclude-camera, not both")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
@@ -130,16 +133,8 @@ class SearchResult:
 
 
 def load_query_image(path: str | Path) -> np.ndarray:
-    """Read a query image (BGR); a missing or non-image file is a one-line error."""
-    path = Path(path)
-    if not path.exists():
-        raise ReidAppError(f"query image not found: {path}")
-    if not path.is_file():
-        raise ReidAppError(f"query image is not a file: {path}")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        raise ReidAppError(f"not an image (OpenCV cannot decode it): {path}")
-    return image
+    """Read a query image (BGR); a missing, non-image or too large file is a one-line error."""
+    return read_image(path, "query image")
 
 
 def is_crop_like(image_shape: tuple[int, ...], largest_box_area: float | None) -> bool:
@@ -258,7 +253,8 @@ def run_search(
         for number, (person, vector) in enumerate(zip(persons, vectors, strict=True), start=1):
             hits: list[SearchHit] = []
             if allowed is None or len(allowed):
-                scores, ids = gallery.search(vector[None, :], options.top_k, allowed)
+                top_k = min(options.top_k, gallery.ntotal if allowed is None else len(allowed))
+                scores, ids = gallery.search(vector[None, :], top_k, allowed)
                 for score, row_id in zip(scores[0], ids[0], strict=True):
                     if row_id < 0 or (options.threshold is not None and score < options.threshold):
                         continue

@@ -15,7 +15,10 @@ import os
 import pickle
 import shutil
 import sqlite3
+import struct
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -27,7 +30,8 @@ from reid_app import cli
 from reid_app.config import AppConfig
 from reid_app.store import Database
 
-FAST_INGEST = ["--fps", "1", "--max-frames", "6", "--crops-per-track", "1", "--quiet", *UNTRAINED]
+INGEST_OPTIONS = ["--max-frames", "6", "--crops-per-track", "1", "--quiet", *UNTRAINED]
+FAST_INGEST = ["--fps", "1", *INGEST_OPTIONS]
 
 
 class _RunsACommand:
@@ -293,3 +297,97 @@ def test_failed_first_ingest_does_not_lock_the_database_to_its_model(
     )
     assert code == 0, err
     assert model_fields(folder)[:1] == ("other_fanet.pt",)
+
+
+# -- 5. inputs too large to process -------------------------------------------------------------------------
+
+
+def write_png(path: Path, width: int, height: int, *, pixels: bool = True) -> Path:
+    """A black 8-bit grey PNG, written row by row (never held in memory); ``pixels=False`` stores
+    only its first rows (a cheap decompression bomb: the header promises the full size)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(1), bytes(width + 1)
+    rows = height if pixels else 16
+    with open(path, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)))
+        handle.write(chunk(b"IDAT", b"".join(packer.compress(row) for _ in range(rows)) + packer.flush()))
+        handle.write(chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "pixels"), [(8000, 7000, True), (8000, 30000, False), (30000, 30000, False)]
+)
+def test_oversized_query_image_is_refused_before_decoding(
+    width: int, height: int, pixels: bool, two_databases: dict, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    image = write_png(tmp_path / "huge.png", width, height, pixels=pixels)
+    before = state(two_databases)
+    started = time.perf_counter()
+    code, _, err = run_cli(["search", str(image), "--db", two_databases["a"], *UNTRAINED], capsys, monkeypatch)
+    assert_one_error_line(code, err, "too large", "megapixels", "huge.png")
+    assert time.perf_counter() - started < 30  # the 30000x30000 query took 42 s and 8.9 GB before
+    assert state(two_databases) == before
+
+
+def test_visualize_refuses_a_decompression_bomb(other_weights: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    bomb = write_png(tmp_path / "bomb.png", 30000, 30000, pixels=False)
+    output = tmp_path / "attention.png"
+    code, _, err = run_cli(
+        ["visualize", "--checkpoint", str(other_weights), str(bomb), "--output", str(output)], capsys, monkeypatch
+    )
+    assert_one_error_line(code, err, "too large", "bomb.png")
+    assert not output.exists()
+
+
+def test_hog_on_a_two_pixel_wide_image_finds_nobody(two_databases: dict, tmp_path: Path, capsys, monkeypatch) -> None:
+    image = write_png(tmp_path / "thin.png", 2, 20000)
+    before = state(two_databases)
+    code, _, err = run_cli(
+        ["search", str(image), "--db", two_databases["a"], "--detector", "hog", *UNTRAINED], capsys, monkeypatch
+    )
+    assert_one_error_line(code, err, "no person found")
+    assert state(two_databases) == before
+
+
+def test_top_k_is_bounded_and_clamped_to_the_gallery(two_databases: dict, capsys, monkeypatch) -> None:
+    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    base = ["search", str(query), "--db", two_databases["a"], *UNTRAINED]
+    code, _, err = run_cli([*base, "--top-k", "1000000000"], capsys, monkeypatch)
+    assert_one_error_line(code, err, "--top-k must be between 1 and 10000")
+    code, out, err = run_cli([*base, "--top-k", "10000", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    with sqlite3.connect(two_databases["a"].removeprefix("sqlite:///")) as connection:
+        tracks = connection.execute("SELECT count(*) FROM tracks").fetchone()[0]
+    assert len(json.loads(out)["persons"][0]["results"]) == tracks
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "fragment"),
+    [
+        ("--start-time", "9999-12-31T23:59:59", "--start-time must be an ISO 8601 time from 1970-01-01"),
+        ("--start-time", "0001-01-01T00:00:00+01:00", "--start-time must be an ISO 8601 time from 1970-01-01"),
+        ("--camera", "1180591620717411303424", "camera ID must be a positive integer up to 2147483647"),
+        ("--camera", "2147483648", "camera ID must be a positive integer up to 2147483647"),
+        ("--fps", "1e-320", "--fps must be a number of at least 0.001"),
+        ("--fps", "nan", "--fps must be a number of at least 0.001"),
+    ],
+)
+def test_out_of_range_ingest_values_are_refused_before_any_write(
+    flag: str, value: str, fragment: str, two_databases: dict, video: Path, capsys, monkeypatch
+) -> None:
+    before = state(two_databases)
+    args = [flag, value] if flag == "--camera" else ["--camera", "4", flag, value]
+    where = ["--db", two_databases["a"], "--data-dir", str(two_databases["data"])]
+    code, _, err = run_cli(["ingest", str(video), *args, *where, *INGEST_OPTIONS], capsys, monkeypatch)
+    assert_one_error_line(code, err, fragment)
+    assert state(two_databases) == before
+    if flag == "--camera":
+        query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+        code, _, err = run_cli(
+            ["search", str(query), "--camera", value, "--db", two_databases["a"], *UNTRAINED], capsys, monkeypatch
+        )
+        assert_one_error_line(code, err, fragment)

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from reid_app.errors import ReidAppError
+from reid_app.images import check_image_file
 
 DATASETS = ("market1501", "dukemtmc", "msmt17", "folder")
 VARIANTS = ("baseline", "tem", "tem_bg", "tem_bg_ia", "tem_bg_ia_tal", "fanet")
@@ -270,6 +271,8 @@ def visualize_command(
     width: Annotated[int | None, typer.Option(help="Input width (default: the checkpoint's).")] = None,
 ) -> None:
     """Fig. 7-style grid: each image with its F, Z, B and 1-Z maps overlaid."""
+    for image in images:
+        check_image_file(image)  # before any pixel is decoded: a decompression bomb is refused here
     with fanet_errors():
         from fanet.checkpoint import (  # noqa: PLC0415
             TRAINING_KIND,

@@ -15,6 +15,7 @@ from reid_app.ingest import (
     IngestOptions,
     IngestProgress,
     IngestSummary,
+    check_sample_fps,
     ingest_video,
     load_detector,
     load_embedder,
@@ -66,8 +67,7 @@ def ingest_command(
     camera_id = parse_camera_id(camera)
     if fps is not None and every_frame:
         raise ReidAppError("use either --fps or --every-frame, not both")
-    if fps is not None and not fps > 0:
-        raise ReidAppError(f"--fps must be positive, got {fps}")
+    check_sample_fps(fps)
     config = AppConfig.from_env(db, data_dir, weights=weights, device=device)
     if every_frame:
         config.sample_fps = None
