@@ -30,7 +30,9 @@ def image_size(path: Path) -> tuple[int, int]:
                 return image.size
     except Image.DecompressionBombError:
         raise ReidAppError(_too_large(path, None)) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    # ImportError: once Ultralytics is imported, its patched Image.open retries an unidentified file
+    # with the optional pi-heif plugin, and fails with ModuleNotFoundError when that is not installed.
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, ImportError):
         raise ReidAppError(f"not an image (its header cannot be read): {path}") from None
 
 
