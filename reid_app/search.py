@@ -183,14 +183,20 @@ def _best_detection(session: Session, track_id: int) -> Detection:
     ).first()
 
 
-def _hit(session: Session, config: AppConfig, level: SearchLevel, rank: int, score: float, row_id: int) -> SearchHit:
+def _hit(
+    session: Session, config: AppConfig, level: SearchLevel, rank: int, score: float, row_id: int
+) -> SearchHit | None:
+    """The result for index row ``row_id``, or None when its rows are gone: another process may
+    delete them (a redone or failed ingest) between the index sync and this read."""
     if level == "tracks":
         track = session.get(Track, row_id)
         detection = _best_detection(session, row_id)
     else:
         detection = session.get(Detection, row_id)
-        track = session.get(Track, detection.track_id)
-    video = session.get(Video, track.video_id)
+        track = session.get(Track, detection.track_id) if detection is not None else None
+    video = session.get(Video, track.video_id) if track is not None else None
+    if detection is None or video is None:
+        return None
     timestamp = detection.timestamp_s
     return SearchHit(
         rank=rank,
@@ -258,7 +264,9 @@ def run_search(
                 for score, row_id in zip(scores[0], ids[0], strict=True):
                     if row_id < 0 or (options.threshold is not None and score < options.threshold):
                         continue
-                    hits.append(_hit(session, config, options.level, len(hits) + 1, float(score), int(row_id)))
+                    hit = _hit(session, config, options.level, len(hits) + 1, float(score), int(row_id))
+                    if hit is not None:
+                        hits.append(hit)
             results.append(
                 PersonResults(person=number, bbox=[round(v, 1) for v in person.bbox], how=person.how, hits=hits)
             )

@@ -391,3 +391,46 @@ def test_out_of_range_ingest_values_are_refused_before_any_write(
             ["search", str(query), "--camera", value, "--db", two_databases["a"], *UNTRAINED], capsys, monkeypatch
         )
         assert_one_error_line(code, err, fragment)
+
+
+# -- 6. search while another process deletes rows ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", ["--tracks", "--detections"])
+def test_search_skips_rows_deleted_after_the_index_sync(
+    level: str, two_databases: dict, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A real second connection deletes a matched track (as a redone ingest does) after the index
+    was synced and before search reads that row: the hit is skipped, the others are returned."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    folder = tmp_path / "db"
+    shutil.copytree(two_databases["root"] / "a", folder)
+    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    table = "tracks" if level == "--tracks" else "detections"
+    deleted: list[int] = []
+
+    def delete_first_looked_up_row(conn, cursor, statement, parameters, context, executemany) -> None:
+        if deleted or f"WHERE {table}.id = ?" not in statement or f"FROM {table}" not in statement:
+            return
+        row_id = int(parameters[0])
+        with sqlite3.connect(folder / "reid.db") as other:
+            track_id = row_id
+            if table == "detections":
+                track_id = other.execute("SELECT track_id FROM detections WHERE id = ?", (row_id,)).fetchone()[0]
+            other.execute("DELETE FROM detections WHERE track_id = ?", (track_id,))
+            other.execute("DELETE FROM tracks WHERE id = ?", (track_id,))
+        deleted.append(track_id)
+
+    event.listen(Engine, "before_cursor_execute", delete_first_looked_up_row)
+    try:
+        where = ["--db", db_url(folder), "--data-dir", str(two_databases["data"])]
+        code, out, err = run_cli(["search", str(query), *where, level, "--json", *UNTRAINED], capsys, monkeypatch)
+    finally:
+        event.remove(Engine, "before_cursor_execute", delete_first_looked_up_row)
+    assert code == 0, err
+    assert deleted, "the race was not provoked"
+    hits = json.loads(out)["persons"][0]["results"]
+    assert hits and deleted[0] not in [hit["track_id"] for hit in hits]
+    assert [hit["rank"] for hit in hits] == list(range(1, len(hits) + 1))
