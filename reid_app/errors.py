@@ -28,7 +28,11 @@ _OS_HINTS = {
 _DATABASE_HINTS = (
     ("disk i/o error", "the disk is full or failing: free some space (or check the storage) and run again"),
     ("database or disk is full", "the disk is full: free some space and run again"),
-    ("readonly database", "the database file or its folder is read-only for this user: use a writable --db"),
+    (
+        "readonly database",
+        "this user cannot write the database file or its folder, and SQLite writes beside the file even to read "
+        "it: run as its owner, or give this user write access to both",
+    ),
     ("unable to open database file", "cannot open the database file: check that --db names a writable file"),
     ("file is not a database", "--db does not point at a SQLite database file"),
     ("no such table", "this is not a reid-app database (its tables are missing): check --db"),

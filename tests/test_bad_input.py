@@ -10,14 +10,22 @@ after.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import pickle
+import select
 import shutil
+import signal
 import sqlite3
+import stat
 import struct
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
 import zlib
 from pathlib import Path
 
@@ -434,3 +442,134 @@ def test_search_skips_rows_deleted_after_the_index_sync(
     hits = json.loads(out)["persons"][0]["results"]
     assert hits and deleted[0] not in [hit["track_id"] for hit in hits]
     assert [hit["rank"] for hit in hits] == list(range(1, len(hits) + 1))
+
+
+# -- one-line errors: another user's files -----------------------------------------------------------------
+
+OTHER_UID = 65534  # "nobody"
+
+
+def run_cli_as_other_user(args: list[str], timeout_s: float = 120) -> tuple[int, str, str]:
+    """Run ``reid-app ARGS`` as uid/gid 65534 in a forked child of this process.
+
+    The child keeps this interpreter and its imported modules (the Python install lives in a folder
+    another user cannot read), then drops to the other user for good: every file it opens is
+    checked by the kernel against that user. Run the same command as root first so that nothing is
+    left to import."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setresgid(OTHER_UID, OTHER_UID, OTHER_UID)
+            os.setresuid(OTHER_UID, OTHER_UID, OTHER_UID)
+            out, err = io.StringIO(), io.StringIO()
+            sys.stdout, sys.stderr, sys.argv = out, err, ["reid-app", *args]
+            code = 0
+            try:
+                cli.app()
+            except SystemExit as exc:
+                code = 0 if exc.code is None else int(exc.code)
+            except BaseException:  # noqa: BLE001 - reported to the parent as a traceback
+                traceback.print_exc(file=err)
+                code = 99
+            os.write(write_end, json.dumps([code, out.getvalue(), err.getvalue()]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    deadline, data = time.monotonic() + timeout_s, b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([read_end], [], [], 1.0)
+        if ready:
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    else:
+        os.kill(pid, signal.SIGKILL)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert data, f"the child running as uid {OTHER_UID} reported nothing"
+    code, out, err = json.loads(data)
+    return code, out, err
+
+
+def snapshot_without_opening(folder: Path) -> dict[str, object]:
+    """:func:`snapshot` of a database that must be left as it is on disk: read as an immutable file
+    (no -wal or -shm made, no lock taken) through a connection closed at once, so that the forked
+    child inherits no open file of it."""
+    state_: dict[str, object] = dict(snapshot_files(folder))
+    connection = sqlite3.connect(f"file:{folder / 'reid.db'}?immutable=1", uri=True)
+    try:
+        for (table,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            state_[table] = connection.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+    finally:
+        connection.close()
+    return state_
+
+
+def snapshot_files(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.name.endswith(("-wal", "-shm", ".lock", ".db"))
+    }
+
+
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="switching to another uid needs root"
+)
+
+
+def test_index_files_respect_the_umask(two_databases: dict) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("tracks.faiss", "tracks.faiss.json", "detections.faiss", "detections.faiss.json"):
+        mode = stat.S_IMODE((two_databases["root"] / "a" / name).stat().st_mode)
+        assert mode == 0o666 & ~umask, f"{name}: {oct(mode)}"
+
+
+@needs_root
+def test_another_users_database_folder(two_databases: dict, capsys, monkeypatch) -> None:
+    """A database folder made by root, used by uid 65534: shared when its folder and file are
+    writable to that user (root's lock files are locked through a read-only descriptor, root's index
+    files are read); one error line, nothing written, when they are not."""
+    # A folder every user can reach (pytest's own is private to root).
+    folder = Path(tempfile.mkdtemp(prefix="reid_shared_"))
+    try:
+        os.chmod(folder, 0o755)
+        code, _, err = run_cli(["stats", "--db", two_databases["a"]], capsys, monkeypatch)  # imports what stats needs
+        assert code == 0, err
+        # A copy with root's lock and index files, closed as SQLite leaves a database nobody has open
+        # (its write-ahead log checkpointed, no -wal or -shm file).
+        shutil.copytree(two_databases["root"] / "a", folder / "db")
+        db, url = folder / "db", db_url(folder / "db")
+        # In another process: a file SQLite opened here could stay open in this process and be inherited,
+        # writable, by the child that is meant to be another user.
+        checkpoint = "import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(TRUNCATE)')"
+        subprocess.run([sys.executable, "-c", checkpoint, str(db / "reid.db")], check=True, timeout=60)
+        assert not (db / "reid.db-shm").exists()
+        os.chmod(db, 0o755)
+        before = snapshot_without_opening(db)
+
+        # 1. The folder is root's and read-only to the other user.
+        code, _, err = run_cli_as_other_user(["stats", "--db", url])
+        assert_one_error_line(code, err, "database error", "cannot write the database")
+        assert snapshot_without_opening(db) == before
+
+        # 2. Folder and database writable by the group of users; lock and index files stay root's (0644).
+        os.chmod(db, 0o777)
+        os.chmod(db / "reid.db", 0o666)
+        code, out, err = run_cli_as_other_user(["stats", "--db", url])
+        assert code == 0, err
+        assert "index tracks: flat" in out
+        assert snapshot_without_opening(db) == before  # the index was read, not rebuilt
+
+        # 3. A lock file the other user cannot even read.
+        os.chmod(db / "tracks.faiss.lock", 0o600)
+        code, _, err = run_cli_as_other_user(["stats", "--db", url])
+        assert_one_error_line(code, err, "cannot open the lock file", "tracks.faiss.lock", "permission denied")
+        assert snapshot_without_opening(db) == before
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
