@@ -11,6 +11,7 @@ Where things are stored:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,9 @@ class AppConfig:
     def __post_init__(self) -> None:
         try:
             self._url = make_url(self.db_url)
-        except ArgumentError as exc:
-            raise ReidAppError(f"invalid database URL {self.db_url!r}: {exc}") from None
+        except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+            shown = re.sub(r"(://[^/:@]*:)[^/]*@", r"\1***@", self.db_url)  # never echo a password
+            raise ReidAppError(f"invalid database URL {shown!r}: {exc}") from None
         if self.data_dir is not None:
             self.data_dir = Path(self.data_dir)
 
@@ -62,6 +64,11 @@ class AppConfig:
         db_url = db_url or os.environ.get(DB_URL_ENV) or DEFAULT_DB_URL
         data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
         return cls(db_url=db_url, data_dir=Path(data_dir) if data_dir else None, **kwargs)
+
+    @property
+    def safe_db_url(self) -> str:
+        """The database URL to show: its password masked."""
+        return self._url.render_as_string(hide_password=True)
 
     @property
     def is_sqlite(self) -> bool:

@@ -11,6 +11,7 @@ after.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -573,3 +574,55 @@ def test_another_users_database_folder(two_databases: dict, capsys, monkeypatch)
         assert snapshot_without_opening(db) == before
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- one-line errors: --db that is not a reid-app database -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["text file", "directory", "postgresql driver", "mysql driver", "bad port"])
+@pytest.mark.parametrize("command", ["stats", "search", "ingest"])
+def test_db_that_is_not_a_usable_database(
+    kind: str, command: str, video: Path, two_databases: dict, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    target = tmp_path / "reid.db"
+    url, fragments = {
+        "text file": (f"sqlite:///{target}", ("is not a SQLite database", "reid.db")),
+        "directory": (f"sqlite:///{target}", ("is a directory",)),
+        "postgresql driver": ("postgresql+psycopg://reid:s3cret@localhost/reid", ("pip install psycopg",)),
+        "mysql driver": ("mysql://reid:s3cret@localhost/reid", ("pip install mysqlclient",)),
+        "bad port": ("postgresql://reid:s3cret@localhost:port/reid", ("invalid database URL",)),
+    }[kind]
+    if kind == "text file":
+        target.write_text("meeting notes, not a database\n")
+    elif kind == "directory":
+        target.mkdir()
+    elif "driver" in kind and importlib.util.find_spec("psycopg" if "postgres" in kind else "MySQLdb"):
+        pytest.skip(f"the {kind} is installed here")
+    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    args = {
+        "stats": ["stats"],
+        "search": ["search", str(query), *UNTRAINED],
+        "ingest": ["ingest", str(video), "--camera", "1", *FAST_INGEST],
+    }[command]
+    before = sorted(tmp_path.rglob("*")), target.read_bytes() if target.is_file() else None
+    code, _, err = run_cli([*args, "--db", url], capsys, monkeypatch)
+    assert_one_error_line(code, err, *fragments)
+    assert "s3cret" not in err
+    assert (sorted(tmp_path.rglob("*")), target.read_bytes() if target.is_file() else None) == before
+
+
+def test_database_password_is_never_printed(two_databases: dict, capsys, monkeypatch) -> None:
+    """``stats`` and the ingest summary show the database URL with its password masked."""
+    from rich.console import Console
+
+    from reid_app.commands.ingest import summary_table
+    from reid_app.ingest import IngestSummary
+
+    config = AppConfig(db_url="postgresql+psycopg://reid:s3cret@db.example:5432/reid")
+    assert config.safe_db_url == "postgresql+psycopg://reid:***@db.example:5432/reid"
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(summary_table(IngestSummary(video_id=1, video_path="v.mp4", camera=1, status="ingested"), config))
+    text = console.export_text()
+    assert "s3cret" not in text and "reid:***@db.example" in text
+    code, out, _ = run_cli(["stats", "--json", "--db", two_databases["a"]], capsys, monkeypatch)
+    assert code == 0 and json.loads(out)["database"] == two_databases["a"]

@@ -143,7 +143,7 @@ def summary_table(summary: IngestSummary, config: AppConfig) -> Table:
     table.add_column("value")
     table.add_row("video", cell(f"{summary.video_path} (id {summary.video_id})"))
     table.add_row("camera", cell(summary.camera))
-    table.add_row("database", cell(config.db_url))
+    table.add_row("database", cell(config.safe_db_url))
     if summary.status != "already ingested":
         rtf = summary.realtime_factor
         table.add_row("sampled frames", str(summary.sampled_frames))

@@ -78,7 +78,7 @@ def collect_stats(config: AppConfig) -> dict[str, Any]:
             ),
         }
     return {
-        "database": config.db_url,
+        "database": config.safe_db_url,
         "model": {
             "name": info.model_name,
             "weights_sha256": info.model_weights_sha256,
