@@ -581,6 +581,9 @@ class IndexManager:
             index = faiss.read_index(str(index_path))
         except (OSError, ValueError, RuntimeError) as exc:
             return None, f"unreadable index or sidecar ({type(exc).__name__})"
+        problem = _sidecar_problem(meta, index, info)
+        if problem:
+            return None, problem
         ids = index_ids(index)
         max_id = int(ids[-1]) if len(ids) else 0
         expected = {
@@ -695,6 +698,31 @@ class IndexManager:
             return json.loads(sidecar_path.read_text())
         except (OSError, ValueError):
             return None
+
+
+#: Sidecar fields read as numbers, and their smallest valid value (an approximate index needs all
+#: but trained_on; a flat one only trained_on, and an older sidecar may lack it).
+_NUMERIC_FIELDS = {"trained_on": 0, "nlist": 1, "nprobe": 1, "k_factor": 1, "reduced_dim": 1}
+
+
+def _sidecar_problem(meta: object, index: faiss.Index, info: DatabaseInfo) -> str | None:
+    """Why a parsed sidecar cannot describe ``index`` (so the index is rebuilt), or None. The file
+    may have been edited, or written by other code: every field used later is checked here."""
+    if not isinstance(meta, dict):
+        return f"the sidecar is a JSON {type(meta).__name__}, not an object"
+    if index.d != info.model_dim:
+        return f"the index file holds {index.d}-d vectors, the database {info.model_dim}-d ones"
+    is_ivf = meta.get("type") == INDEX_TYPE_IVF
+    for key, minimum in _NUMERIC_FIELDS.items():
+        required = is_ivf and key != "trained_on"
+        value = meta.get(key)
+        if value is None and not required:
+            continue
+        if type(value) is not int or value < minimum:  # bool is not accepted either
+            return f"sidecar {key} is {value!r}, not an integer >= {minimum}"
+    if is_ivf and not isinstance(meta.get("recall_at_10"), int | float):
+        return f"sidecar recall_at_10 is {meta.get('recall_at_10')!r}, not a number"
+    return None
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int]:

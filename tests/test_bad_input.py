@@ -626,3 +626,45 @@ def test_database_password_is_never_printed(two_databases: dict, capsys, monkeyp
     assert "s3cret" not in text and "reid:***@db.example" in text
     code, out, _ = run_cli(["stats", "--json", "--db", two_databases["a"]], capsys, monkeypatch)
     assert code == 0 and json.loads(out)["database"] == two_databases["a"]
+
+
+# -- corrupt index sidecars are rebuilt like any other damaged index file ----------------------------------
+
+
+def _damage_sidecar(folder: Path, how: str) -> None:
+    import faiss
+    import numpy as np
+
+    sidecar = folder / "tracks.faiss.json"
+    meta = json.loads(sidecar.read_text())
+    if how == "a JSON list":
+        sidecar.write_text("[]")
+    elif how == "wrong dim in the sidecar":
+        sidecar.write_text(json.dumps({**meta, "dim": 7}))
+    elif how == "index file of another dimension":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(7))
+        ids = np.arange(1, meta["ntotal"] + 1, dtype=np.int64)
+        index.add_with_ids(np.ones((len(ids), 7), dtype=np.float32), ids)
+        faiss.write_index(index, str(folder / "tracks.faiss"))
+        sidecar.write_text(json.dumps({**meta, "max_id": int(ids[-1])}))
+    else:
+        sidecar.write_text(json.dumps({**meta, "trained_on": "lots"}))
+
+
+@pytest.mark.parametrize(
+    "how", ["a JSON list", "wrong dim in the sidecar", "index file of another dimension", "non-integer trained_on"]
+)
+def test_corrupt_index_sidecar_is_rebuilt(how: str, two_databases: dict, tmp_path: Path, capsys, monkeypatch) -> None:
+    folder = tmp_path / "db"
+    shutil.copytree(two_databases["root"] / "a", folder)
+    rows_before = {k: v for k, v in snapshot(folder).items() if k in ("videos", "detections")}
+    _damage_sidecar(folder, how)
+    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    where = ["--db", db_url(folder), "--data-dir", str(two_databases["data"])]
+    for args in (["stats", "--json"], ["search", str(query), "--json", *UNTRAINED], ["identities", "--json"]):
+        code, out, err = run_cli([*args[:1], *where, *args[1:]], capsys, monkeypatch)
+        assert code == 0, err
+    meta = json.loads((folder / "tracks.faiss.json").read_text())
+    assert isinstance(meta, dict) and meta["dim"] == 3840 and meta["trained_on"] == 0
+    # (identities writes the tracks' identity ids and its own run into database_info)
+    assert {k: v for k, v in snapshot(folder).items() if k in ("videos", "detections")} == rows_before
