@@ -496,11 +496,14 @@ def ingest_video(
 def load_embedder(config: AppConfig) -> Any:
     """The FA-Net embedder for ``config.weights`` (a path, "untrained", or None: the default file);
     a missing weights file is a one-line error."""
+    from fanet.checkpoint import CheckpointError
     from fanet.weights import WeightsNotFoundError
     from reid_app.embed import Embedder
 
     try:
         return Embedder(config.weights, device=config.device, batch_size=config.embed_batch_size)
+    except CheckpointError as exc:  # e.g. an input size in its metadata that cannot be used
+        raise ReidAppError(f"{config.weights}: {exc}") from None
     except (WeightsNotFoundError, FileNotFoundError) as exc:
         raise ReidAppError(str(exc).splitlines()[0] if str(exc) else f"embedder weights not found: {exc}") from None
 

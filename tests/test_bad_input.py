@@ -668,3 +668,58 @@ def test_corrupt_index_sidecar_is_rebuilt(how: str, two_databases: dict, tmp_pat
     assert isinstance(meta, dict) and meta["dim"] == 3840 and meta["trained_on"] == 0
     # (identities writes the tracks' identity ids and its own run into database_info)
     assert {k: v for k, v in snapshot(folder).items() if k in ("videos", "detections")} == rows_before
+
+
+# -- one-line errors: unusable FA-Net checkpoints ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real FA-Net inference checkpoints (weights-only torch files) with one part damaged each."""
+    from fanet.checkpoint import inference_state, save_inference_checkpoint, untrained_inference_model
+
+    folder = tmp_path_factory.mktemp("broken_checkpoints")
+    model = untrained_inference_model(seed=2)
+    no_weights = inference_state(model)
+    del no_weights["state_dict"]
+    torch.save(no_weights, folder / "no_state_dict.pt")
+    paths = {"no state_dict": folder / "no_state_dict.pt"}
+    sizes = {"text size": ["a", 5], "negative size": [0, -3], "huge size": [100000, 100000], "one number": 7}
+    for name, size in sizes.items():
+        paths[name] = save_inference_checkpoint(model, folder / f"{name.replace(' ', '_')}.pt", input_size=size)
+    return paths
+
+
+@pytest.mark.parametrize("damage", ["no state_dict", "text size", "negative size", "huge size", "one number"])
+def test_unusable_checkpoint_is_one_line(
+    damage: str, broken_checkpoints: dict, two_databases: dict, video: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    weights = broken_checkpoints[damage]
+    fragment = "holds no weights" if damage == "no state_dict" else "input_size"
+    fresh = tmp_path / "fresh"
+    before = state(two_databases)
+    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    for args in (
+        ["ingest", str(video), "--camera", "1", "--db", db_url(fresh), *INGEST_OPTIONS[:-2], "--weights", str(weights)],
+        ["search", str(query), "--db", two_databases["a"], "--weights", str(weights)],
+        ["export", "--checkpoint", str(weights), "--inference-checkpoint", str(tmp_path / "out.pt")],
+        ["visualize", "--checkpoint", str(weights), str(query), "--output", str(tmp_path / "attention.png")],
+    ):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert_one_error_line(code, err, fragment)
+    assert not fresh.exists() and not (tmp_path / "out.pt").exists() and not (tmp_path / "attention.png").exists()
+    assert state(two_databases) == before
+
+
+def test_export_of_an_exported_checkpoint(other_weights: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Exporting twice works: the second file names the first as its source."""
+    from fanet.checkpoint import read_checkpoint
+
+    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
+    for source, target in ((other_weights, first), (first, second)):
+        code, _, err = run_cli(
+            ["export", "--checkpoint", str(source), "--inference-checkpoint", str(target)], capsys, monkeypatch
+        )
+        assert code == 0, err
+    meta = read_checkpoint(second)["meta"]
+    assert meta["source"] == str(first) and meta["input_size"] == [128, 64]
