@@ -49,6 +49,12 @@ class ReidAppError(Exception):
     exit_code: int = 2
 
 
+def short_path(path: object, keep: int = 40) -> str:
+    """``path`` for a message, each over-long component cut in the middle with its length noted."""
+    parts = str(path).split("/")
+    return "/".join(p if len(p) <= 2 * keep else f"{p[:keep]}…({len(p)} characters)…{p[-8:]}" for p in parts)
+
+
 def _first_line(text: str, limit: int = 300) -> str:
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
@@ -59,10 +65,11 @@ def describe_failure(exc: BaseException) -> str | None:
     from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 (kept out of the import of this module)
 
     if isinstance(exc, OSError):
-        where = " ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
+        where = " ".join(short_path(name) for name in (exc.filename, exc.filename2) if name is not None)
         what = exc.strerror or type(exc).__name__
         hint = _OS_HINTS.get(exc.errno or 0, "")
-        return _first_line(f"{what}{': ' + where if where else ''}" + (f" ({hint})" if hint else ""))
+        # The hint first: a long path must not push what to do out of the line.
+        return _first_line(f"{what}" + (f" ({hint})" if hint else "") + (f": {where}" if where else ""))
     if isinstance(exc, SQLAlchemyError):
         detail = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
         lowered = detail.lower()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import shutil
 import time
 import uuid
@@ -52,7 +53,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from reid_app.config import AppConfig, parse_camera_id
-from reid_app.errors import ReidAppError
+from reid_app.errors import ReidAppError, short_path
 from reid_app.index import IndexManager, file_lock
 from reid_app.store import (
     VIDEO_COMPLETE,
@@ -77,6 +78,8 @@ TRACK_END_MARGIN_S = 1.0
 #: shifted and formatted later: a start near year 9999 would overflow every read of the database.
 EARLIEST_START_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST_START_TIME = datetime(2200, 1, 1, tzinfo=UTC)
+#: Longest file or folder name (bytes) of common file systems (ext4, XFS, btrfs, APFS, NTFS).
+MAX_NAME_BYTES = 255
 #: Lowest --fps: one frame every 1000 s. Lower values make the sampling step overflow.
 MIN_SAMPLE_FPS = 0.001
 
@@ -151,6 +154,16 @@ def parse_start_time(text: str | None) -> datetime | None:
             f"{LATEST_START_TIME:%Y-%m-%d}, such as 2024-05-01T14:30:00; got {text[:60]!r}"
         )
     return moment
+
+
+def check_path_components(path: Path) -> None:
+    """Refuse a folder whose path has a component longer than file systems allow, before the run
+    creates anything (the database would be made before its thumbnail folder fails)."""
+    for part in path.absolute().parts:
+        if len(os.fsencode(part)) > MAX_NAME_BYTES:
+            raise ReidAppError(
+                f"a folder name is too long (at most {MAX_NAME_BYTES} bytes per path component): {short_path(path)}"
+            )
 
 
 def check_sample_fps(fps: float | None) -> None:
@@ -234,6 +247,8 @@ class _Ingest:
             raise ReidAppError(f"--max-frames must be at least 1, got {self.options.max_frames}")
         check_sample_fps(self.config.sample_fps)
         video = self.source or open_video(self.options.video)
+        for folder in (self.config.storage_dir, self.config.index_dir):
+            check_path_components(folder)
         if self.config.sqlite_path is None or self.config.sqlite_path.exists():
             probe = Database(self.config, create=False)
             info = probe.info()

@@ -131,5 +131,7 @@ def write_report(path: str | Path, result: SearchResult, query_image: np.ndarray
     path = Path(path)
     if not path.parent.exists():
         raise ReidAppError(f"cannot write the report: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ReidAppError(f"cannot write the report: {path} is a directory")
     path.write_text(render_report(result, query_image), encoding="utf-8")
     return path

@@ -10,6 +10,7 @@ after.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -723,3 +724,90 @@ def test_export_of_an_exported_checkpoint(other_weights: Path, tmp_path: Path, c
         assert code == 0, err
     meta = read_checkpoint(second)["meta"]
     assert meta["source"] == str(first) and meta["input_size"] == [128, 64]
+
+
+# -- one-line errors: paths --------------------------------------------------------------------------------
+
+LONG_NAME = "n" * 300  # over the 255 bytes a path component may have
+
+
+def test_path_component_over_255_characters(
+    two_databases: dict, video: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    fresh = tmp_path / "fresh"
+    long_path = tmp_path / LONG_NAME
+    before = state(two_databases)
+    cases = [
+        ["search", f"{long_path}.jpg", "--db", two_databases["a"], *UNTRAINED],
+        ["search", str(query), "--db", two_databases["a"], "--report", f"{long_path}.html", *UNTRAINED],
+        ["search", str(query), "--db", two_databases["a"], "--weights", f"{long_path}.pt"],
+        ["stats", "--db", db_url(long_path)],
+        ["ingest", f"{long_path}.mp4", "--camera", "1", "--db", db_url(fresh), *FAST_INGEST],
+        ["ingest", str(video), "--camera", "1", "--db", db_url(long_path), *FAST_INGEST],
+        ["ingest", str(video), "--camera", "1", "--db", db_url(fresh), "--data-dir", str(long_path), *FAST_INGEST],
+    ]
+    for args in cases:
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert_one_error_line(code, err, "too long")
+        assert "255" in err or "File name too long" in err
+    assert not fresh.exists()
+    assert state(two_databases) == before
+
+
+def test_report_at_a_directory(two_databases: dict, tmp_path: Path, capsys, monkeypatch) -> None:
+    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    before = state(two_databases)
+    code, out, err = run_cli(
+        ["search", str(query), "--db", two_databases["a"], "--report", str(tmp_path), *UNTRAINED], capsys, monkeypatch
+    )
+    assert_one_error_line(code, err, "--report must name an HTML file", "is a directory")
+    assert out == "" and list(tmp_path.iterdir()) == []
+    assert state(two_databases) == before
+
+
+# -- one-line errors: a full disk --------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def full_disk(tmp_path: Path) -> Path:
+    """A real 4 MB tmpfs, mounted for the test (needs root with CAP_SYS_ADMIN) and unmounted after."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill up: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk(full_disk: Path, two_databases: dict, video: Path, capsys, monkeypatch) -> None:
+    """A database on a disk with no byte left: ingest, search and stats say so in one line and
+    change nothing."""
+    db = full_disk / "db"
+    shutil.copytree(two_databases["root"] / "a", db)
+    # Closed as a database nobody has open (log checkpointed, no -wal/-shm), in another process.
+    checkpoint = "import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(TRUNCATE)')"
+    subprocess.run([sys.executable, "-c", checkpoint, str(db / "reid.db")], check=True, timeout=60)
+    with open(full_disk / "filler", "wb", buffering=0) as filler:
+        for size in (64 * 1024, 512, 1):  # then the last bytes only smaller writes still fit in
+            with contextlib.suppress(OSError):
+                while filler.write(bytes(size)):
+                    pass
+    assert shutil.disk_usage(full_disk).free < 4096
+    before = snapshot_without_opening(db)
+    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    url = db_url(db)
+    for args in (
+        ["ingest", str(REPO / "sample_videos" / "cam2_square_right.mp4"), "--camera", "5", "--db", url, *FAST_INGEST],
+        ["search", str(query), "--db", url, "--data-dir", str(two_databases["data"]), *UNTRAINED],
+        ["stats", "--db", url],
+    ):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert_one_error_line(code, err)
+        assert any(words in err.lower() for words in ("disk is full", "disk i/o error", "no space left")), err
+    assert snapshot_without_opening(db) == before

@@ -51,6 +51,8 @@ def search_command(
     query_image = load_query_image(image)
     if report is not None and not Path(report).resolve().parent.is_dir():
         raise ReidAppError(f"cannot write the report: folder {Path(report).resolve().parent} does not exist")
+    if report is not None and Path(report).is_dir():
+        raise ReidAppError(f"--report must name an HTML file to write, but {report} is a directory")
     config = AppConfig.from_env(db, data_dir, weights=weights, device=device)
     database = Database(config)
     info = require_nonempty(database)
