@@ -63,7 +63,7 @@ def write_malicious_weights(path: Path, marker: Path, *, container: str) -> Path
         torch.save(payload, path)
     else:
         with open(path, "wb") as handle:
-            pickle.dump(payload, handle)
+            pickle.dump(payload, handle, protocol=2)  # the protocol torch.save itself writes
     return path
 
 
