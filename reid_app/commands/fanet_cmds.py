@@ -333,9 +333,9 @@ def export_command(
         meta.setdefault("input_size", list(input_size))
         height, width = height or input_size[0], width or input_size[1]
         if inference_checkpoint is not None:
-            # The file exported from is the new source (an exported checkpoint already names one), and
-            # no stored key may take the place of the function's own arguments.
-            meta = {k: v for k, v in meta.items() if k not in ("model", "path")} | {"source": str(checkpoint)}
+            # No stored key may take the place of the function's own arguments (a crafted file).
+            meta = {k: v for k, v in meta.items() if k not in ("model", "path")}
+            meta["source"] = Path(checkpoint).name  # a file name: no local folder leaks into shipped files
             save_inference_checkpoint(model, inference_checkpoint, **meta)
             typer.echo(f"wrote {inference_checkpoint}")
         if output is not None:
