@@ -21,6 +21,8 @@ CHECKPOINT_FORMAT = "fanet"
 CHECKPOINT_VERSION = 1
 INFERENCE_KIND = "inference"
 TRAINING_KIND = "training"
+#: Largest input side a checkpoint may ask for (a person crop; more would exhaust memory per batch).
+MAX_INPUT_SIDE = 1024
 
 
 class CheckpointError(ValueError):
@@ -51,13 +53,26 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 def checkpoint_input_size(payload: dict[str, Any]) -> tuple[int, int]:
     """(height, width) the checkpoint's model was trained at: from a training checkpoint's config
     or an inference checkpoint's metadata, else the paper's 384 x 128."""
-    data = payload.get("train_config", {}).get("data", {})
-    if "height" in data and "width" in data:
-        return int(data["height"]), int(data["width"])
-    size = (payload.get("meta") or {}).get("input_size")
+    train_config = payload.get("train_config")
+    data = train_config.get("data") if isinstance(train_config, dict) else None
+    if isinstance(data, dict) and "height" in data and "width" in data:
+        return _input_size(data["height"], data["width"], "train_config.data height/width")
+    meta = payload.get("meta")
+    size = meta.get("input_size") if isinstance(meta, dict) else None
     if size:
-        return int(size[0]), int(size[1])
+        if not isinstance(size, list | tuple) or len(size) != 2:
+            raise CheckpointError(f"the checkpoint's meta.input_size is {size!r}, not [height, width]")
+        return _input_size(size[0], size[1], "meta.input_size")
     return DataConfig.height, DataConfig.width
+
+
+def _input_size(height: object, width: object, where: str) -> tuple[int, int]:
+    """A stored (height, width), checked: positive integers up to MAX_INPUT_SIDE."""
+    if not all(type(v) is int and 1 <= v <= MAX_INPUT_SIDE for v in (height, width)):
+        raise CheckpointError(
+            f"the checkpoint's {where} is {height!r} x {width!r}, not two integers from 1 to {MAX_INPUT_SIDE}"
+        )
+    return height, width
 
 
 def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -> FANet:
@@ -65,8 +80,11 @@ def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -
         config = config_from_dict(FANetConfig, payload["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{source} has an incompatible model config: {exc}") from None
+    weights = payload.get("state_dict")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{source} holds no weights (its 'state_dict' is missing or not a mapping)")
     model = FANet(config, num_classes=0, num_cameras=0)
-    state = {k: v for k, v in payload["state_dict"].items() if _is_inference_key(k)}
+    state = {k: v for k, v in weights.items() if _is_inference_key(k)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches

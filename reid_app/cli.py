@@ -4,13 +4,17 @@ wires them and turns user-facing errors into one line on stderr and a non-zero e
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
 
-from reid_app.errors import ReidAppError
+from reid_app.errors import ReidAppError, describe_failure
+from reid_app.safetext import plain
 
 COMMAND_MODULES = ("ingest", "search", "stats", "identities", "fanet_cmds")
+#: Set to 1 to get the traceback of a failure the CLI would otherwise report in one line.
+DEBUG_ENV = "REID_APP_DEBUG"
 
 typer_app = typer.Typer(
     name="reid-app",
@@ -35,8 +39,16 @@ def app() -> None:
     try:
         typer_app()
     except ReidAppError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {plain(exc)}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        # A failure of the machine (full disk, permissions, a foreign file, a value out of range)
+        # the code below let through: still one line; anything else is a bug and keeps its traceback.
+        message = describe_failure(exc)
+        if message is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {plain(message)}", file=sys.stderr)
+        sys.exit(ReidAppError.exit_code)
 
 
 if __name__ == "__main__":

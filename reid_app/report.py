@@ -2,6 +2,10 @@
 
 Every picture is embedded as a base64 ``data:`` URI, so the file can be mailed or archived on
 its own. When the embedding model is untrained, the report says so at the top in red.
+
+Everything that comes from the database is HTML-escaped (SQLite keeps text in an INTEGER
+column, so even a camera id can hold markup), and a thumbnail is embedded only when it is a
+JPEG of sensible size (the search already confines its path to the data folder).
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ import cv2
 import numpy as np
 
 from reid_app.errors import ReidAppError
+from reid_app.safetext import plain
 from reid_app.search import SearchResult
 
 THUMB_HEIGHT = 160
+#: Stored thumbnails are JPEGs of at most 256 px a side: tens of KB. Anything bigger is not one.
+MAX_THUMBNAIL_BYTES = 4 << 20
+JPEG_MAGIC = b"\xff\xd8\xff"
 QUERY_MAX_SIDE = 480
 
 _STYLE = """
@@ -44,13 +52,24 @@ def image_data_uri(image: np.ndarray, max_side: int | None = None) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
 
 
-def file_data_uri(path: str | Path) -> str | None:
-    """A stored JPEG thumbnail as a data URI, or None if the file is gone."""
+def file_data_uri(path: str | Path | None) -> str | None:
+    """A stored JPEG thumbnail as a data URI, or None if there is none, it is gone or it is not a
+    JPEG thumbnail."""
+    if path is None:
+        return None
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_THUMBNAIL_BYTES + 1)
     except OSError:
         return None
+    if len(data) > MAX_THUMBNAIL_BYTES or not data.startswith(JPEG_MAGIC):
+        return None
     return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
+
+
+def esc(value: object) -> str:
+    """Any value as HTML text (quotes included, for attributes), control characters removed."""
+    return html.escape(plain(value), quote=True)
 
 
 def _query_with_boxes(image: np.ndarray, result: SearchResult) -> np.ndarray:
@@ -65,7 +84,6 @@ def _query_with_boxes(image: np.ndarray, result: SearchResult) -> np.ndarray:
 
 def render_report(result: SearchResult, query_image: np.ndarray) -> str:
     """The report as an HTML string."""
-    esc = html.escape
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>reid-app search</title>",
         f"<style>{_STYLE}</style></head><body>",
@@ -75,31 +93,32 @@ def render_report(result: SearchResult, query_image: np.ndarray) -> str:
         parts.append(f"<p class='warning'>{esc(result.warning)}</p>")
     model = result.model
     parts.append(
-        f"<p>Query: <code>{esc(result.query_image)}</code><br>Model: {esc(str(model['name']))} "
-        f"(weights sha256 {esc(str(model['weights_sha256'])[:16])}…, dim {model['dim']}, "
+        f"<p>Query: <code>{esc(result.query_image)}</code><br>Model: {esc(model['name'])} "
+        f"(weights sha256 {esc(str(model['weights_sha256'])[:16])}…, dim {esc(model['dim'])}, "
         f"{'trained' if model['trained'] else 'UNTRAINED'})<br>Index: {esc(result.level)}, "
-        f"{esc(result.index['type'])}, {result.index['ntotal']} vectors</p>"
+        f"{esc(result.index['type'])}, {esc(result.index['ntotal'])} vectors</p>"
     )
     query_uri = image_data_uri(_query_with_boxes(query_image, result), QUERY_MAX_SIDE)
     parts.append(f"<div class='query'><img alt='query' src='{query_uri}'></div>")
     for person, query_person in zip(result.persons, result.query_persons, strict=True):
         parts.append("<div class='person'>")
         parts.append(
-            f"<figure class='query'><img alt='query person {person.person}' "
+            f"<figure class='query'><img alt='query person {esc(person.person)}' "
             f"src='{image_data_uri(query_person.image, 2 * THUMB_HEIGHT)}'>"
-            f"<figcaption>query person {person.person}<br>{esc(person.how)}</figcaption></figure>"
+            f"<figcaption>query person {esc(person.person)}<br>{esc(person.how)}</figcaption></figure>"
         )
         parts.append("<div class='matches'>")
         if not person.hits:
             parts.append("<p>No match (none passed the filters).</p>")
         for hit in person.hits:
             uri = file_data_uri(hit.thumbnail)
-            image_tag = f"<img alt='match {hit.rank}' src='{uri}'>" if uri else "<p>(thumbnail missing)</p>"
-            identity = f"identity {hit.identity_id}<br>" if hit.identity_id is not None else ""
+            image_tag = f"<img alt='match {esc(hit.rank)}' src='{uri}'>" if uri else "<p>(thumbnail missing)</p>"
+            identity = f"identity {esc(hit.identity_id)}<br>" if hit.identity_id is not None else ""
             parts.append(
-                f"<figure>{image_tag}<figcaption>#{hit.rank} score {hit.score:.3f}<br>camera {hit.camera}, "
-                f"track {hit.track_id}<br>{identity}{esc(hit.time[:19].replace('T', ' '))} UTC<br>"
-                f"<span title='{esc(hit.video_path)}'>{esc(Path(hit.video_path).name)}</span> "
+                f"<figure>{image_tag}<figcaption>#{esc(hit.rank)} score {hit.score:.3f}<br>"
+                f"camera {esc(hit.camera)}, track {esc(hit.track_id)}<br>{identity}"
+                f"{esc(hit.time[:19].replace('T', ' '))} UTC<br>"
+                f"<span title='{esc(hit.video_path)}'>{esc(Path(str(hit.video_path)).name)}</span> "
                 f"@ {hit.timestamp_s:.1f}s</figcaption></figure>"
             )
         parts.append("</div></div>")
@@ -112,5 +131,7 @@ def write_report(path: str | Path, result: SearchResult, query_image: np.ndarray
     path = Path(path)
     if not path.parent.exists():
         raise ReidAppError(f"cannot write the report: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ReidAppError(f"cannot write the report: {path} is a directory")
     path.write_text(render_report(result, query_image), encoding="utf-8")
     return path

@@ -13,6 +13,10 @@ Which part of the query image is embedded (the rule):
 
 Results are database rows ranked by cosine similarity (inner product of unit vectors): one per
 track (pooled embedding, the default) or one per stored crop (``--detections``).
+
+A row is data, not a file name to trust: a thumbnail path that leads outside the data folder
+(absolute, ``..``, a symbolic link out) is reported as no thumbnail, so nothing outside the
+data folder is ever read on a row's say-so.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from reid_app.config import AppConfig
 from reid_app.errors import ReidAppError
+from reid_app.images import read_image
 from reid_app.index import IndexManager
 from reid_app.store import Database, DatabaseInfo, Detection, Track, Video, as_utc, require_nonempty
 from reid_app.track import crop
@@ -36,6 +40,9 @@ from reid_app.track import crop
 CROP_MIN_ASPECT = 1.2
 CROP_MAX_ASPECT = 4.0
 CROP_MIN_COVERAGE = 0.5
+#: Most results asked for per query person (README.md, Limits); a gallery smaller than that gives
+#: all it has: the index is never asked for more rows than it holds.
+MAX_TOP_K = 10_000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 SearchLevel = Literal["tracks", "detections"]
@@ -51,8 +58,8 @@ class SearchOptions:
     all_persons: bool = False
 
     def validate(self) -> None:
-        if self.top_k < 1:
-            raise ReidAppError(f"--top-k must be at least 1, got {self.top_k}")
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise ReidAppError(f"--top-k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
         if self.cameras and self.exclude_cameras:
             raise ReidAppError("use either --camera or --exclude-camera, not both")
         if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
@@ -83,7 +90,7 @@ class SearchHit:
     detection_id: int | None  # the matched crop (detections level) or the track's best crop
     identity_id: int | None
     bbox: list[float]
-    thumbnail: str  # absolute path of the JPEG thumbnail
+    thumbnail: str | None  # absolute path of the JPEG thumbnail; None if its row points outside the data folder
 
 
 @dataclass
@@ -126,16 +133,8 @@ class SearchResult:
 
 
 def load_query_image(path: str | Path) -> np.ndarray:
-    """Read a query image (BGR); a missing or non-image file is a one-line error."""
-    path = Path(path)
-    if not path.exists():
-        raise ReidAppError(f"query image not found: {path}")
-    if not path.is_file():
-        raise ReidAppError(f"query image is not a file: {path}")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        raise ReidAppError(f"not an image (OpenCV cannot decode it): {path}")
-    return image
+    """Read a query image (BGR); a missing, non-image or too large file is a one-line error."""
+    return read_image(path, "query image")
 
 
 def is_crop_like(image_shape: tuple[int, ...], largest_box_area: float | None) -> bool:
@@ -184,14 +183,20 @@ def _best_detection(session: Session, track_id: int) -> Detection:
     ).first()
 
 
-def _hit(session: Session, config: AppConfig, level: SearchLevel, rank: int, score: float, row_id: int) -> SearchHit:
+def _hit(
+    session: Session, config: AppConfig, level: SearchLevel, rank: int, score: float, row_id: int
+) -> SearchHit | None:
+    """The result for index row ``row_id``, or None when its rows are gone: another process may
+    delete them (a redone or failed ingest) between the index sync and this read."""
     if level == "tracks":
         track = session.get(Track, row_id)
         detection = _best_detection(session, row_id)
     else:
         detection = session.get(Detection, row_id)
-        track = session.get(Track, detection.track_id)
-    video = session.get(Video, track.video_id)
+        track = session.get(Track, detection.track_id) if detection is not None else None
+    video = session.get(Video, track.video_id) if track is not None else None
+    if detection is None or video is None:
+        return None
     timestamp = detection.timestamp_s
     return SearchHit(
         rank=rank,
@@ -206,8 +211,19 @@ def _hit(session: Session, config: AppConfig, level: SearchLevel, rank: int, sco
         detection_id=detection.id,
         identity_id=track.identity_id,
         bbox=[round(v, 1) for v in detection.bbox],
-        thumbnail=str((config.storage_dir / detection.thumbnail_path).resolve()),
+        thumbnail=confined_thumbnail(config.storage_dir, detection.thumbnail_path),
     )
+
+
+def confined_thumbnail(data_dir: Path, stored: object) -> str | None:
+    """The absolute path a row's ``thumbnail_path`` names inside ``data_dir`` (symbolic links
+    resolved), or None when it leads anywhere else."""
+    try:
+        root = data_dir.resolve()
+        path = (root / str(stored)).resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop
+        return None
+    return str(path) if path != root and path.is_relative_to(root) else None
 
 
 def model_dict(info: DatabaseInfo) -> dict[str, Any]:
@@ -243,11 +259,14 @@ def run_search(
         for number, (person, vector) in enumerate(zip(persons, vectors, strict=True), start=1):
             hits: list[SearchHit] = []
             if allowed is None or len(allowed):
-                scores, ids = gallery.search(vector[None, :], options.top_k, allowed)
+                top_k = min(options.top_k, gallery.ntotal if allowed is None else len(allowed))
+                scores, ids = gallery.search(vector[None, :], top_k, allowed)
                 for score, row_id in zip(scores[0], ids[0], strict=True):
                     if row_id < 0 or (options.threshold is not None and score < options.threshold):
                         continue
-                    hits.append(_hit(session, config, options.level, len(hits) + 1, float(score), int(row_id)))
+                    hit = _hit(session, config, options.level, len(hits) + 1, float(score), int(row_id))
+                    if hit is not None:
+                        hits.append(hit)
             results.append(
                 PersonResults(person=number, bbox=[round(v, 1) for v in person.bbox], how=person.how, hits=hits)
             )

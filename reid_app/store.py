@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -44,6 +45,20 @@ from reid_app.config import AppConfig
 from reid_app.errors import ReidAppError
 
 T = TypeVar("T")
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+#: The DB-API module SQLAlchemy imports for a URL, and the PyPI package that provides it.
+DRIVER_PACKAGES = {
+    "psycopg": "psycopg",
+    "psycopg2": "psycopg2-binary",
+    "asyncpg": "asyncpg",
+    "pg8000": "pg8000",
+    "MySQLdb": "mysqlclient",
+    "pymysql": "PyMySQL",
+    "mysql": "mysql-connector-python",
+    "oracledb": "oracledb",
+    "pyodbc": "pyodbc",
+}
 
 VIDEO_INGESTING = "ingesting"
 VIDEO_COMPLETE = "complete"
@@ -176,7 +191,17 @@ class Database:
             if not create:
                 raise ReidAppError(f"the database is empty: {sqlite_path} does not exist (run `reid-app ingest` first)")
             sqlite_path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = self._make_engine(config)
+        elif sqlite_path is not None:
+            _check_sqlite_file(sqlite_path)
+        try:
+            self.engine = self._make_engine(config)
+        except ImportError as exc:  # the URL's DB-API driver is not installed
+            module = (exc.name or "").split(".")[0]
+            package = DRIVER_PACKAGES.get(module, module or "the driver named in --db")
+            raise ReidAppError(
+                f"the database driver for {config.safe_db_url} is not installed (no module {module!r}): "
+                f"install it with `.venv/bin/pip install {package}`"
+            ) from None
         self._write_engine = (
             self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE") if config.is_sqlite else self.engine
         )
@@ -264,6 +289,16 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """Refuse, before SQLite touches it, a --db path that is a folder or another kind of file."""
+    if path.is_dir():
+        raise ReidAppError(f"--db must name a SQLite database file, but {path} is a directory")
+    with open(path, "rb") as handle:
+        head = handle.read(len(SQLITE_MAGIC))
+    if head and head != SQLITE_MAGIC:  # an empty file is a new database to SQLite
+        raise ReidAppError(f"{path} is not a SQLite database (--db must name a reid-app database or a new file)")
 
 
 def count_rows(session: Session, model: type[Base]) -> int:

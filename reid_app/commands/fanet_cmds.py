@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from reid_app.errors import ReidAppError
+from reid_app.images import check_image_file
 
 DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder")
 BACKBONES = ("resnet50", "mobilenetv2")
@@ -325,6 +326,8 @@ def visualize_command(
     width: Annotated[int | None, typer.Option(help="Input width (default: the checkpoint's).")] = None,
 ) -> None:
     """Fig. 7-style grid: each image with its F, Z, B and 1-Z maps overlaid."""
+    for image in images:
+        check_image_file(image)  # before any pixel is decoded: a decompression bomb is refused here
     with fanet_errors():
         from fanet.checkpoint import (  # noqa: PLC0415
             TRAINING_KIND,
@@ -394,6 +397,8 @@ def export_command(
         meta.setdefault("input_size", list(input_size))
         height, width = height or input_size[0], width or input_size[1]
         if inference_checkpoint is not None:
+            # No stored key may take the place of the function's own arguments (a crafted file).
+            meta = {k: v for k, v in meta.items() if k not in ("model", "path", "half")}
             meta["source"] = Path(checkpoint).name  # a file name: no local folder leaks into shipped files
             save_inference_checkpoint(model, inference_checkpoint, half=half, **meta)
             typer.echo(f"wrote {inference_checkpoint}")

@@ -14,6 +14,7 @@ from reid_app.commands.stats import UNTRAINED_NOTE
 from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig
 from reid_app.errors import ReidAppError
 from reid_app.identities import compute_identities
+from reid_app.safetext import cell
 from reid_app.store import Database, require_nonempty
 
 
@@ -73,7 +74,7 @@ def identities_command(
             + (f" ({a.tracks} tracks)" if a.tracks > 1 else "")
             for a in s.appearances
         )
-        table.add_row(str(s.identity_id), ",".join(map(str, s.cameras)), str(len(s.track_ids)), spans)
+        table.add_row(*map(cell, (s.identity_id, ",".join(map(str, s.cameras)), len(s.track_ids), spans)))
     Console(width=None if sys.stdout.isatty() else 160).print(table)  # piped: no 80-column cut
 
 

@@ -15,18 +15,20 @@ from reid_app.ingest import (
     IngestOptions,
     IngestProgress,
     IngestSummary,
+    check_sample_fps,
     ingest_video,
     load_detector,
     load_embedder,
     parse_start_time,
 )
+from reid_app.safetext import cell, plain
 from reid_app.video import open_video
 
 
 def warn(message: str | None) -> None:
     """A plain warning line on stderr."""
     if message:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        print(f"warning: {plain(message)}", file=sys.stderr, flush=True)
 
 
 def ingest_command(
@@ -65,8 +67,7 @@ def ingest_command(
     camera_id = parse_camera_id(camera)
     if fps is not None and every_frame:
         raise ReidAppError("use either --fps or --every-frame, not both")
-    if fps is not None and not fps > 0:
-        raise ReidAppError(f"--fps must be positive, got {fps}")
+    check_sample_fps(fps)
     config = AppConfig.from_env(db, data_dir, weights=weights, device=device)
     if every_frame:
         config.sample_fps = None
@@ -118,7 +119,7 @@ def ingest_command(
             config, options, embedder=embedder, detector=person_detector, on_progress=on_progress, source=source
         )
     for note in summary.notes:
-        print(note, file=sys.stderr)
+        print(plain(note), file=sys.stderr)
     if summary.stopped_early:
         warn(summary.stopped_early)
     Console().print(summary_table(summary, config))
@@ -140,9 +141,9 @@ def summary_table(summary: IngestSummary, config: AppConfig) -> Table:
     table = Table(title=f"ingest: {summary.status}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
-    table.add_row("video", f"{summary.video_path} (id {summary.video_id})")
-    table.add_row("camera", str(summary.camera))
-    table.add_row("database", config.db_url)
+    table.add_row("video", cell(f"{summary.video_path} (id {summary.video_id})"))
+    table.add_row("camera", cell(summary.camera))
+    table.add_row("database", cell(config.safe_db_url))
     if summary.status != "already ingested":
         rtf = summary.realtime_factor
         table.add_row("sampled frames", str(summary.sampled_frames))

@@ -15,6 +15,7 @@ from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig, parse_camera_
 from reid_app.errors import ReidAppError
 from reid_app.ingest import load_detector, load_embedder
 from reid_app.report import write_report
+from reid_app.safetext import cell
 from reid_app.search import SearchOptions, SearchResult, load_query_image, run_search
 from reid_app.store import Database, check_model_identity, require_nonempty
 
@@ -56,6 +57,8 @@ def search_command(
     query_image = load_query_image(image)
     if report is not None and not Path(report).resolve().parent.is_dir():
         raise ReidAppError(f"cannot write the report: folder {Path(report).resolve().parent} does not exist")
+    if report is not None and Path(report).is_dir():
+        raise ReidAppError(f"--report must name an HTML file to write, but {report} is a directory")
     config = AppConfig.from_env(db, data_dir, weights=weights, device=device)
     database = Database(config)
     info = require_nonempty(database)
@@ -80,7 +83,7 @@ def results_tables(result: SearchResult) -> list[Table]:
     tables = []
     for person in result.persons:
         table = Table(
-            title=f"query person {person.person} ({person.how}) — {result.level}, {result.index['type']} index",
+            title=cell(f"query person {person.person} ({person.how}) — {result.level}, {result.index['type']} index"),
             caption="score = cosine similarity"
             + (" · UNTRAINED MODEL: not re-identification" if result.warning else ""),
         )
@@ -89,14 +92,19 @@ def results_tables(result: SearchResult) -> list[Table]:
         table.add_column("thumbnail", overflow="fold")
         for hit in person.hits:
             table.add_row(
-                str(hit.rank),
-                f"{hit.score:.4f}",
-                str(hit.camera),
-                f"{hit.video_id}",
-                hit.time[:19].replace("T", " "),
-                str(hit.track_id),
-                "-" if hit.identity_id is None else str(hit.identity_id),
-                _short_path(hit.thumbnail),
+                *map(
+                    cell,
+                    (
+                        hit.rank,
+                        f"{hit.score:.4f}",
+                        hit.camera,
+                        hit.video_id,
+                        hit.time[:19].replace("T", " "),
+                        hit.track_id,
+                        "-" if hit.identity_id is None else hit.identity_id,
+                        "-" if hit.thumbnail is None else _short_path(hit.thumbnail),
+                    ),
+                )
             )
         if not person.hits:
             table.add_row("-", "no match passed the filters", *[""] * 6)

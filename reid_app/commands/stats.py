@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from reid_app.commands.ingest import warn
 from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig
 from reid_app.index import INDEX_KINDS, INDEX_TYPE_IVF, IndexManager
+from reid_app.safetext import cell
 from reid_app.store import Database, Detection, Track, Video, as_utc, require_nonempty
 
 UNTRAINED_NOTE = (
@@ -77,7 +78,7 @@ def collect_stats(config: AppConfig) -> dict[str, Any]:
             ),
         }
     return {
-        "database": config.db_url,
+        "database": config.safe_db_url,
         "model": {
             "name": info.model_name,
             "weights_sha256": info.model_weights_sha256,
@@ -110,24 +111,31 @@ def stats_command(
         print(json.dumps(stats, indent=2))
         return
     console = Console(width=None if sys.stdout.isatty() else 160)  # piped: no 80-column cut
-    table = Table(title=f"reid-app stats — {stats['database']}")
+    table = Table(title=cell(f"reid-app stats — {stats['database']}"))
     for column in ("camera", "videos", "tracks", "detections", "first seen (UTC)", "last seen (UTC)"):
         table.add_column(column)
     for cam in stats["cameras"]:
         videos = str(cam["videos"]) + (f" ({cam['incomplete_videos']} unfinished)" if cam["incomplete_videos"] else "")
         table.add_row(
-            str(cam["camera"]),
-            videos,
-            str(cam["tracks"]),
-            str(cam["detections"]),
-            _short_time(cam["first_seen"]),
-            _short_time(cam["last_seen"]),
+            *map(
+                cell,
+                (
+                    cam["camera"],
+                    videos,
+                    cam["tracks"],
+                    cam["detections"],
+                    _short_time(cam["first_seen"]),
+                    _short_time(cam["last_seen"]),
+                ),
+            )
         )
     console.print(table)
     model = stats["model"]
     console.print(
-        f"model: {model['name']}  weights sha256 {model['weights_sha256']}  dim {model['dim']}  "
-        f"{'trained' if model['trained'] else 'UNTRAINED (random init)'}"
+        cell(
+            f"model: {model['name']}  weights sha256 {model['weights_sha256']}  dim {model['dim']}  "
+            f"{'trained' if model['trained'] else 'UNTRAINED (random init)'}"
+        )
     )
     for kind, entry in stats["indexes"].items():
         line = f"index {kind}: {entry['type']}, {entry['vectors']} vectors"
@@ -140,11 +148,11 @@ def stats_command(
             f" (exact flat search below {entry['ivf_threshold']} vectors; from there on PCA-256 IVF-SQ8"
             " candidates re-scored with the full vectors)"
         )
-        console.print(line)
+        console.print(cell(line))
     ident = stats["identities"]
     if ident["computed_at"]:
         console.print(
-            f"identities: {ident['count']} (threshold {ident['threshold']}, computed {ident['computed_at'][:19]})"
+            cell(f"identities: {ident['count']} (threshold {ident['threshold']}, computed {ident['computed_at'][:19]})")
         )
     else:
         console.print("identities: not computed (run `reid-app identities`)")
