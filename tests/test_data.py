@@ -120,8 +120,8 @@ def test_wrong_layout_is_a_clear_error(name: str, tmp_path: Path, tiny_market_ro
 
 
 def test_unknown_dataset_name(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="choose one of market1501, dukemtmc, msmt17, folder"):
-        build_dataset("cuhk03", tmp_path)
+    with pytest.raises(ValueError, match="choose one of market1501, dukemtmc, msmt17, cuhk03, folder"):
+        build_dataset("viper", tmp_path)
 
 
 def test_market_bad_file_name(tiny_market_root: Path, tmp_path: Path) -> None:

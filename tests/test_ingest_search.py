@@ -542,7 +542,8 @@ def test_a_killed_run_is_redone_without_its_old_thumbnails(
     with sqlite3.connect(folder / "reid.db") as connection:
         video_id, status = connection.execute("SELECT id, status FROM videos WHERE camera_id = 3").fetchone()
     assert status == "ingesting" and min(camera_counts(folder, 3)) > 0
-    video_thumbs = folder / "thumbnails" / "camera_3" / f"video_{video_id}"
+    # Thumbnails live under thumbnails/<database uuid>/camera_N/video_ID (one folder per database).
+    (video_thumbs,) = (folder / "thumbnails").glob(f"*/camera_3/video_{video_id}")
     assert any(video_thumbs.glob("*.jpg"))
     # A kill between writing a batch's JPEGs and committing its rows leaves files no row names.
     orphan = video_thumbs / "track_9999_frame_0.jpg"

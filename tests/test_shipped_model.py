@@ -23,9 +23,9 @@ from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS, Embedder
 SHIPPED = REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS
 MODEL_CARD = REPO_WEIGHTS_DIR / "README.md"
 SUBSET_PEOPLE = 50
-# Measured on this subset when the model shipped: see weights/README.md. Chance is about 2 %.
-SUBSET_MIN_RANK1 = 0.0
-SUBSET_MIN_MAP = 0.0
+# Measured when the model shipped: R1 73.5 %, mAP 73.5 % (weights/README.md); chance is a few %.
+SUBSET_MIN_RANK1 = 0.60
+SUBSET_MIN_MAP = 0.60
 
 
 def test_shipped_file_is_the_one_of_the_model_card() -> None:
