@@ -77,7 +77,7 @@ def score_distribution(query: np.ndarray, gallery: np.ndarray, dataset) -> dict[
     return out
 
 
-def app_features(weights: str, samples, threads: int) -> tuple[np.ndarray, float]:
+def app_features(weights: str, samples) -> tuple[np.ndarray, float]:
     """Features from reid_app's Embedder over images read the app's way (OpenCV, BGR)."""
     from reid_app.embed import Embedder  # noqa: PLC0415
 
@@ -165,8 +165,8 @@ def main() -> None:
     print("evaluator :", report["evaluator"], flush=True)
 
     # 2. The app's embedder (OpenCV reading, BGR crops, the app's preprocessing).
-    app_query, _ = app_features(args.weights, dataset.query, args.threads)
-    app_gallery, app_speed = app_features(args.weights, dataset.gallery, args.threads)
+    app_query, _ = app_features(args.weights, dataset.query)
+    app_gallery, app_speed = app_features(args.weights, dataset.gallery)
     report["app"] = rank_metrics(app_query, app_gallery, dataset)
     report["app"]["max_abs_feature_diff"] = float(
         max(np.abs(app_query - evaluator_query).max(), np.abs(app_gallery - evaluator_gallery).max())

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fanet.checkpoint import load_inference_model, read_checkpoint
+from fanet.checkpoint import CheckpointError, load_inference_model, read_checkpoint
 from fanet.config import DataConfig, SolverConfig, TALVariant, TrainConfig
 from fanet.engine.scheduler import WarmupMultiStepLR
 from fanet.engine.trainer import (
@@ -296,3 +296,20 @@ def test_cli_errors_are_one_line(tiny_market_root: Path, tmp_path: Path) -> None
     ])
     assert isinstance(result.exception, ReidAppError)
     assert "not a readable FA-Net checkpoint" in str(result.exception)
+
+
+def test_a_checkpoint_from_before_the_backbone_field_still_resumes(tiny_market_root: Path, tmp_path: Path) -> None:
+    """Checkpoints written before ``FANetConfig.backbone`` existed were ResNet50 runs: they resume."""
+    config = tiny_config(tiny_market_root, tmp_path / "run", solver=SolverConfig(epochs=1))
+    Trainer(config, show_progress=False).train()
+    payload = read_checkpoint(tmp_path / "run" / "last.pt")
+    del payload["config"]["backbone"]
+    del payload["train_config"]["model"]["backbone"]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    resumed = Trainer(None, resume=old, show_progress=False)
+    assert resumed.start_epoch == 1 and resumed.config.model.backbone == "resnet50"
+    payload["config"]["backbone"] = "mobilenetv2"
+    torch.save(payload, old)
+    with pytest.raises(CheckpointError, match="backbone"):
+        Trainer(None, resume=old, show_progress=False)

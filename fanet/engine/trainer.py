@@ -399,7 +399,9 @@ class Trainer:
                                weight_decay=solver.weight_decay)
 
     def _check_resume_compatible(self, payload: dict[str, Any]) -> None:
-        saved = payload["config"]
+        # Through the dataclass, so fields added since the checkpoint was written (e.g. the
+        # backbone) compare as their defaults instead of as differences.
+        saved = model_config_to_dict(config_from_dict(FANetConfig, payload["config"]))
         current = model_config_to_dict(self.config.model)
         if saved != current:
             changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
