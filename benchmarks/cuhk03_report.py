@@ -1,5 +1,6 @@
 """CUHK03 figures of an FA-Net checkpoint, next to the OSNet peer: accuracy through the trainer's
-evaluator and through the app's embedder (they must agree), score calibration, CPU speed.
+evaluator and through the app's embedder (they must agree), score calibration. CPU speed is
+measured on its own by benchmarks/reid_speed.py.
 
     .venv/bin/python benchmarks/cuhk03_report.py --weights weights/fanet_mobilenetv2_cuhk03.pt
 
@@ -115,18 +116,6 @@ def osnet_report(dataset, threads: int) -> dict[str, object]:
     }
 
 
-def forward_speed(weights: str, height: int, width: int, n: int = 256, batch: int = 64) -> float:
-    """Bare forward passes (no flip) of the inference model, img/s."""
-    model = load_inference_model(weights).eval()
-    images = torch.rand(batch, 3, height, width)
-    with torch.no_grad():
-        model(images[:8])
-        start = time.perf_counter()
-        for _ in range(n // batch):
-            model(images)
-    return n / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", help="FA-Net checkpoint (omit with --osnet-only)")
@@ -176,8 +165,6 @@ def main() -> None:
 
     report["scores"] = score_distribution(app_query, app_gallery, dataset)
     print("scores    :", json.dumps(report["scores"], indent=1), flush=True)
-    report["forward_img_per_s"] = forward_speed(args.weights, height, width)
-    print(f"forward   : {report['forward_img_per_s']:.1f} img/s ({args.threads} threads, batch 64, no flip)")
 
     if not args.skip_osnet:
         report["osnet_x0_25_msmt17"] = osnet_report(dataset, args.threads)
