@@ -186,6 +186,9 @@ class TrainConfig:
     output_dir: str = "runs/fanet"
     pretrained: str | None = None  # path to torchvision resnet50 ImageNet weights (.pth)
     random_init: bool = False  # must be asked for explicitly when no pretrained file is given
+    # A FA-Net training checkpoint whose weights start this run (a second stage with a fresh
+    # optimiser and schedule); the ImageNet file is then not needed.
+    init_from: str | None = None
     eval_period: int = 10  # epochs; 0 disables periodic evaluation
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

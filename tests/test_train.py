@@ -7,6 +7,7 @@ Everything runs from explicit random init (no ImageNet ResNet50 here) at 64x32 w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -313,3 +314,32 @@ def test_a_checkpoint_from_before_the_backbone_field_still_resumes(tiny_market_r
     torch.save(payload, old)
     with pytest.raises(CheckpointError, match="backbone"):
         Trainer(None, resume=old, show_progress=False)
+
+
+def test_init_from_starts_a_new_stage_from_a_runs_weights(tiny_market_root: Path, tmp_path: Path) -> None:
+    """``--init-from`` copies every weight of an earlier run and starts a fresh schedule at epoch 0
+    in a new folder; a checkpoint of another architecture is refused in one line."""
+    first = Trainer(tiny_config(tiny_market_root, tmp_path / "stage1", solver=SolverConfig(epochs=1)),
+                    show_progress=False)
+    first.train()
+    stage1 = read_checkpoint(tmp_path / "stage1" / "last.pt")
+    config = tiny_config(tiny_market_root, tmp_path / "stage2", solver=SolverConfig(epochs=1),
+                         random_init=False, init_from=str(tmp_path / "stage1" / "last.pt"))
+    second = Trainer(config, show_progress=False)
+    assert second.start_epoch == 0 and second.run_dir == tmp_path / "stage2"
+    for name, tensor in second.model.state_dict().items():
+        assert torch.equal(tensor, stage1["state_dict"][name]), name
+    second.train()
+    rows = read_results_csv(tmp_path / "stage2" / "results.csv")
+    assert [row["init"] for row in rows] == ["checkpoint"]
+
+    other = tiny_config(tiny_market_root, tmp_path / "stage3", solver=SolverConfig(epochs=1), random_init=False,
+                        init_from=str(tmp_path / "stage1" / "last.pt"))
+    other.model = dataclasses.replace(other.model, use_hpp=False)
+    with pytest.raises(CheckpointError, match="cannot start from: .*use_hpp"):
+        Trainer(other, show_progress=False)
+    result = CliRunner().invoke(typer_app, [
+        "train", "--dataset", "market1501", "--data-root", str(tiny_market_root),
+        "--init-from", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "x"),
+    ])
+    assert isinstance(result.exception, ReidAppError) and "missing.pt" in str(result.exception)

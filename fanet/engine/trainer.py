@@ -93,6 +93,8 @@ def resolve_imagenet_weights(config: TrainConfig) -> Path | None:
         if config.pretrained:
             raise ValueError("choose either a pretrained file or random init, not both")
         return None
+    if config.init_from is not None:
+        return None  # every weight comes from the earlier run's checkpoint
     backbone = get_backbone(config.model.backbone.value)
     try:
         return resolve_weights(
@@ -112,6 +114,8 @@ def disable_background_branch(config: FANetConfig) -> FANetConfig:
 
 
 def init_label(config: TrainConfig) -> str:
+    if config.init_from is not None:
+        return "checkpoint"
     return "random" if config.random_init else "imagenet"
 
 
@@ -329,12 +333,19 @@ class Trainer:
             config.model = disable_background_branch(config.model)
         if self.resume_payload is not None:
             self._check_resume_compatible(self.resume_payload)
+        init_payload: dict[str, Any] | None = None
+        if config.init_from is not None and self.resume_payload is None:
+            if config.random_init:
+                raise ValueError("choose either --init-from or random init, not both")
+            init_payload = read_training_checkpoint(config.init_from)
+            self._check_resume_compatible(init_payload, action="start from")
+            self.log(f"weights from {config.init_from} (epoch {int(init_payload['epoch'])} of its run)")
         if config.random_init:
             self.warn(
                 "training from RANDOM initialisation (--random-init): no ImageNet backbone weights, "
                 "so results are not comparable with the paper's"
             )
-        else:
+        elif config.init_from is None:
             self.log(f"{get_backbone(config.model.backbone.value).title} weights: {imagenet_file}")
 
         # Identical initial weights on every replica (DDP also broadcasts rank 0's weights).
@@ -350,6 +361,8 @@ class Trainer:
                 f"{imagenet_file} is not a torchvision {backbone.title.removeprefix('ImageNet ')} ImageNet "
                 f"state dict ({reason}); get {backbone.weights_file} from {backbone.weights_source}"
             ) from None
+        if init_payload is not None:
+            model.load_state_dict(init_payload["state_dict"])
         if self.sync_bn and self.context.is_distributed:
             if self.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -398,7 +411,7 @@ class Trainer:
         return torch.optim.SGD(groups, lr=solver.base_lr, momentum=solver.momentum,
                                weight_decay=solver.weight_decay)
 
-    def _check_resume_compatible(self, payload: dict[str, Any]) -> None:
+    def _check_resume_compatible(self, payload: dict[str, Any], action: str = "resume") -> None:
         # Through the dataclass, so fields added since the checkpoint was written (e.g. the
         # backbone) compare as their defaults instead of as differences.
         saved = model_config_to_dict(config_from_dict(FANetConfig, payload["config"]))
@@ -406,12 +419,12 @@ class Trainer:
         if saved != current:
             changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             raise CheckpointError(
-                f"cannot resume: the checkpoint's model config differs in {', '.join(changed)}"
+                f"cannot {action}: the checkpoint's model config differs in {', '.join(changed)}"
             )
         expected = (int(payload["num_classes"]), int(payload["num_cameras"]))
         if expected != (self.num_classes, self.num_cameras):
             raise CheckpointError(
-                f"cannot resume: the checkpoint was trained with {expected[0]} ids / {expected[1]} "
+                f"cannot {action}: the checkpoint was trained with {expected[0]} ids / {expected[1]} "
                 f"cameras, the dataset has {self.num_classes} / {self.num_cameras}"
             )
 

@@ -71,6 +71,7 @@ def build_train_config(
     width: int | None = None,
     pretrained: str | None = None,
     random_init: bool = False,
+    init_from: str | None = None,
     output: str | None = None,
     eval_period: int | None = None,
     device: str | None = None,
@@ -149,6 +150,8 @@ def build_train_config(
         top_changes["pretrained"], top_changes["random_init"] = pretrained, False
     if random_init:
         top_changes["random_init"], top_changes["pretrained"] = True, None
+    if init_from is not None:
+        top_changes["init_from"] = init_from
     return dataclasses.replace(base, model=model, data=data, solver=solver, **top_changes)
 
 
@@ -197,6 +200,11 @@ def train_command(
     ] = False,
     output: Annotated[str | None, typer.Option(help="Run folder (default runs/fanet, then runs/fanet2...).")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue a run: its folder or its last.pt.")] = None,
+    init_from: Annotated[
+        str | None,
+        typer.Option(help="Start from another run's weights (its last.pt/best.pt) with a fresh optimiser "
+                          "and schedule: a second training stage."),
+    ] = None,
     eval_period: Annotated[int | None, typer.Option(help="Evaluate every N epochs (0: never).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
@@ -214,6 +222,8 @@ def train_command(
     _choice(tal, TAL_VARIANTS, "--tal")
     if pretrained is not None and random_init:
         raise ReidAppError("--pretrained and --random-init exclude each other")
+    if init_from is not None and (random_init or resume is not None):
+        raise ReidAppError("--init-from starts a new run from trained weights; drop --random-init/--resume")
     with fanet_errors():
         from fanet.config import TrainConfig  # noqa: PLC0415
         from fanet.engine.trainer import Trainer, read_training_checkpoint, resolve_resume_path  # noqa: PLC0415
@@ -250,6 +260,7 @@ def train_command(
             width=width,
             pretrained=pretrained,
             random_init=random_init,
+            init_from=init_from,
             output=output,
             eval_period=eval_period,
             device=device,
