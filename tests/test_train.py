@@ -343,3 +343,18 @@ def test_init_from_starts_a_new_stage_from_a_runs_weights(tiny_market_root: Path
         "--init-from", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "x"),
     ])
     assert isinstance(result.exception, ReidAppError) and "missing.pt" in str(result.exception)
+
+
+def test_a_resumed_run_follows_a_changed_schedule(tiny_market_root: Path, tmp_path: Path) -> None:
+    """Resuming with more epochs and new milestones: the lr follows the config, not the schedule
+    saved in last.pt (with the same settings the replay is exact, tested above)."""
+    solver = SolverConfig(epochs=1, base_lr=0.05, warmup_start_lr=0.05, warmup_epochs=0, milestones=(5,))
+    Trainer(tiny_config(tiny_market_root, tmp_path / "run", solver=solver), show_progress=False).train()
+    longer = TrainConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
+    longer.solver = SolverConfig(**{**vars(solver), "epochs": 2, "milestones": (1,)})
+    trainer = Trainer(longer, resume=tmp_path / "run", show_progress=False)
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([0.0005, 0.005])
+    trainer.train()
+    rows = read_results_csv(tmp_path / "run" / "results.csv")
+    assert [float(row["lr"]) for row in rows] == pytest.approx([0.05, 0.005])
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["scheduler"]["milestones"] == [1]

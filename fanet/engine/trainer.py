@@ -70,6 +70,9 @@ BEST_INFERENCE = "model_best.pt"
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.csv"
 
+# The scheduler settings a resumed run takes from its config rather than from the checkpoint.
+SCHEDULE_FIELDS = ("base_lr", "warmup_start_lr", "warmup_epochs", "milestones", "gamma", "base_lrs")
+
 LOSS_TERMS = ("total", "person_id", "camera_id", "target_attention")
 RESULTS_COLUMNS = (
     "epoch", "init", "lr", "pretrained_lr",
@@ -430,8 +433,10 @@ class Trainer:
 
     def _restore(self, payload: dict[str, Any]) -> None:
         self.model.load_state_dict(payload["state_dict"])
+        configured = {name: getattr(self.scheduler, name) for name in SCHEDULE_FIELDS}
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
+        self._follow_configured_schedule(configured)
         if self.use_amp and payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
         self.start_epoch = int(payload["epoch"])
@@ -446,6 +451,20 @@ class Trainer:
             )
         restore_rng_state(rng_states[self.context.rank % len(rng_states)], self.device)
         self.log(f"resumed {self.run_dir} after epoch {self.start_epoch} (iteration {self.iteration})")
+
+    def _follow_configured_schedule(self, configured: dict[str, Any]) -> None:
+        # A resumed run may be given a longer schedule (more epochs, later milestones, another
+        # lr): the learning rate then follows the config, not the schedule saved in the
+        # checkpoint. With the same settings nothing changes and the run replays exactly.
+        changed = [name for name, value in configured.items() if getattr(self.scheduler, name) != value]
+        if not changed:
+            return
+        self.scheduler.__dict__.update(configured)
+        lrs = self.scheduler.get_lr()
+        for group, base, lr in zip(self.optimizer.param_groups, configured["base_lrs"], lrs, strict=True):
+            group["initial_lr"], group["lr"] = base, lr
+        self.scheduler._last_lr = list(lrs)
+        self.log(f"resuming with the configured schedule (changed: {', '.join(changed)})")
 
     # ---------------------------------------------------------------- training
 
