@@ -333,6 +333,16 @@ def test_init_from_starts_a_new_stage_from_a_runs_weights(tiny_market_root: Path
     rows = read_results_csv(tmp_path / "stage2" / "results.csv")
     assert [row["init"] for row in rows] == ["checkpoint"]
 
+    # The exported model counts both stages and names the first one's initialisation.
+    exported = tmp_path / "stage2.pt"
+    result = CliRunner().invoke(typer_app, [
+        "export", "--checkpoint", str(tmp_path / "stage2" / "last.pt"), "--inference-checkpoint", str(exported),
+    ])
+    assert result.exit_code == 0, result.output
+    meta = read_checkpoint(exported)["meta"]
+    assert meta["init"] == "random" and meta["epochs_trained"] == 2
+    assert [(stage["source"], stage["epochs"]) for stage in meta["stages"]] == [("last.pt", 1), ("last.pt", 1)]
+
     other = tiny_config(tiny_market_root, tmp_path / "stage3", solver=SolverConfig(epochs=1), random_init=False,
                         init_from=str(tmp_path / "stage1" / "last.pt"))
     other.model = dataclasses.replace(other.model, use_hpp=False)

@@ -197,6 +197,35 @@ def load_training_model(path: str | os.PathLike[str]) -> tuple[FANet, dict[str, 
     return model.eval(), payload
 
 
+def training_stages(payload: dict[str, Any], source: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The training stages behind a training checkpoint, first stage first: one dict per run
+    (file name, how it started, epochs, dataset). A run started with ``init_from`` is preceded
+    by the stages of that checkpoint when it can still be read; otherwise it stands alone."""
+    stages: list[dict[str, Any]] = []
+    seen: set[Path] = set()
+    current: dict[str, Any] | None = payload
+    path = Path(source)
+    while current is not None and len(stages) < 16:
+        train_config = current.get("train_config", {})
+        stages.append({
+            "source": path.name,
+            "init": current.get("init"),
+            "epochs": int(current.get("epoch", 0)),
+            "dataset": train_config.get("data", {}).get("dataset"),
+        })
+        seen.add(path.resolve())
+        earlier = train_config.get("init_from")
+        current = None
+        if earlier:
+            path = Path(earlier)
+            if path.is_file() and path.resolve() not in seen:
+                try:
+                    current = read_training_checkpoint(path)
+                except (CheckpointError, OSError):
+                    current = None
+    return stages[::-1]
+
+
 def next_free_run_dir(path: str | os.PathLike[str]) -> Path:
     """``path`` if it is empty or new, else ``path2``, ``path3``, ... (ultralytics' rule)."""
     path = Path(path).expanduser()

@@ -400,8 +400,15 @@ def export_command(
         if "init" in payload:
             meta.setdefault("init", payload["init"])
         if payload.get("kind") == TRAINING_KIND:
-            # What the app and the model card show: how long it trained, on what.
-            meta.setdefault("epochs_trained", int(payload.get("epoch", 0)))
+            from fanet.engine.trainer import training_stages  # noqa: PLC0415
+
+            # What the app and the model card show: how long it trained, on what, and from what
+            # (a run started from another run's weights counts that run's epochs too).
+            stages = training_stages(payload, checkpoint)
+            meta["init"] = stages[0]["init"]
+            meta.setdefault("epochs_trained", sum(stage["epochs"] for stage in stages))
+            if len(stages) > 1:
+                meta.setdefault("stages", stages)
             meta.setdefault("dataset", payload.get("train_config", {}).get("data", {}).get("dataset"))
             meta.setdefault("best_map", payload.get("best_map"))
         input_size = checkpoint_input_size(payload)
