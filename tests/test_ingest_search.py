@@ -604,3 +604,168 @@ def test_a_killed_run_is_redone_without_its_old_thumbnails(
     assert summary.status == "redone after an interrupted run" and summary.video_id == video_id
     assert sql(folder, "SELECT count(*) FROM ingest_claims") == [(0,)]
     assert_db_and_index_agree(folder)
+
+
+# --------------------------------------------------------------------------- several hosts on one PostgreSQL
+
+
+def on_postgresql(gallery: Path) -> None:
+    if not db_url(gallery).startswith("postgresql"):
+        pytest.skip("several hosts share a server database: PostgreSQL only")
+
+
+def host_env(name: str, lease_s: float) -> dict[str, str]:
+    import os
+
+    return {**os.environ, "REID_APP_HOST": name, "REID_APP_CLAIM_LEASE_S": str(lease_s)}
+
+
+def test_hosts_share_one_database_and_a_killed_host_is_taken_over(
+    gallery: Path, tmp_path: Path, shared_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    """Host A (killed with SIGKILL mid-ingest) and host B ingest camera 2 into the gallery's
+    database, each with its own --data-dir; B is refused while A's claim runs, takes the video over
+    once it has expired, and a third host C searches and sees both cameras' thumbnails."""
+    on_postgresql(gallery)
+    shared = copy_gallery(gallery, tmp_path / "host_0", request)  # camera 1, ingested by "host 0"
+    url = db_url(shared)
+    second = str(CLIP_CAM2 if CLIP_CAM2.exists() else clip(CLIP_CAM1, shared_dir))
+    lease_s = 8.0
+
+    def ingest(host: str) -> subprocess.Popen:
+        folder = tmp_path / host
+        args = ["ingest", second, "--camera", "2", "--db", url, "--data-dir", str(folder), "--quiet", *INGEST_ARGS]
+        return cli_subprocess(args, env=host_env(host, lease_s))
+
+    host_a = ingest("host_a")
+    assert _wait_for_committed_rows_of_camera(shared, 2, host_a, timeout_s=240)
+    refused = ingest("host_b")  # while A runs
+    _, err = refused.communicate(timeout=300)
+    assert refused.returncode != 0 and "being ingested by another process" in err and "host host_a" in err
+    host_a.send_signal(signal.SIGKILL)
+    host_a.wait()
+    killed_at = time.monotonic()
+    assert sql(shared, "SELECT status FROM videos WHERE camera_id = 2") == [("ingesting",)]
+    taken_over = ingest("host_b")
+    _, err = taken_over.communicate(timeout=400)
+    if time.monotonic() - killed_at < lease_s:  # B got there before A's lease ran out: refused, retried
+        assert taken_over.returncode != 0 and "host host_a" in err
+        time.sleep(max(0.0, lease_s - (time.monotonic() - killed_at)) + 0.5)
+        taken_over = ingest("host_b")
+        _, err = taken_over.communicate(timeout=400)
+    assert taken_over.returncode == 0, err
+    assert "interrupted run" in err
+    assert sql(shared, "SELECT count(*) FROM ingest_claims") == [(0,)]
+    # Nothing duplicated or lost: camera 1 as ingested alone; camera 2 has each crop once.
+    assert camera_counts(shared, 1) == camera_counts(gallery, 1)
+    assert min(camera_counts(shared, 2)) > 0
+    assert sql(shared, "SELECT count(*) FROM videos") == [(2,)]
+    # Host C: its own index folder, built from the database; thumbnails of both cameras readable.
+    host_c = tmp_path / "host_c"
+    query = tmp_path / "query.jpg"
+    _query_crop_of_stored_detection(shared, query)
+    base = ["search", str(query), "--db", url, "--data-dir", str(host_c), "--weights", "untrained", "--json"]
+    result = subprocess.run(
+        [sys.executable, "-m", "reid_app.cli", *base, "--detections", "--top-k", "1000"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    hits = json.loads(result.stdout)["persons"][0]["results"]
+    assert {hit["camera"] for hit in hits} == {1, 2}
+    assert all(hit["thumbnail"].startswith(str(host_c)) and cv2.imread(hit["thumbnail"]) is not None for hit in hits)
+    # Host 0 (the gallery's index, made before camera 2 existed) catches up incrementally.
+    shared_config = AppConfig(db_url=url, data_dir=shared)
+    manager = IndexManager(Database(shared_config), shared_config)
+    lag = manager.lag("detections")
+    assert lag["needs_build"] is None and lag["rows_behind"] == camera_counts(shared, 2)[1]
+    _, report = manager.sync("detections")
+    assert not report.rebuilt and report.added == lag["rows_behind"]
+    for folder in (shared, host_c):
+        assert_db_and_index_agree_at(url, folder)
+
+
+def _wait_for_committed_rows_of_camera(folder: Path, camera: int, process: subprocess.Popen, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if camera_counts(folder, camera)[0] > 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def assert_db_and_index_agree_at(url: str, folder: Path) -> None:
+    config = AppConfig(db_url=url, data_dir=folder)
+    db = Database(config)
+    manager = IndexManager(db, config)
+    assert not any(report.changed for report in manager.sync_all())
+    for kind in INDEX_KINDS:
+        with db.read() as session:
+            ids = np.sort(np.asarray(session.scalars(select(INDEX_KINDS[kind].id)).all(), dtype=np.int64))
+        np.testing.assert_array_equal(index_ids(manager.sync(kind)[0].index), ids)
+    db.dispose()
+
+
+def test_forget_and_prune_remove_rows_vectors_and_thumbnails(
+    gallery: Path, tmp_path: Path, capsys, monkeypatch, request: pytest.FixtureRequest
+) -> None:
+    folder = copy_gallery(gallery, tmp_path / "db", request)
+    url = db_url(folder)
+    common = ["--db", url, "--data-dir", str(folder)]
+    query = tmp_path / "query.jpg"
+    _, track_id = _query_crop_of_stored_detection(folder, query)
+    search = ["search", str(query), *common, "--weights", "untrained", "--json", "--top-k", "1000"]
+    code, out, err = run_cli(search, capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(out)["persons"][0]["results"][0]["track_id"] == track_id  # its thumbnail now cached here
+    crops = sql(folder, "SELECT id FROM detections WHERE track_id = :t", t=track_id)
+    before = table_counts(folder)
+    # --dry-run: says what, removes nothing.
+    code, out, err = run_cli(["forget", "--track", str(track_id), *common, "--dry-run"], capsys, monkeypatch)
+    assert code == 0, err
+    assert f"would remove 1 tracks (camera 1: 1) and {len(crops)} crops" in out
+    assert table_counts(folder) == before
+    code, out, err = run_cli(["forget", "--track", str(track_id), *common], capsys, monkeypatch)
+    assert code == 0, err
+    assert f"removed 1 tracks (camera 1: 1) and {len(crops)} crops" in out
+    assert f"{1 + len(crops)} vectors dropped" in out
+    assert sql(folder, "SELECT count(*) FROM thumbnails WHERE detection_id IN (SELECT id FROM detections)") == [
+        (before["detections"] - len(crops),)
+    ]
+    assert not list(folder.glob(f"thumbnails/*/cache/{crops[0][0]}.jpg"))  # this host's cached copy too
+    code, out, _ = run_cli(search, capsys, monkeypatch)
+    assert track_id not in [hit["track_id"] for hit in json.loads(out)["persons"][0]["results"]]
+    assert_db_and_index_agree(folder)
+    # A second forget of it finds nothing (and says so).
+    code, out, _ = run_cli(["forget", "--track", str(track_id), *common], capsys, monkeypatch)
+    assert code == 0 and "removed 0 tracks" in out
+    # Prune: the clip's start time is its file's time, so everything is older than 1 s; camera 2 has nothing.
+    code, out, _ = run_cli(["prune", "--older-than", "1s", "--camera", "2", *common], capsys, monkeypatch)
+    assert code == 0 and "removed 0 tracks" in out
+    code, out, err = run_cli(["prune", "--older-than", "1s", *common, "--dry-run"], capsys, monkeypatch)
+    assert code == 0 and f"would remove {before['tracks'] - 1} tracks" in out and "would remove 1 video rows" in out
+    code, out, err = run_cli(["prune", "--older-than", "1s", *common], capsys, monkeypatch)
+    assert code == 0, err
+    assert table_counts(folder) == {"videos": 0, "tracks": 0, "detections": 0}
+    assert sql(folder, "SELECT count(*) FROM thumbnails") == [(0,)]
+    code, _, err = run_cli(search, capsys, monkeypatch)
+    assert code != 0 and "empty" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prune", "--older-than", "30 days"], "--older-than must be a number and a unit"),
+        (["prune", "--older-than", "999999w"], "--older-than is at most"),
+        (["prune", "--older-than", "1d", "--camera", "1180591620717411303424"], "camera ID must be a positive"),
+        (["forget", "--track", "2147483648"], "--track must be a positive integer up to 2147483647"),
+        (["forget", "--identity", "-3"], "--identity must be a positive integer"),
+        (["forget"], "exactly one of --track ID or --identity ID"),
+    ],
+)
+def test_prune_and_forget_refuse_bad_values_in_one_line(
+    gallery: Path, args: list[str], message: str, capsys, monkeypatch
+) -> None:
+    before = table_counts(gallery)
+    code, out, err = run_cli([*args, "--db", db_url(gallery), "--data-dir", str(gallery)], capsys, monkeypatch)
+    assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert table_counts(gallery) == before
