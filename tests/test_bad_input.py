@@ -291,7 +291,8 @@ def test_failed_first_ingest_does_not_lock_the_database_to_its_model(
         connection.execute(
             "CREATE TRIGGER no_thumbnails BEFORE INSERT ON thumbnails BEGIN SELECT RAISE(ABORT, 'disk is full'); END"
         )
-    code, _, err = run_cli(["ingest", str(video), "--camera", "1", "--db", db_url(folder), *FAST_INGEST], capsys, monkeypatch)
+    first = ["ingest", str(video), "--camera", "1", "--db", db_url(folder), *FAST_INGEST]
+    code, _, err = run_cli(first, capsys, monkeypatch)
     assert_one_error_line(code, err, "disk is full")
     assert model_fields(folder) == (None, None, None, None)
     with sqlite3.connect(folder / "reid.db") as connection:
