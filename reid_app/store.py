@@ -381,7 +381,13 @@ class Database:
             info = self.info()
             if info is None:
                 raise ReidAppError("the database is empty: nothing has been ingested yet (run `reid-app ingest` first)")
-            self._uuid = info.uuid
+            try:
+                # It names folders (index files, thumbnail cache): a damaged row must not lead elsewhere.
+                self._uuid = str(uuid.UUID(str(info.uuid)))
+            except ValueError:
+                raise ReidAppError(
+                    f"the database's uuid {str(info.uuid)[:40]!r} is not a UUID: its database_info row is damaged"
+                ) from None
         return self._uuid
 
     def server_time(self) -> float:
