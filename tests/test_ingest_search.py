@@ -537,7 +537,11 @@ def snapshot(folder: Path) -> dict[str, object]:
     indexes = {
         kind: index_ids(faiss.read_index(str(index_paths(folder_of_index, kind)[0]))).tolist() for kind in INDEX_KINDS
     }
-    files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and folder_of_index not in p.parents}
+    files = {
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and folder_of_index not in p.parents and not p.name.startswith("reid.db")
+    }
     return {"rows": rows, "indexes": indexes, "files": files}
 
 
