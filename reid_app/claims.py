@@ -83,6 +83,10 @@ def holds(session: Session, video_id: int, owner: str) -> bool:
     return claim is not None and claim.owner == owner
 
 
+def unclaimed(session: Session, video_id: int) -> bool:
+    return session.get(IngestClaim, video_id) is None
+
+
 def check_held(session: Session, video_id: int, owner: str) -> None:
     """Raise when ``owner`` no longer holds the claim (another host took the video over)."""
     if not holds(session, video_id, owner):

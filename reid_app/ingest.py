@@ -239,6 +239,7 @@ class _Ingest:
         self.video_id: int | None = None
         self.db_uuid: str | None = None
         self.owner = claims.new_owner()  # this run's name in the claim row
+        self.completed = False  # its final commit went through
 
     # -- validation (nothing written) ------------------------------------------------------
     def validate(self) -> VideoSource:
@@ -451,6 +452,7 @@ class _Ingest:
                 claims.release(session, self.video_id, self.owner)
 
         self.db.write(work)
+        self.completed = final
         summary.tracks += len(rows)
         summary.crops += len(crops)
         if final:
@@ -478,7 +480,10 @@ class _Ingest:
         video_id = self.video_id
 
         def work(session: Session) -> None:
-            if not claims.holds(session, video_id, self.owner):
+            # Ours to undo while we hold the claim, or once we completed the video (the completing
+            # commit released it); never when another process took the video over.
+            ours = claims.holds(session, video_id, self.owner)
+            if not (ours or (self.completed and claims.unclaimed(session, video_id))):
                 return
             _delete_video_rows(session, video_id, delete_video=True)
             if count_rows(session, Track) == 0 and count_rows(session, Detection) == 0:
