@@ -25,6 +25,8 @@ DEFAULT_DB_URL = "sqlite:///data/reid.db"
 #: Environment variables that stand in for ``--db`` / ``--data-dir`` (handy for scripts and tests).
 DB_URL_ENV = "REID_APP_DB"
 DATA_DIR_ENV = "REID_APP_DATA_DIR"
+#: Seconds an ingest's claim on a video lasts unless renewed (reid_app.claims).
+CLAIM_LEASE_ENV = "REID_APP_CLAIM_LEASE_S"
 
 
 @dataclass
@@ -50,6 +52,9 @@ class AppConfig:
     identity_threshold: float = 0.3
     lock_timeout_s: float = 120.0  # waiting for the index file lock
     busy_timeout_s: float = 60.0  # SQLite busy timeout
+    #: How long a killed ingest host keeps its video claimed before another host takes it over;
+    #: renewed every third of it while the ingest runs.
+    claim_lease_s: float = 60.0
     weights: str | None = None  # embedder weights: a path, "untrained", or None (default file)
     device: str = "auto"
 
@@ -67,6 +72,14 @@ class AppConfig:
         """Build a config from CLI values, falling back to the environment then the defaults."""
         db_url = db_url or os.environ.get(DB_URL_ENV) or DEFAULT_DB_URL
         data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+        lease = os.environ.get(CLAIM_LEASE_ENV)
+        if lease and "claim_lease_s" not in kwargs:
+            try:
+                kwargs["claim_lease_s"] = float(lease)
+            except ValueError:
+                raise ReidAppError(f"${CLAIM_LEASE_ENV} must be a number of seconds, got {lease[:40]!r}") from None
+            if not 1 <= kwargs["claim_lease_s"] <= 86_400:
+                raise ReidAppError(f"${CLAIM_LEASE_ENV} must be between 1 and 86400 seconds, got {lease[:40]!r}")
         return cls(db_url=db_url, data_dir=Path(data_dir) if data_dir else None, **kwargs)
 
     @property

@@ -1,343 +1,87 @@
-"""FAISS index files: a searchable copy of the vectors stored in the database.
+"""Each host's FAISS indexes, kept in step with the shared database incrementally.
 
 There are two indexes per database, ``tracks`` (one pooled vector per track) and ``detections``
 (one vector per stored crop). Vector ids are the database row ids. Vectors are l2-normalised,
-so inner product = cosine similarity.
+so inner product = cosine similarity. The index types (exact, or PCA + IVF-SQ8 with re-scoring
+above ``ivf_threshold``) and their build and tuning are in :mod:`reid_app.ivf`; the local file
+lock and atomic writes in :mod:`reid_app.locks`. This module only keeps an index equal to the
+database (the database is the truth; see :mod:`reid_app.store`).
 
-Index type, chosen from the number of vectors N each time the index is (re)built:
+Files, per host and per database: ``<index folder>/faiss/<database uuid>/<kind>.faiss`` and a
+``<kind>.faiss.json`` sidecar. The index folder is the SQLite file's folder, or the host's
+``--data-dir`` for a server database: every search host has its own, and two databases sharing a
+folder never touch each other's files. Both files are written to a temporary file and moved into
+place, under an exclusive ``fcntl`` lock on ``<kind>.faiss.lock``, so two processes of one host
+never clobber each other.
 
-* N < ``ivf_threshold`` (default 50,000, :class:`reid_app.config.AppConfig`): **exact search**,
-  ``IndexIDMap2(IndexFlatIP)``.
-* N >= ``ivf_threshold``: **PCA + IVF-SQ8, re-scored with SQ8 full vectors** (type
-  ``pca_ivf_sq8_refine``). A query is searched in two stages:
+Catching up (:meth:`IndexManager.sync`, run by every command that opens an index): the sidecar
+records ``synced_id``, the highest row id the index has been brought up to, and
+``deletion_seq``, the last entry of the deletion log (:class:`reid_app.store.Deletion`) applied.
+Writers are serialised, so row ids appear in commit order; a sync therefore reads the deletion
+log past ``deletion_seq`` (removing those ids), then the rows with ``id > synced_id`` (adding
+them), and nothing else: its cost is that of the change, not of the gallery. Reading the log
+first is what makes it exact: a row added and deleted between the two reads is either not read
+or removed by the next sync. :meth:`IndexManager.lag` says how far behind an index is
+(``reid-app stats``).
 
-  1. candidates: the vectors are projected to ``REDUCED_DIM`` (256) dimensions by an uncentred PCA
-     (the top eigenvectors of the vectors' second-moment matrix, so inner products are what the
-     projection keeps best) and searched in an IVF index with 8-bit scalar-quantized codes
-     (256 B per vector), ``nlist = 4·sqrt(N)`` lists, ``nprobe`` of them visited. It returns
-     ``k · k_factor`` candidates. Scanning 256-d codes instead of 3840-d ones is what makes it
-     fast: a probed list costs 15x less than with full-dimension IVF-SQ8.
-  2. re-scoring: the candidates' full vectors, kept 8-bit scalar-quantized (3840 B per vector,
-     1M vectors = 3.8 GB), are scored against the full query straight from their codes
-     (:class:`StoreScorer`); the best ``k`` are returned. The scores are inner products with the
-     SQ8 vectors (within ~3e-3 of exact).
-
-  PCA is fitted on a sample of at most ``PCA_SAMPLE`` stored vectors and k-means on at most
-  ``TRAIN_POINTS_PER_LIST · nlist`` projected ones (``nlist`` is capped so every list gets
-  ``MIN_POINTS_PER_LIST`` of them), so a build reads the gallery about twice and takes minutes
-  at 1M vectors. ``nprobe`` and ``k_factor`` are tuned at build time on up to 200 stored vectors
-  used as queries (each one's own id left out of its results and of its truth): of the pairs
-  whose recall@10 against exact search reaches ``ivf_target_recall`` (0.95), the one that
-  reads the fewest code bytes per query (nprobe grows by sqrt 2 steps, k_factor is one of
-  ``K_FACTORS``); the measured recall is recorded. If none reaches it, the largest pair tried
-  is kept with its recall. A single query is spread over the FAISS threads list by list.
-* An approximate index is rebuilt when N has grown 4x since it was trained (its lists get too
-  long and its PCA/centroids stale) and turned back into an exact one when N falls under half
-  the threshold.
-
-The approximate index is stored as one FAISS file holding an ``IndexRefine`` whose ``base_index``
-is ``IndexPreTransform(LinearTransform, IndexIVFScalarQuantizer)`` and whose ``refine_index`` is
-``IndexIDMap2(IndexScalarQuantizer)``, both keyed by database row ids (``add_with_ids``,
-``remove_ids`` and ``reconstruct`` by id all work on them). FAISS's own ``IndexRefine.search``
-expects sequential ids (0..ntotal-1), so the container is never searched directly: the
-re-scoring is done by :meth:`GalleryIndex.search`.
-
-``reid-app stats`` shows the type, N, the threshold, nlist, nprobe and the measured recall of
-each index (the sidecar also holds k_factor and reduced_dim).
-
-Consistency with the database (the database is the truth; see :mod:`reid_app.store`):
-
-* Files: ``<kind>.faiss`` (the FAISS index) and ``<kind>.faiss.json`` (a sidecar saying which
-  database, model and rows it holds: db uuid, weights sha256, dim, ntotal, max id, type, nlist,
-  nprobe, k_factor). Both are written to a temporary file and moved into place with
-  ``os.replace``, under an exclusive ``fcntl`` lock on ``<kind>.faiss.lock``, so two processes
-  never clobber each other.
-* :meth:`IndexManager.sync` (run under that lock by every command that opens an index) compares the
-  row ids the index holds with the row ids in the database: ids missing from the index are
-  added from the stored vectors, ids the database no longer has (orphans) are removed. An index
-  whose sidecar is missing, disagrees with the file, or belongs to another database or model
-  is rebuilt from the database.
+An index whose sidecar is missing, unreadable, of the older format, disagrees with the file, or
+belongs to another database or model is rebuilt from the database; so is one whose size calls
+for the other index type (:func:`reid_app.ivf.desired_type`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import math
-import os
-import secrets
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import faiss
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from reid_app.config import AppConfig
 from reid_app.errors import ReidAppError
-from reid_app.store import Database, DatabaseInfo, Detection, Track, bytes_to_vectors, utc_now
+from reid_app.ivf import (  # noqa: F401 (re-exported: the names callers knew from this module)
+    INDEX_TYPE_FLAT,
+    INDEX_TYPE_IVF,
+    K_FACTORS,
+    GalleryIndex,
+    StoreScorer,
+    build_ivf,
+    desired_type,
+    exact_topk_update,
+    index_ids,
+    ivf_nlist,
+    recall_at_k,
+    reduced_dim,
+    refine_parts,
+    tune_search,
+)
+from reid_app.ivf import new_flat as _new_flat
+from reid_app.locks import atomic_write, atomic_write_bytes, file_lock
+from reid_app.store import Database, DatabaseInfo, Deletion, Detection, Track, bytes_to_ids, bytes_to_vectors, utc_now
+
+__all__ = ["INDEX_KINDS", "IndexManager", "SyncReport", "file_lock", "index_folder", "index_paths"]
 
 INDEX_KINDS: dict[str, type[Track] | type[Detection]] = {"tracks": Track, "detections": Detection}
-INDEX_TYPE_FLAT = "flat"
-#: PCA + IVF-SQ8 candidates re-scored with SQ8 full vectors (see the module docstring).
-INDEX_TYPE_IVF = "pca_ivf_sq8_refine"
-SIDECAR_FORMAT = 1
-#: FAISS wants about this many training points per IVF list.
-MIN_POINTS_PER_LIST = 39
-#: k-means sample per list (more costs k-means time for little gain).
-TRAIN_POINTS_PER_LIST = 64
-#: Stored vectors the PCA is fitted on (3840-d float32: 50,000 = 770 MB while building).
-PCA_SAMPLE = 50_000
-#: Dimension of the candidate search. 256 of 3840 keeps the neighbourhoods of re-ID features
-#: well enough for the re-scoring to restore the exact order among ~100 candidates.
-REDUCED_DIM = 256
-#: Candidates re-scored per result (``k_factor``) that tuning chooses from.
-K_FACTORS = (2, 4, 8, 16, 32, 64)
-#: Ratio between the nprobe values tuning tries (powers of two would overshoot by up to 2x).
-NPROBE_STEP = math.sqrt(2)
-TUNING_QUERIES = 200
-RECALL_K = 10
+#: 2: ``synced_id`` and ``deletion_seq`` (incremental catch-up). A format-1 sidecar is rebuilt.
+SIDECAR_FORMAT = 2
 _READ_CHUNK = 900  # ids per IN (...) query: below every database's bound-parameter limit
-_KMEANS_ITERATIONS = 10  # FAISS's default 25 costs much more build time for little recall
-#: The 8-bit quantizers' per-dimension ranges are the training sample's min..max widened by this
-#: fraction of it on each side: vectors added later (new cameras, new people) that fall outside
-#: the trained range would be clipped, costing score accuracy, for a 1.4x coarser step.
-_SQ_RANGE_MARGIN = 0.2
+_ROWS_PER_READ = 2000  # rows per keyset page while catching up
+
+
+def index_folder(config: AppConfig, db_uuid: str) -> Path:
+    """The folder of one database's index files on this host."""
+    return config.index_dir / "faiss" / db_uuid
 
 
 def index_paths(index_dir: Path, kind: str) -> tuple[Path, Path, Path]:
     """(index file, sidecar JSON, lock file) of one index."""
     base = index_dir / f"{kind}.faiss"
     return base, base.with_name(base.name + ".json"), base.with_name(base.name + ".lock")
-
-
-@contextmanager
-def file_lock(path: Path, timeout_s: float, busy_message: str | None = None) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (created if needed), waiting up to ``timeout_s``; then
-    a :class:`ReidAppError` with ``busy_message``. The kernel drops the lock when its process dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _open_lock_file(path) as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ReidAppError(busy_message or f"timed out waiting for the lock {path}") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _open_lock_file(path: Path) -> BinaryIO:
-    """The lock file, created if needed. Another user's lock file is opened read-only: flock needs
-    an open descriptor, not write access, so users sharing a database folder share its locks."""
-    try:
-        return open(path, "a+b")  # noqa: SIM115 (the caller's with-block closes it)
-    except PermissionError:
-        pass
-    try:
-        return open(path, "rb")  # noqa: SIM115
-    except PermissionError:
-        raise ReidAppError(
-            f"cannot open the lock file {path}: permission denied (it belongs to another user: run as that "
-            "user, or let your user read it and write its folder)"
-        ) from None
-
-
-def _new_temporary_file(path: Path) -> str:
-    """An empty new file beside ``path`` with the permissions the umask gives any new file
-    (mkstemp's 0600 would keep the other users of a shared database from reading the index)."""
-    while True:
-        name = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return str(name)
-
-
-def _atomic_write(path: Path, write_to: Callable[[str], None]) -> None:
-    """``write_to(temporary path)``, fsync, then move it onto ``path`` in one step."""
-    tmp_name = _new_temporary_file(path)
-    try:
-        write_to(tmp_name)
-        with open(tmp_name, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda name: Path(name).write_bytes(data))
-
-
-def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
-
-
-def _ivf_ids(ivf: faiss.IndexIVF) -> np.ndarray:
-    lists = ivf.invlists
-    parts = [
-        faiss.rev_swig_ptr(lists.get_ids(list_no), lists.list_size(list_no)).copy()
-        for list_no in range(ivf.nlist)
-        if lists.list_size(list_no) > 0
-    ]
-    return np.sort(np.concatenate(parts).astype(np.int64)) if parts else np.zeros(0, dtype=np.int64)
-
-
-def index_ids(index: faiss.Index) -> np.ndarray:
-    """The row ids stored in ``index`` (sorted int64)."""
-    ivf = _ivf_of(index)
-    if ivf is None:
-        return np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
-    return _ivf_ids(ivf)
-
-
-def refine_parts(index: faiss.Index) -> tuple[faiss.IndexPreTransform, faiss.IndexIDMap2]:
-    """(candidate index, full-vector store) of an approximate index (see the module docstring)."""
-    container = faiss.downcast_index(index)
-    if not isinstance(container, faiss.IndexRefine):
-        raise ReidAppError(f"not a {INDEX_TYPE_IVF} index: {type(container).__name__}")
-    return faiss.downcast_index(container.base_index), faiss.downcast_index(container.refine_index)
-
-
-class StoreScorer:
-    """Inner products of queries with the SQ8 vectors of a full-vector store, by row id.
-
-    Computed on the 8-bit codes directly: a QT_8bit value decodes to ``vmin + (code + 0.5) · step``
-    per dimension, so ``q · x = codes @ (q · step) + q · vmin + 0.5 · sum(q · step)``: one gather
-    and one matrix-vector product per query, several times faster than decoding each candidate
-    through FAISS. The codes are read in place (no copy): a scorer is only valid until the store
-    changes."""
-
-    def __init__(self, store: faiss.IndexIDMap2) -> None:
-        quantized = faiss.downcast_index(store.index)
-        if not isinstance(quantized, faiss.IndexScalarQuantizer) or quantized.sq.qtype != faiss.ScalarQuantizer.QT_8bit:
-            raise ReidAppError("the full-vector store of the index is not an 8-bit scalar quantizer")
-        trained = faiss.vector_to_array(quantized.sq.trained)
-        self.vmin, self.step = trained[: quantized.d], trained[quantized.d :] / 255
-        count, size = int(quantized.ntotal), int(quantized.code_size)
-        self.codes = (
-            faiss.rev_swig_ptr(quantized.codes.data(), count * size).reshape(count, size)
-            if count
-            else np.zeros((0, size), dtype=np.uint8)
-        )
-        id_map = faiss.vector_to_array(store.id_map).astype(np.int64)
-        self.order = np.argsort(id_map, kind="stable")
-        self.sorted_ids = id_map[self.order]
-
-    def scores(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """``query`` · stored vector of each of ``ids`` (which must all be stored)."""
-        slots = np.searchsorted(self.sorted_ids, ids).clip(max=max(len(self.sorted_ids) - 1, 0))
-        if not np.array_equal(self.sorted_ids[slots], ids):
-            raise ReidAppError("the candidate index returned ids its full-vector store does not hold")
-        weights = query * self.step
-        offset = float(query @ self.vmin) + 0.5 * float(weights.sum())
-        return self.codes[self.order[slots]].astype(np.float32) @ weights + offset
-
-
-def rescore(scorer: StoreScorer, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` (scores, ids) of each query among its candidate ids (-1 = none), scored with the
-    full vectors; ids -1 pad missing results."""
-    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    ids = np.full((len(queries), k), -1, dtype=np.int64)
-    for row, (query, row_candidates) in enumerate(zip(queries, candidates, strict=True)):
-        valid = row_candidates[row_candidates >= 0]
-        if len(valid) == 0:
-            continue
-        candidate_scores = scorer.scores(query, valid)
-        best = np.argsort(-candidate_scores, kind="stable")[:k]
-        scores[row, : len(best)], ids[row, : len(best)] = candidate_scores[best], valid[best]
-    return scores, ids
-
-
-@dataclass
-class GalleryIndex:
-    """A loaded index and its sidecar metadata."""
-
-    kind: str
-    index: faiss.Index
-    meta: dict[str, Any]
-    _parts: tuple[faiss.Index, faiss.Index] | None = field(default=None, init=False, repr=False)
-    _scorer: StoreScorer | None = field(default=None, init=False, repr=False)
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    @property
-    def index_type(self) -> str:
-        return str(self.meta["type"])
-
-    def _refine_parts(self) -> tuple[faiss.Index, faiss.Index]:
-        if self._parts is None:
-            self._parts = refine_parts(self.index)
-        return self._parts
-
-    def _store_scorer(self) -> StoreScorer:
-        if self._scorer is None:
-            self._scorer = StoreScorer(self._refine_parts()[1])
-        return self._scorer
-
-    def search(
-        self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` (scores, ids) per query row; ids -1 pad missing results. ``allowed_ids``
-        restricts the search to those row ids (camera filters)."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.ntotal == 0 or k <= 0:
-            empty = np.zeros((len(queries), max(k, 0)))
-            return empty.astype(np.float32), (empty - 1).astype(np.int64)
-        selector = None
-        if allowed_ids is not None:
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
-        if self.index_type != INDEX_TYPE_IVF:
-            return self.index.search(queries, k, params=faiss.SearchParameters(sel=selector))
-        candidates_index, _ = self._refine_parts()
-        # Few queries: the threads share out each query's lists (else they would share out the
-        # queries and all but one would idle on a single-query search).
-        faiss.extract_index_ivf(candidates_index).parallel_mode = 1 if len(queries) < faiss.omp_get_max_threads() else 0
-        ivf_params = faiss.SearchParametersIVF(sel=selector, nprobe=int(self.meta["nprobe"]))
-        params = faiss.SearchParametersPreTransform(index_params=ivf_params)
-        _, candidates = candidates_index.search(queries, k * int(self.meta["k_factor"]), params=params)
-        return rescore(self._store_scorer(), queries, candidates, k)
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add ``vectors`` under the row ids ``ids``."""
-        if self.index_type != INDEX_TYPE_IVF:
-            self.index.add_with_ids(vectors, ids)
-            return
-        candidates_index, store = self._refine_parts()
-        self._scorer = None  # its view of the codes goes stale
-        candidates_index.add_with_ids(vectors, ids)
-        store.add_with_ids(vectors, ids)
-        self.index.ntotal = candidates_index.ntotal  # the container does not track its parts
-
-    def remove(self, ids: np.ndarray) -> int:
-        """Remove the vectors of row ids ``ids``; returns how many were held."""
-        selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
-        if self.index_type != INDEX_TYPE_IVF:
-            return int(self.index.remove_ids(selector))
-        candidates_index, store = self._refine_parts()
-        self._scorer = None
-        removed = int(candidates_index.remove_ids(selector))
-        store.remove_ids(selector)
-        self.index.ntotal = candidates_index.ntotal
-        return removed
 
 
 @dataclass
@@ -347,39 +91,17 @@ class SyncReport:
     removed: int = 0
     rebuilt: bool = False
     reason: str = ""
+    behind_rows: int = 0  # rows the index lacked before the sync
+    behind_deletions: int = 0  # deleted rows it still held (or might)
+    seconds: float = 0.0
 
     @property
     def changed(self) -> bool:
         return self.rebuilt or self.added > 0 or self.removed > 0
 
 
-def _new_flat(dim: int) -> faiss.Index:
-    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-
-
-def ivf_nlist(n_vectors: int) -> int:
-    """nlist = 4·sqrt(N), capped so every list gets MIN_POINTS_PER_LIST training points."""
-    return max(1, min(round(4 * math.sqrt(n_vectors)), n_vectors // MIN_POINTS_PER_LIST))
-
-
-def reduced_dim(dim: int) -> int:
-    """Dimension of the candidate search for ``dim``-d vectors."""
-    return max(1, min(REDUCED_DIM, dim // 2))
-
-
-def desired_type(n_vectors: int, current: str | None, trained_on: int, threshold: int) -> tuple[str, bool]:
-    """(index type wanted for ``n_vectors``, whether the current index must be rebuilt)."""
-    if current == INDEX_TYPE_IVF:
-        if n_vectors < threshold // 2:
-            return INDEX_TYPE_FLAT, True
-        return INDEX_TYPE_IVF, n_vectors >= 4 * max(trained_on, 1)
-    if n_vectors >= threshold:
-        return INDEX_TYPE_IVF, True
-    return INDEX_TYPE_FLAT, current != INDEX_TYPE_FLAT
-
-
 class _VectorReader:
-    """Reads stored vectors of one table by id, in chunks."""
+    """Reads stored vectors of one table: by id, or every row past an id, in chunks."""
 
     def __init__(self, db: Database, model: type[Track] | type[Detection], dim: int) -> None:
         self.db, self.model, self.dim = db, model, dim
@@ -405,167 +127,62 @@ class _VectorReader:
                         bytes_to_vectors([by_id[i] for i in present], self.dim),
                     )
 
+    def vectors_after(self, last_id: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of every row with id > ``last_id``, by keyset pages in id order."""
+        with self.db.read() as session:
+            while True:
+                rows = session.execute(
+                    select(self.model.id, self.model.embedding)
+                    .where(self.model.id > last_id)
+                    .order_by(self.model.id)
+                    .limit(_ROWS_PER_READ)
+                ).all()
+                if not rows:
+                    return
+                last_id = int(rows[-1][0])
+                yield (
+                    np.asarray([row[0] for row in rows], dtype=np.int64),
+                    bytes_to_vectors([row[1] for row in rows], self.dim),
+                )
 
-def _exact_topk_update(
-    best_scores: np.ndarray, best_ids: np.ndarray, queries: np.ndarray, ids: np.ndarray, vectors: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merge one chunk of gallery vectors into the running exact top-k of ``queries``."""
-    scores = queries @ vectors.T
-    all_scores = np.concatenate([best_scores, scores], axis=1)
-    all_ids = np.concatenate([best_ids, np.broadcast_to(ids, scores.shape)], axis=1)
-    k = best_scores.shape[1]
-    order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_ids, order, 1)
+    def count_after(self, last_id: int) -> int:
+        with self.db.read() as session:
+            return int(session.scalar(select(func.count()).where(self.model.id > last_id)) or 0)
 
-
-VectorChunks = Callable[[np.ndarray], Iterator[tuple[np.ndarray, np.ndarray]]]
-
-
-def _uncentred_pca(sample: np.ndarray, out_dim: int) -> faiss.LinearTransform:
-    """Projection on the top ``out_dim`` eigenvectors of the sample's second-moment matrix: the
-    rank-``out_dim`` map that best keeps inner products (centring would drop the mean direction,
-    which inner products between same-signed features depend on)."""
-    second_moment = np.zeros((sample.shape[1], sample.shape[1]), dtype=np.float64)
-    for start in range(0, len(sample), 10_000):
-        part = sample[start : start + 10_000]
-        second_moment += (part.T @ part).astype(np.float64)
-    _, eigenvectors = np.linalg.eigh(second_moment)  # ascending eigenvalues
-    projection = np.ascontiguousarray(eigenvectors[:, ::-1][:, :out_dim].T, dtype=np.float32)
-    transform = faiss.LinearTransform(sample.shape[1], out_dim, False)
-    faiss.copy_array_to_vector(projection.ravel(), transform.A)
-    transform.is_trained = True
-    return transform
+    def max_id(self) -> int:
+        with self.db.read() as session:
+            return int(session.scalar(select(func.max(self.model.id))) or 0)
 
 
-def candidate_ivf(out_dim: int, nlist: int) -> faiss.IndexIVF:
-    """The untrained IVF index of the candidate search (in the reduced space)."""
-    ivf = faiss.IndexIVFScalarQuantizer(
-        faiss.IndexFlatIP(out_dim), out_dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
-    )
-    ivf.sq.rangestat_arg = _SQ_RANGE_MARGIN
-    return ivf
+def _deletions_after(db: Database, kind: str, seq: int) -> tuple[np.ndarray, int]:
+    """(row ids deleted by log entries past ``seq``, the last entry's seq)."""
+    with db.read() as session:
+        rows = session.execute(
+            select(Deletion.id, Deletion.row_ids).where(Deletion.id > seq, Deletion.kind == kind).order_by(Deletion.id)
+        ).all()
+    if not rows:
+        return np.zeros(0, dtype=np.int64), seq
+    return np.unique(np.concatenate([bytes_to_ids(row[1]) for row in rows])), int(rows[-1][0])
 
 
-def build_ivf(
-    read_vectors: VectorChunks,
-    ids: np.ndarray,
-    dim: int,
-    target_recall: float,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-) -> tuple[faiss.Index, dict[str, Any]]:
-    """Train and fill an approximate (PCA + IVF-SQ8 + SQ8 re-scoring) index with the vectors of
-    ``ids`` and tune its nprobe and k_factor.
-
-    ``read_vectors(ids)`` yields (ids, float32 vectors) chunks (from the database in the app). It
-    is called three times: PCA sample, k-means sample, then every id. ``progress`` is told when
-    each phase is done."""
-    report = progress or (lambda _message: None)
-    rng = np.random.default_rng(seed)
-    nlist = ivf_nlist(len(ids))
-    out_dim = reduced_dim(dim)
-    train_ids = rng.permutation(rng.choice(ids, size=min(len(ids), TRAIN_POINTS_PER_LIST * nlist), replace=False))
-    pca_ids = np.sort(train_ids[:PCA_SAMPLE])
-    pca_sample = np.concatenate([vecs for _, vecs in read_vectors(pca_ids)])
-    transform = _uncentred_pca(pca_sample, out_dim)
-    report(f"PCA {dim}->{out_dim} fitted on {len(pca_sample)} vectors")
-    store = faiss.IndexIDMap2(
-        faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-    )
-    store_quantizer = faiss.downcast_index(store.index)
-    store_quantizer.sq.rangestat_arg = _SQ_RANGE_MARGIN
-    store.train(pca_sample)
-    query_rows = rng.choice(len(pca_sample), size=min(TUNING_QUERIES, len(pca_sample)), replace=False)
-    queries, query_ids = pca_sample[query_rows].copy(), pca_ids[query_rows]
-    del pca_sample
-    # k-means runs in the reduced space: 15x cheaper than at full dimension.
-    reduced_train = np.concatenate([transform.apply(vecs) for _, vecs in read_vectors(np.sort(train_ids))])
-    ivf = candidate_ivf(out_dim, nlist)
-    ivf.cp.niter = _KMEANS_ITERATIONS
-    ivf.train(reduced_train)
-    report(f"k-means: {nlist} lists trained on {len(reduced_train)} vectors")
-    del reduced_train
-    candidates_index = faiss.IndexPreTransform(transform, ivf)
-    index = faiss.IndexRefine(candidates_index, store)
-    # Exact truth for the tuning queries, each one's own id left out: k + 1 neighbours, then drop it.
-    k = min(RECALL_K, len(ids) - 1)
-    best_scores = np.full((len(queries), k + 1), -np.inf, dtype=np.float32)
-    best_ids = np.full((len(queries), k + 1), -1, dtype=np.int64)
-    gallery = GalleryIndex("", index, {"type": INDEX_TYPE_IVF})
-    for chunk_ids, vectors in read_vectors(ids):
-        gallery.add(chunk_ids, vectors)
-        best_scores, best_ids = _exact_topk_update(best_scores, best_ids, queries, chunk_ids, vectors)
-    report(f"{len(ids)} vectors added")
-    truth = _without_own_ids(best_ids, query_ids, k)
-    nprobe, k_factor, recall = tune_search(gallery, queries, query_ids, truth, target_recall)
-    report(f"tuned: nprobe {nprobe}, k_factor {k_factor}, recall@{k} {recall:.3f}")
-    meta = {
-        "nlist": nlist,
-        "nprobe": nprobe,
-        "k_factor": k_factor,
-        "reduced_dim": out_dim,
-        "recall_at_10": recall,
-        "trained_on": len(ids),
-    }
-    return index, meta
-
-
-def _without_own_ids(found: np.ndarray, own_ids: np.ndarray, k: int) -> np.ndarray:
-    """First ``k`` ids of each row other than that row's own id."""
-    rows = [row[row != own][:k] for row, own in zip(found, own_ids, strict=True)]
-    return np.asarray([np.pad(row, (0, k - len(row)), constant_values=-1) for row in rows], dtype=np.int64)
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean fraction of each row of ``truth`` (exact top-k ids) present in ``found``."""
-    hits = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
-    return hits / max(truth.size, 1)
-
-
-def tune_search(
-    gallery: GalleryIndex, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, target_recall: float
-) -> tuple[int, int, float]:
-    """(nprobe, k_factor, recall@k) of the cheapest pair reaching ``target_recall`` on ``queries``
-    (stored vectors, whose own ids ``query_ids`` are left out of the results, as of ``truth``).
-
-    Cost = code bytes read per query: nprobe lists of the reduced codes + k·k_factor full SQ8
-    vectors. nprobe grows by NPROBE_STEP (sqrt 2) up to nlist; the candidates of the largest
-    k_factor are re-scored once per nprobe and each smaller k_factor uses a prefix of them."""
-    candidates_index, store = gallery._refine_parts()
-    scorer = gallery._store_scorer()
-    ivf = faiss.extract_index_ivf(candidates_index)
-    k = truth.shape[1]
-    list_cost = ivf.ntotal / ivf.nlist * ivf.code_size
-    best: tuple[float, int, int, float] | None = None  # (cost, nprobe, k_factor, recall)
-    fallback = (1, K_FACTORS[0], 0.0)
-    nprobe = 1
-    while best is None or nprobe * list_cost < best[0]:
-        params = faiss.SearchParametersPreTransform(index_params=faiss.SearchParametersIVF(nprobe=nprobe))
-        _, candidates = candidates_index.search(queries, k * K_FACTORS[-1], params=params)
-        for k_factor in K_FACTORS:
-            # As many candidates as a search of k results gets; the query's own id among them
-            # leaves one fewer for its neighbours (a little pessimistic).
-            _, found = rescore(scorer, queries, candidates[:, : k * k_factor], k + 1)
-            recall = recall_at_k(_without_own_ids(found, query_ids, k), truth)
-            cost = nprobe * list_cost + k * k_factor * store.d  # one byte per dimension
-            if recall >= target_recall and (best is None or cost < best[0]):
-                best = (cost, nprobe, k_factor, recall)
-            fallback = (nprobe, k_factor, recall)
-        if nprobe >= ivf.nlist:
-            break
-        nprobe = min(max(nprobe + 1, round(nprobe * NPROBE_STEP)), ivf.nlist)
-    return (best[1], best[2], best[3]) if best is not None else fallback
+def _last_deletion_seq(db: Database) -> int:
+    with db.read() as session:
+        return int(session.scalar(select(func.max(Deletion.id))) or 0)
 
 
 class IndexManager:
-    """Opens, syncs and saves the indexes of one database."""
+    """Opens, syncs and saves the indexes of one database on this host."""
 
     def __init__(self, db: Database, config: AppConfig) -> None:
         self.db, self.config = db, config
-        self.index_dir = config.index_dir
         # Loaded indexes, with the (inode, mtime, size) of the file they were read from or written
         # to, so a process that syncs after every ingest batch only re-reads what others changed.
         self._cache: dict[str, tuple[tuple[int, int, int], GalleryIndex]] = {}
+
+    @property
+    def index_dir(self) -> Path:
+        """This database's index folder on this host."""
+        return index_folder(self.config, self.db.uuid)
 
     def _load(self, kind: str, info: DatabaseInfo) -> tuple[GalleryIndex | None, str]:
         """The index on disk if it is usable, else (None, why not)."""
@@ -584,15 +201,12 @@ class IndexManager:
         problem = _sidecar_problem(meta, index, info)
         if problem:
             return None, problem
-        ids = index_ids(index)
-        max_id = int(ids[-1]) if len(ids) else 0
         expected = {
             "format": SIDECAR_FORMAT,
             "db_uuid": info.uuid,
             "model_weights_sha256": info.model_weights_sha256,
             "dim": info.model_dim,
             "ntotal": int(index.ntotal),
-            "max_id": max_id,
         }
         for key, value in expected.items():
             if meta.get(key) != value:
@@ -601,6 +215,9 @@ class IndexManager:
             (meta["type"] == INDEX_TYPE_IVF) != isinstance(index, faiss.IndexRefine)
         ):
             return None, "sidecar type does not match the index file"
+        ids = index_ids(index)
+        if len(ids) and int(ids[-1]) > meta["synced_id"]:
+            return None, "the index holds rows past its sidecar's synced_id"
         if meta["type"] == INDEX_TYPE_IVF:
             # Both parts must hold the same rows (a crash cannot split them: the file is written
             # whole, but a file edited or written by other code could).
@@ -614,56 +231,77 @@ class IndexManager:
 
     def _save(self, gallery: GalleryIndex) -> None:
         index_path, sidecar_path, _ = index_paths(self.index_dir, gallery.kind)
-        ids = index_ids(gallery.index)
-        gallery.meta.update(ntotal=int(gallery.index.ntotal), max_id=int(ids[-1]) if len(ids) else 0)
+        gallery.meta.update(ntotal=int(gallery.index.ntotal))
         gallery.meta["written_at"] = utc_now().isoformat()
         # Written by FAISS straight to the temporary file: serialising to memory first would
         # hold two more copies of a multi-GB index.
-        _atomic_write(index_path, lambda name: faiss.write_index(gallery.index, name))
-        _atomic_write_bytes(sidecar_path, json.dumps(gallery.meta, indent=2).encode())
+        atomic_write(index_path, lambda name: faiss.write_index(gallery.index, name))
+        atomic_write_bytes(sidecar_path, json.dumps(gallery.meta, indent=2).encode())
         self._cache[gallery.kind] = (_file_stamp(index_path), gallery)
+
+    def _info(self) -> DatabaseInfo:
+        info = self.db.info()
+        if info is None or info.model_dim is None:
+            raise ReidAppError("the database is empty: nothing has been ingested yet")
+        return info
 
     def sync(self, kind: str) -> tuple[GalleryIndex, SyncReport]:
         """Bring the ``kind`` index into agreement with the database (under the file lock) and
         return it."""
-        info = self.db.info()
-        if info is None or info.model_dim is None:
-            raise ReidAppError("the database is empty: nothing has been ingested yet")
+        info = self._info()
         _, _, lock_path = index_paths(self.index_dir, kind)
+        started = time.perf_counter()
         with file_lock(lock_path, self.config.lock_timeout_s):
-            return self._sync_locked(kind, info)
+            gallery, report = self._sync_locked(kind, info)
+        report.seconds = time.perf_counter() - started
+        return gallery, report
 
     def _sync_locked(self, kind: str, info: DatabaseInfo) -> tuple[GalleryIndex, SyncReport]:
         dim = int(info.model_dim or 0)
         reader = _VectorReader(self.db, INDEX_KINDS[kind], dim)
         report = SyncReport(kind=kind)
         gallery, why_not = self._load(kind, info)
-        db_ids = reader.all_ids()
-        current_type = gallery.index_type if gallery is not None else None
-        trained_on = int(gallery.meta.get("trained_on", 0)) if gallery is not None else 0
-        wanted, rebuild = desired_type(len(db_ids), current_type, trained_on, self.config.ivf_threshold)
-        if gallery is None or rebuild:
-            report.rebuilt = True
-            report.reason = why_not or f"{len(db_ids)} vectors: switching to {wanted}"
-            gallery = self._build(kind, wanted, reader, db_ids, info)
-        else:
-            held = index_ids(gallery.index)
-            orphans = np.setdiff1d(held, db_ids, assume_unique=True)
-            missing = np.setdiff1d(db_ids, held, assume_unique=True)
-            if len(orphans):
-                gallery.remove(orphans)
-                report.removed = len(orphans)
-            for chunk_ids, vectors in reader.vectors(missing):
+        if gallery is not None:
+            # The deletion log first, then the new rows (the module docstring says why).
+            deleted, seq = _deletions_after(self.db, kind, int(gallery.meta["deletion_seq"]))
+            if len(deleted):
+                held = np.intersect1d(deleted, index_ids(gallery.index), assume_unique=True)
+                report.behind_deletions = len(held)
+                if len(held):
+                    gallery.remove(held)
+                    report.removed = len(held)
+                    if kind == "detections":
+                        self._forget_cached_thumbnails(held)
+            if seq != gallery.meta["deletion_seq"]:
+                gallery.meta["deletion_seq"] = seq
+                report.reason = "deletion log read"
+            for chunk_ids, vectors in reader.vectors_after(int(gallery.meta["synced_id"])):
                 gallery.add(chunk_ids, vectors)
                 report.added += len(chunk_ids)
-        if report.changed:
+                gallery.meta["synced_id"] = int(chunk_ids[-1])
+            report.behind_rows = report.added
+            trained_on = int(gallery.meta.get("trained_on", 0))
+            wanted, rebuild = desired_type(gallery.ntotal, gallery.index_type, trained_on, self.config.ivf_threshold)
+            if rebuild:
+                why_not = f"{gallery.ntotal} vectors: switching to {wanted}"
+                gallery = None
+        if gallery is None:
+            report.rebuilt = True
+            report.reason = why_not
+            gallery = self._build(kind, reader, info)
+            report.behind_rows = gallery.ntotal
+        if report.changed or report.reason:
             self._save(gallery)
         return gallery, report
 
-    def _build(
-        self, kind: str, index_type: str, reader: _VectorReader, ids: np.ndarray, info: DatabaseInfo
-    ) -> GalleryIndex:
+    def _build(self, kind: str, reader: _VectorReader, info: DatabaseInfo) -> GalleryIndex:
+        """A new index of every stored row. The log position is read before the ids, so deletions
+        committed meanwhile are applied again by the next sync (removing an absent id does nothing);
+        rows committed meanwhile have larger ids than any read here."""
         dim = int(info.model_dim or 0)
+        deletion_seq = _last_deletion_seq(self.db)
+        ids = reader.all_ids()
+        index_type, _ = desired_type(len(ids), None, 0, self.config.ivf_threshold)
         meta: dict[str, Any] = {
             "format": SIDECAR_FORMAT,
             "kind": kind,
@@ -673,6 +311,8 @@ class IndexManager:
             "model_weights_sha256": info.model_weights_sha256,
             "dim": dim,
             "ivf_threshold": self.config.ivf_threshold,
+            "synced_id": int(ids[-1]) if len(ids) else 0,
+            "deletion_seq": deletion_seq,
         }
         if index_type == INDEX_TYPE_IVF:
             index, ivf_meta = build_ivf(reader.vectors, ids, dim, self.config.ivf_target_recall)
@@ -684,12 +324,38 @@ class IndexManager:
             meta["trained_on"] = 0
         return GalleryIndex(kind=kind, index=index, meta=meta)
 
+    def _forget_cached_thumbnails(self, detection_ids: np.ndarray) -> None:
+        """This host's cached copies of deleted crops' thumbnails go with their vectors."""
+        from reid_app.thumbnails import drop_cached
+
+        drop_cached(self.config, self.db.uuid, detection_ids.tolist())
+
     def sync_all(self) -> list[SyncReport]:
         """Sync every index; none while no vector was ever stored (no model recorded yet)."""
         info = self.db.info()
         if info is None or info.model_dim is None:
             return []
         return [self.sync(kind)[1] for kind in INDEX_KINDS]
+
+    def lag(self, kind: str) -> dict[str, Any]:
+        """How far this host's ``kind`` index is behind the database, without syncing it: rows it
+        lacks, deletions it has not applied (log entries' row counts), and whether it must be built."""
+        info = self._info()
+        gallery, why_not = self._load(kind, info)
+        if gallery is None:
+            return {"rows_behind": None, "deletions_behind": None, "needs_build": why_not}
+        reader = _VectorReader(self.db, INDEX_KINDS[kind], int(info.model_dim or 0))
+        with self.db.read() as session:
+            pending = session.scalar(
+                select(func.coalesce(func.sum(Deletion.row_count), 0)).where(
+                    Deletion.id > int(gallery.meta["deletion_seq"]), Deletion.kind == kind
+                )
+            )
+        return {
+            "rows_behind": reader.count_after(int(gallery.meta["synced_id"])),
+            "deletions_behind": int(pending or 0),
+            "needs_build": None,
+        }
 
     def describe(self, kind: str) -> dict[str, Any] | None:
         """The sidecar of the ``kind`` index as it is on disk (None if there is none)."""
@@ -712,6 +378,9 @@ def _sidecar_problem(meta: object, index: faiss.Index, info: DatabaseInfo) -> st
         return f"the sidecar is a JSON {type(meta).__name__}, not an object"
     if index.d != info.model_dim:
         return f"the index file holds {index.d}-d vectors, the database {info.model_dim}-d ones"
+    for key in ("synced_id", "deletion_seq"):
+        if type(meta.get(key)) is not int or meta[key] < 0:
+            return f"sidecar {key} is {meta.get(key)!r}, not an integer >= 0"
     is_ivf = meta.get("type") == INDEX_TYPE_IVF
     for key, minimum in _NUMERIC_FIELDS.items():
         required = is_ivf and key != "trained_on"

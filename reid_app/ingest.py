@@ -1,29 +1,31 @@
 """Ingest one video of one camera: sample frames → detect → track → best crops → embed → store.
 
 Storage happens in batches: every ``commit_every_frames`` sampled frames, the tracks that
-ended meanwhile are embedded, their crops' JPEG thumbnails written, and their rows and vectors
-(track pooled vector + one vector per crop) committed in **one transaction**, together with the
-video's ``last_committed_frame``. The FAISS indexes are then synced from the database
+ended meanwhile are embedded and their rows, vectors (track pooled vector + one vector per crop)
+and JPEG thumbnails committed in **one transaction**, together with the video's
+``last_committed_frame``. The FAISS indexes are then synced from the database
 (:mod:`reid_app.index`), so they never hold a vector the database does not.
 
 Idempotence and crash safety:
 
 * A video is identified by (sha256 of its bytes, camera). Ingesting a pair that is already
   ``complete`` adds nothing and says so.
-* A run killed at any point (even SIGKILL) leaves the video with status ``ingesting``. The next
-  ingest of that video **redoes it**: the partial tracks, crops and thumbnails are deleted (one
+* Only one process ingests a (video, camera) at a time, whatever host it runs on: it holds a
+  claim row in the database, renewed while it runs (:mod:`reid_app.claims`). A second ingest of
+  the pair stops at once with a one-line error naming the holder.
+* A run killed at any point (even SIGKILL) leaves the video with status ``ingesting`` and its
+  claim. Once the claim is free (its lease ended, or its owner was a process of this host that is
+  gone), the next ingest of that video **redoes it**: the partial tracks, crops and thumbnails are deleted (one
   transaction), the indexes are synced (dropping their vectors) and the video is processed
   from the start. Resuming from ``last_committed_frame`` instead would cut every track that was
   open at the kill into two (the tracker's state is not stored), so the result would differ
   from an uninterrupted run; redoing gives exactly the same rows.
 * A run that fails with an error (e.g. the model breaks) deletes what it stored, video row
-  included, and exactly the thumbnail files it wrote itself. A video that stops decoding
-  part-way keeps the frames decoded so far (a warning says where it stopped).
-* Thumbnails live under ``thumbnails/<database uuid>/camera_<N>/video_<id>/`` in the data
-  folder, so databases that share a data folder (two SQLite files given one ``--data-dir``,
-  PostgreSQL databases on the default ``./data``) never write, overwrite or delete each other's
-  files. Rows of older databases keep their ``thumbnails/camera_<N>/...`` paths and are read as
-  they are.
+  included. A video that stops decoding part-way keeps the frames decoded so far (a warning says
+  where it stopped).
+* Thumbnails are stored in the database with their rows (:mod:`reid_app.thumbnails`), so every
+  host sees them; nothing is written to the data folder. Deleted rows are logged
+  (:func:`reid_app.store.delete_tracks`) so every host's index drops their vectors.
 * Everything that can be checked is checked before anything is written: the video decodes,
   the camera id, the weights, the database's embedding model.
 * The embedding model is recorded in the database by the transaction that commits its first
@@ -33,11 +35,9 @@ Idempotence and crash safety:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -52,23 +52,27 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from reid_app import claims
 from reid_app.config import AppConfig, parse_camera_id
 from reid_app.errors import ReidAppError, short_path
-from reid_app.index import IndexManager, file_lock
+from reid_app.index import IndexManager
 from reid_app.store import (
     VIDEO_COMPLETE,
     VIDEO_INGESTING,
     Database,
     DatabaseInfo,
     Detection,
+    Thumbnail,
     Track,
     Video,
     as_utc,
     check_model_identity,
     count_rows,
+    delete_tracks,
     utc_now,
     vector_to_bytes,
 )
+from reid_app.thumbnails import finish_file_deletions
 from reid_app.track import DEFAULT_LOST_TRACK_SECONDS, PersonTracker, TrackCrops, TrackCropSelector
 from reid_app.video import VideoSource, open_video, sample_step
 
@@ -195,14 +199,9 @@ def video_identity(video: VideoSource, start_time: datetime) -> str:
     return hashlib.sha256(f"{video.source}@{start_time.isoformat()}".encode()).hexdigest()
 
 
-def _video_thumbnail_dir(db_uuid: str, camera: int, video_id: int) -> Path:
-    """Relative to the data folder; the database's uuid keeps databases sharing a data folder apart."""
-    return Path("thumbnails") / db_uuid / f"camera_{camera}" / f"video_{video_id}"
-
-
 def _checked_uuid(value: object) -> str:
-    """The database's uuid in canonical form: it becomes a folder name, so a row holding anything
-    else (``../..``) must not reach the file system."""
+    """The database's uuid in canonical form: it becomes a folder name (index files, thumbnail
+    cache), so a row holding anything else (``../..``) must not reach the file system."""
     try:
         return str(uuid.UUID(str(value)))
     except ValueError:
@@ -212,9 +211,10 @@ def _checked_uuid(value: object) -> str:
 
 
 def _delete_video_rows(session: Session, video_id: int, *, delete_video: bool) -> None:
-    session.execute(delete(Detection).where(Detection.video_id == video_id))
-    session.execute(delete(Track).where(Track.video_id == video_id))
+    """A video's tracks, crops, thumbnails (logged for every host's index), and its row if asked."""
+    delete_tracks(session, list(session.scalars(select(Track.id).where(Track.video_id == video_id))))
     if delete_video:
+        session.execute(delete(claims.IngestClaim).where(claims.IngestClaim.video_id == video_id))
         session.execute(delete(Video).where(Video.id == video_id))
 
 
@@ -238,7 +238,8 @@ class _Ingest:
         self.indexes: IndexManager | None = None
         self.video_id: int | None = None
         self.db_uuid: str | None = None
-        self.written: list[Path] = []  # thumbnail files this run wrote: all that a failure may delete
+        self.owner = claims.new_owner()  # this run's name in the claim row
+        self.completed = False  # its final commit went through
 
     # -- validation (nothing written) ------------------------------------------------------
     def validate(self) -> VideoSource:
@@ -264,14 +265,12 @@ class _Ingest:
         self.db = Database(self.config, create=True)
         self.indexes = IndexManager(self.db, self.config)
         summary = IngestSummary(video_id=0, video_path=video.source, camera=self.options.camera, status="ingested")
-        # Held for the whole run: a second ingest of the same video and camera must not take the
-        # first one's unfinished rows for those of a killed run and delete them.
-        lock_path = self.config.index_dir / "locks" / f"ingest_{sha256[:32]}_camera_{self.options.camera}.lock"
-        busy = f"video {video.source} (camera {self.options.camera}) is being ingested by another process right now"
-        with file_lock(lock_path, timeout_s=0, busy_message=busy):
-            existing = self._claim_video(video, sha256, start_time, summary)
-            if existing == VIDEO_COMPLETE:
-                return summary
+        # The claim row, renewed for the whole run: a second ingest of the same video and camera,
+        # on any host, must not take this one's unfinished rows for those of a killed run.
+        existing = self._claim_video(video, sha256, start_time, summary)
+        if existing == VIDEO_COMPLETE:
+            return summary
+        with claims.Heartbeat(self.db, self.video_id, self.owner, self.config.claim_lease_s):
             try:
                 self.indexes.sync_all()  # drop vectors of a redone run's deleted rows
                 self._process(video, summary)
@@ -283,6 +282,8 @@ class _Ingest:
     def _claim_video(self, video: VideoSource, sha256: str, start_time: datetime, summary: IngestSummary) -> str | None:
         """Create (or reset, after an interrupted run) the video row; return the previous status."""
         embedder = self.embedder
+        what = f"video {video.source} (camera {self.options.camera})"
+        now_s = self.db.server_time()
 
         def work(session: Session) -> tuple[int, str | None]:
             info = session.get(DatabaseInfo, 1)
@@ -297,6 +298,7 @@ class _Ingest:
                 row = Video(sha256=sha256, camera_id=self.options.camera, created_at=utc_now())
                 session.add(row)
             else:
+                claims.take(session, row.id, self.owner, now_s, self.config.claim_lease_s, what)
                 previous = row.status
                 _delete_video_rows(session, row.id, delete_video=False)
             row.path = str(Path(video.source).resolve()) if not video.is_stream else video.source
@@ -308,6 +310,8 @@ class _Ingest:
             row.last_committed_frame = -1
             row.detector = self.detector.name
             session.flush()
+            if previous is None:
+                claims.take(session, row.id, self.owner, now_s, self.config.claim_lease_s, what)
             return row.id, previous
 
         self.db_uuid = _checked_uuid(self.db.ensure_info().uuid)
@@ -326,8 +330,7 @@ class _Ingest:
             )
         elif previous == VIDEO_INGESTING:
             summary.status = "redone after an interrupted run"
-            # The killed run's files, committed or not: this folder belongs to this database's video alone.
-            shutil.rmtree(self.config.storage_dir / self._thumbnail_dir(), True)
+            finish_file_deletions(self.db)  # thumbnail files of a killed run of an older version
             summary.notes.append(
                 f"video id {self.video_id} was left unfinished by an interrupted run: its partial rows were "
                 "deleted and the video is processed again from the start"
@@ -385,28 +388,25 @@ class _Ingest:
         """Embed the finished tracks and store them with their vectors in one transaction."""
         crops = [c for track in finished for c in track.crops]
         vectors = self.embedder.embed([c.image for c in crops]) if crops else np.zeros((0, self.embedder.dim))
-        thumb_dir = self._thumbnail_dir()
-        (self.config.storage_dir / thumb_dir).mkdir(parents=True, exist_ok=True)
-        rows: list[tuple[TrackCrops, np.ndarray, list[str]]] = []
+        rows: list[tuple[TrackCrops, np.ndarray, list[bytes]]] = []
         offset = 0
+        quality = [cv2.IMWRITE_JPEG_QUALITY, self.config.thumbnail_jpeg_quality]
         for track in finished:
             track_vectors = vectors[offset : offset + len(track.crops)]
             offset += len(track.crops)
-            paths = []
+            jpegs = []
             for crop in track.crops:
-                relative = thumb_dir / f"track_{track.track_id}_frame_{crop.frame_index}.jpg"
-                image = thumbnail_image(crop.image, self.config.thumbnail_max_side)
-                quality = [cv2.IMWRITE_JPEG_QUALITY, self.config.thumbnail_jpeg_quality]
-                self.written.append(self.config.storage_dir / relative)
-                if not cv2.imwrite(str(self.config.storage_dir / relative), image, quality):
-                    raise ReidAppError(f"cannot write thumbnail {self.config.storage_dir / relative}")
-                paths.append(str(relative))
-            rows.append((track, track_vectors, paths))
+                ok, encoded = cv2.imencode(".jpg", thumbnail_image(crop.image, self.config.thumbnail_max_side), quality)
+                if not ok:
+                    raise ReidAppError(f"cannot encode the thumbnail of a crop of frame {crop.frame_index}")
+                jpegs.append(encoded.tobytes())
+            rows.append((track, track_vectors, jpegs))
 
         def work(session: Session) -> None:
+            claims.check_held(session, self.video_id, self.owner)
             if rows:
                 self._record_model(session)
-            for track, track_vectors, paths in rows:
+            for track, track_vectors, jpegs in rows:
                 track_row = Track(
                     video_id=self.video_id,
                     camera_id=self.options.camera,
@@ -420,9 +420,10 @@ class _Ingest:
                 )
                 session.add(track_row)
                 session.flush()
-                for crop, vector, path in zip(track.crops, track_vectors, paths, strict=True):
+                detections = []
+                for crop, vector in zip(track.crops, track_vectors, strict=True):
                     x1, y1, x2, y2 = (float(v) for v in crop.bbox)
-                    session.add(
+                    detections.append(
                         Detection(
                             track_id=track_row.id,
                             video_id=self.video_id,
@@ -434,17 +435,24 @@ class _Ingest:
                             x2=x2,
                             y2=y2,
                             score=float(crop.score),
-                            thumbnail_path=path,
+                            thumbnail_path="",  # empty: the thumbnail is the row of the thumbnails table
                             embedding=vector_to_bytes(vector),
                         )
                     )
+                session.add_all(detections)
+                session.flush()
+                session.add_all(
+                    Thumbnail(detection_id=row.id, jpeg=jpeg) for row, jpeg in zip(detections, jpegs, strict=True)
+                )
             video = session.get(Video, self.video_id)
             video.last_committed_frame = frame_index
             if final:
                 video.status = VIDEO_COMPLETE
                 video.completed_at = utc_now()
+                claims.release(session, self.video_id, self.owner)
 
         self.db.write(work)
+        self.completed = final
         summary.tracks += len(rows)
         summary.crops += len(crops)
         if final:
@@ -464,17 +472,19 @@ class _Ingest:
             info.model_dim = embedder.dim
             info.model_is_trained = bool(embedder.is_trained)
 
-    def _thumbnail_dir(self) -> Path:
-        assert self.db_uuid is not None and self.video_id is not None
-        return _video_thumbnail_dir(self.db_uuid, self.options.camera, self.video_id)
-
     def _discard(self) -> None:
-        """Undo a failed run: its rows, video row, the thumbnail files it wrote and index vectors."""
+        """Undo a failed run: its rows, video row and index vectors; nothing when another process
+        has taken the video over (its rows are that one's now)."""
         if self.db is None or self.video_id is None:
             return
         video_id = self.video_id
 
         def work(session: Session) -> None:
+            # Ours to undo while we hold the claim, or once we completed the video (the completing
+            # commit released it); never when another process took the video over.
+            ours = claims.holds(session, video_id, self.owner)
+            if not (ours or (self.completed and claims.unclaimed(session, video_id))):
+                return
             _delete_video_rows(session, video_id, delete_video=True)
             if count_rows(session, Track) == 0 and count_rows(session, Detection) == 0:
                 # No vector of any model is left: the next ingest may bring other weights.
@@ -482,14 +492,6 @@ class _Ingest:
                 info.model_name = info.model_weights_sha256 = info.model_dim = info.model_is_trained = None
 
         self.db.write(work)
-        for path in self.written:
-            path.unlink(missing_ok=True)
-        # Its folders too, when that leaves them empty (rmdir refuses a folder that is not).
-        folder = self.config.storage_dir / self._thumbnail_dir()
-        for _ in range(3):  # video_<id>, camera_<N>, then the database's own folder
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-            folder = folder.parent
         self.indexes.sync_all()
 
 

@@ -14,9 +14,8 @@ Which part of the query image is embedded (the rule):
 Results are database rows ranked by cosine similarity (inner product of unit vectors): one per
 track (pooled embedding, the default) or one per stored crop (``--detections``).
 
-A row is data, not a file name to trust: a thumbnail path that leads outside the data folder
-(absolute, ``..``, a symbolic link out) is reported as no thumbnail, so nothing outside the
-data folder is ever read on a row's say-so.
+Thumbnails are found through :mod:`reid_app.thumbnails` (in the database, or an older row's file
+confined to the data folder).
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from reid_app.errors import ReidAppError
 from reid_app.images import read_image
 from reid_app.index import IndexManager
 from reid_app.store import Database, DatabaseInfo, Detection, Track, Video, as_utc, require_nonempty
+from reid_app.thumbnails import confined_thumbnail, thumbnail_file  # noqa: F401 (confined_thumbnail: re-exported)
 from reid_app.track import crop
 
 CROP_MIN_ASPECT = 1.2
@@ -183,9 +183,7 @@ def _best_detection(session: Session, track_id: int) -> Detection:
     ).first()
 
 
-def _hit(
-    session: Session, config: AppConfig, level: SearchLevel, rank: int, score: float, row_id: int
-) -> SearchHit | None:
+def _hit(session: Session, db: Database, level: SearchLevel, rank: int, score: float, row_id: int) -> SearchHit | None:
     """The result for index row ``row_id``, or None when its rows are gone: another process may
     delete them (a redone or failed ingest) between the index sync and this read."""
     if level == "tracks":
@@ -211,19 +209,8 @@ def _hit(
         detection_id=detection.id,
         identity_id=track.identity_id,
         bbox=[round(v, 1) for v in detection.bbox],
-        thumbnail=confined_thumbnail(config.storage_dir, detection.thumbnail_path),
+        thumbnail=thumbnail_file(db, detection),
     )
-
-
-def confined_thumbnail(data_dir: Path, stored: object) -> str | None:
-    """The absolute path a row's ``thumbnail_path`` names inside ``data_dir`` (symbolic links
-    resolved), or None when it leads anywhere else."""
-    try:
-        root = data_dir.resolve()
-        path = (root / str(stored)).resolve()
-    except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop
-        return None
-    return str(path) if path != root and path.is_relative_to(root) else None
 
 
 def model_dict(info: DatabaseInfo) -> dict[str, Any]:
@@ -264,7 +251,7 @@ def run_search(
                 for score, row_id in zip(scores[0], ids[0], strict=True):
                     if row_id < 0 or (options.threshold is not None and score < options.threshold):
                         continue
-                    hit = _hit(session, config, options.level, len(hits) + 1, float(score), int(row_id))
+                    hit = _hit(session, db, options.level, len(hits) + 1, float(score), int(row_id))
                     if hit is not None:
                         hits.append(hit)
             results.append(

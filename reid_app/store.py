@@ -10,6 +10,22 @@ PostgreSQL, ...). SQLite gets what concurrent writers need: WAL journal, a busy 
 upgrade) and :func:`Database.write` retries a transaction that still hits "database is locked".
 Tables use AUTOINCREMENT on SQLite so a deleted row id is never handed out again: an index file
 that still holds a vector for a deleted id can then never be mistaken for the new row's vector.
+
+Several hosts on one PostgreSQL (README, "Several hosts"):
+
+* **Write transactions are serialised.** On PostgreSQL each one first takes one transaction-level
+  advisory lock (:data:`WRITER_LOCK_KEY`), as SQLite's ``BEGIN IMMEDIATE`` does by itself. Row ids
+  are therefore handed out in commit order: a reader that has seen every row up to id N will
+  never later see a new row with a smaller id, which is what lets every host's FAISS index catch
+  up by reading only ``id > N`` (:mod:`reid_app.index`). Write transactions are short (embedding
+  and decoding happen outside them), so the queue is brief.
+* **Deletions are logged** (:class:`Deletion`, in the transaction that deletes): other hosts drop
+  the vectors of deleted rows by reading the log past the last entry they applied.
+* **Thumbnails are rows** (:class:`Thumbnail`, the JPEG bytes): every host reads them, whatever
+  host ingested them. Rows of databases made before keep ``thumbnail_path`` (a file in the data
+  folder of the host that ingested them), read from there.
+* **Who ingests a video is a row** (:class:`IngestClaim`, see :mod:`reid_app.claims`), not a file
+  lock: it works across hosts and expires when its owner stops renewing it.
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -33,9 +50,11 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
@@ -63,6 +82,8 @@ DRIVER_PACKAGES = {
 VIDEO_INGESTING = "ingesting"
 VIDEO_COMPLETE = "complete"
 _SQLITE_TABLE_ARGS = {"sqlite_autoincrement": True}
+#: PostgreSQL advisory lock key that serialises write transactions ("reid" in ASCII).
+WRITER_LOCK_KEY = 0x72656964
 
 
 def utc_now() -> datetime:
@@ -162,8 +183,63 @@ class Detection(Base):
         return (self.x1, self.y1, self.x2, self.y2)
 
 
+class Thumbnail(Base):
+    """The JPEG thumbnail of one stored crop, kept in the database so that every host sees it."""
+
+    __tablename__ = "thumbnails"
+
+    detection_id: Mapped[int] = mapped_column(ForeignKey("detections.id"), primary_key=True)
+    jpeg: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Deletion(Base):
+    """One entry of the deletion log: row ids of ``kind`` ("tracks" or "detections") deleted by one
+    transaction, as little-endian int64 bytes. Hosts apply the entries past the last one they saw."""
+
+    __tablename__ = "deletions"
+    __table_args__ = (_SQLITE_TABLE_ARGS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    row_count: Mapped[int] = mapped_column(Integer)
+    row_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class IngestClaim(Base):
+    """Who is ingesting a video right now, until when (seconds since 1970 on the database's clock)."""
+
+    __tablename__ = "ingest_claims"
+
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(300))  # host:pid:random
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    lease_until_s: Mapped[float] = mapped_column(Float)
+
+
+class PendingFileDeletion(Base):
+    """A thumbnail file (of a database made before thumbnails were rows) whose rows are deleted but
+    whose file may still be on disk: recorded in the deleting transaction, removed after it, so a
+    run killed in between is finished by the next prune or forget."""
+
+    __tablename__ = "pending_file_deletions"
+    __table_args__ = (_SQLITE_TABLE_ARGS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String(4096))  # relative to the data folder
+
+
 def vector_to_bytes(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def ids_to_bytes(ids: list[int] | np.ndarray) -> bytes:
+    return np.ascontiguousarray(ids, dtype="<i8").tobytes()
+
+
+def bytes_to_ids(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<i8").astype(np.int64)
 
 
 def bytes_to_vectors(blobs: list[bytes], dim: int) -> np.ndarray:
@@ -205,10 +281,19 @@ class Database:
         self._write_engine = (
             self.engine.execution_options(sqlite_begin="BEGIN IMMEDIATE") if config.is_sqlite else self.engine
         )
+        self.is_postgresql = self.engine.dialect.name == "postgresql"
+        self._uuid: str | None = None
         if create:
-            # In a write transaction (BEGIN IMMEDIATE on SQLite): two processes creating the same new
-            # database queue up instead of failing, and the second finds the tables made.
-            self._retry_locked(lambda: Base.metadata.create_all(self._write_engine))
+            # In a write transaction (BEGIN IMMEDIATE on SQLite, the writer lock on PostgreSQL): two
+            # processes creating the same new database queue up instead of failing, and the second
+            # finds the tables made.
+            self._retry_locked(self._create_schema)
+
+    def _create_schema(self) -> None:
+        with self._write_engine.begin() as connection:
+            if self.is_postgresql:
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITER_LOCK_KEY})
+            Base.metadata.create_all(connection)
 
     @staticmethod
     def _make_engine(config: AppConfig) -> Engine:
@@ -251,6 +336,8 @@ class Database:
 
         def transaction() -> T:
             with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+                if self.is_postgresql:
+                    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITER_LOCK_KEY})
                 return work(session)
 
         return self._retry_locked(transaction, retries=retries)
@@ -287,8 +374,74 @@ class Database:
 
         return self.write(work)
 
+    @property
+    def uuid(self) -> str:
+        """This database's uuid (read once)."""
+        if self._uuid is None:
+            info = self.info()
+            if info is None:
+                raise ReidAppError("the database is empty: nothing has been ingested yet (run `reid-app ingest` first)")
+            try:
+                # It names folders (index files, thumbnail cache): a damaged row must not lead elsewhere.
+                self._uuid = str(uuid.UUID(str(info.uuid)))
+            except ValueError:
+                raise ReidAppError(
+                    f"the database's uuid {str(info.uuid)[:40]!r} is not a UUID: its database_info row is damaged"
+                ) from None
+        return self._uuid
+
+    def server_time(self) -> float:
+        """Seconds since 1970 on the database's clock: leases compared on one clock hold whatever the
+        hosts' own clocks say (on SQLite, a single machine, its clock)."""
+        if not self.is_postgresql:
+            return time.time()
+        with self.engine.connect() as connection:
+            return float(connection.execute(text("SELECT extract(epoch from clock_timestamp())")).scalar_one())
+
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+@dataclass
+class DeletedRows:
+    """What :func:`delete_tracks` removed."""
+
+    tracks: list[int] = field(default_factory=list)
+    detections: list[int] = field(default_factory=list)
+    thumbnails: int = 0  # thumbnail rows
+    files: list[str] = field(default_factory=list)  # thumbnail files of older rows, to remove after commit
+
+
+def delete_tracks(session: Session, track_ids: list[int]) -> DeletedRows:
+    """Delete tracks with their crops, thumbnails and vectors, logging the deleted ids (and older
+    rows' thumbnail files) in the same transaction: a kill either leaves all of it or none."""
+    deleted = DeletedRows()
+    for start in range(0, len(track_ids), _ID_CHUNK):
+        chunk = track_ids[start : start + _ID_CHUNK]
+        rows = session.execute(
+            select(Detection.id, Detection.thumbnail_path).where(Detection.track_id.in_(chunk))
+        ).all()
+        detection_ids = [row[0] for row in rows]
+        deleted.files += [row[1] for row in rows if row[1]]
+        for id_start in range(0, len(detection_ids), _ID_CHUNK):
+            id_chunk = detection_ids[id_start : id_start + _ID_CHUNK]
+            deleted.thumbnails += session.execute(
+                delete(Thumbnail).where(Thumbnail.detection_id.in_(id_chunk))
+            ).rowcount
+            session.execute(delete(Detection).where(Detection.id.in_(id_chunk)))
+        session.execute(delete(Track).where(Track.id.in_(chunk)))
+        deleted.tracks += chunk
+        deleted.detections += detection_ids
+    now = utc_now()
+    for kind, ids in (("tracks", deleted.tracks), ("detections", deleted.detections)):
+        if ids:
+            session.add(Deletion(kind=kind, row_count=len(ids), row_ids=ids_to_bytes(ids), deleted_at=now))
+    session.add_all(PendingFileDeletion(path=path) for path in deleted.files)
+    return deleted
+
+
+#: Ids per IN (...) list: below every database's bound-parameter limit.
+_ID_CHUNK = 900
 
 
 def _check_sqlite_file(path: Path) -> None:

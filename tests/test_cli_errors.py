@@ -45,6 +45,20 @@ def snapshot(folder: Path) -> dict[str, object]:
     return state
 
 
+def faiss_dir(folder: Path) -> Path:
+    """The index folder of the one database whose SQLite file is in ``folder``."""
+    (found,) = folder.glob("faiss/*")
+    return found
+
+
+def stored_thumbnail(folder: Path, out: Path) -> Path:
+    """A real person crop: the first stored thumbnail of the SQLite database in ``folder``."""
+    with sqlite3.connect(folder / "reid.db") as connection:
+        (jpeg,) = connection.execute("SELECT jpeg FROM thumbnails ORDER BY detection_id LIMIT 1").fetchone()
+    out.write_bytes(jpeg)
+    return out
+
+
 def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
     """Exit code 2; the last stderr line is the error, the only one, and has no traceback."""
     lines = [line for line in err.splitlines() if line.strip()]
@@ -78,10 +92,7 @@ def filled(tmp_path_factory: pytest.TempPathFactory, video: Path) -> Path:
 @pytest.fixture()
 def query_crop(filled: Path, tmp_path: Path) -> Path:
     """A real person crop: a stored thumbnail."""
-    thumb = next((filled / "thumbnails").rglob("*.jpg"))
-    path = tmp_path / "person.jpg"
-    shutil.copy(thumb, path)
-    return path
+    return stored_thumbnail(filled, tmp_path / "person.jpg")
 
 
 def test_missing_video(filled: Path, tmp_path: Path, capsys, monkeypatch) -> None:

@@ -1,8 +1,10 @@
 """End to end through the real CLI: ingest real video → search, idempotence, kill/resume, concurrency.
 
 Real video decoding (the repository's sample clips), the real YOLO11n-pose detector, ByteTrack,
-the seeded untrained FA-Net embedder (``--weights untrained``), a real SQLite file and real
-FAISS indexes. Ingests sample 1 frame per second of the first seconds of a clip to stay fast.
+the seeded untrained FA-Net embedder (``--weights untrained``), a real SQLite file or a real
+PostgreSQL server (the gallery fixture is parametrised) and real FAISS indexes. A test folder is a
+host's data folder; the URL of its database is written in it (``.db_url``). Ingests sample 1
+frame per second of the first seconds of a clip to stay fast.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,7 +21,10 @@ import cv2
 import faiss
 import numpy as np
 import pytest
+from conftest import BACKENDS, new_database_url
 from helpers import run_cli
+from pgcluster import database_name
+from sqlalchemy import create_engine, select, text
 
 from reid_app import cli
 from reid_app.config import AppConfig
@@ -28,7 +32,7 @@ from reid_app.embed import Embedder
 from reid_app.index import INDEX_KINDS, IndexManager, index_ids, index_paths
 from reid_app.ingest import IngestOptions, ingest_video, load_detector
 from reid_app.search import SearchOptions, run_search
-from reid_app.store import Database
+from reid_app.store import Database, Video, as_utc
 from reid_app.video import open_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,15 +72,55 @@ def cli_subprocess(args: list[str], **kwargs) -> subprocess.Popen:
 
 
 def db_url(folder: Path) -> str:
-    return f"sqlite:///{folder / 'reid.db'}"
+    """The database of a test folder: the URL written in it, else a SQLite file in it."""
+    marker = folder / ".db_url"
+    return marker.read_text() if marker.exists() else f"sqlite:///{folder / 'reid.db'}"
+
+
+def use_database(folder: Path, url: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".db_url").write_text(url)
+    return folder
+
+
+def sql(folder: Path, query: str, **params) -> list[tuple]:
+    """Rows of a plain SQL query on the folder's database (either backend)."""
+    engine = create_engine(db_url(folder))
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(text(query), params)]
+    finally:
+        engine.dispose()
+
+
+def like(gallery: Path, folder: Path, request: pytest.FixtureRequest) -> Path:
+    """``folder`` with a fresh database of the gallery's backend."""
+    backend = "postgresql" if db_url(gallery).startswith("postgresql") else "sqlite"
+    return use_database(folder, new_database_url(backend, folder, request))
+
+
+def sql_write(folder: Path, statement: str, **params) -> None:
+    engine = create_engine(db_url(folder))
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(statement), params)
+    finally:
+        engine.dispose()
+
+
+def copy_gallery(source: Path, target: Path, request: pytest.FixtureRequest) -> Path:
+    """A copy of a test folder and its database (PostgreSQL: a new database from it as template)."""
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    url = db_url(source)
+    if url.startswith("postgresql"):
+        cluster = request.getfixturevalue("pg_cluster")
+        cluster.drop_connections(database_name(url))
+        use_database(target, cluster.create_database(template=database_name(url)))
+    return target
 
 
 def table_counts(folder: Path) -> dict[str, int]:
-    with sqlite3.connect(folder / "reid.db") as connection:
-        return {
-            table: connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            for table in ("videos", "tracks", "detections")
-        }
+    return {table: sql(folder, f"SELECT count(*) FROM {table}")[0][0] for table in ("videos", "tracks", "detections")}
 
 
 def camera_counts(folder: Path, camera: int) -> tuple[int, int]:
@@ -86,33 +130,32 @@ def camera_counts(folder: Path, camera: int) -> tuple[int, int]:
     different order under other load, and a last-digit change can flip which of two
     near-equal crops a track keeps (observed once here), without changing what is stored.
     """
-    with sqlite3.connect(folder / "reid.db") as connection:
-        return tuple(
-            connection.execute(f"SELECT count(*) FROM {table} WHERE camera_id = ?", (camera,)).fetchone()[0]
-            for table in ("tracks", "detections")
-        )
+    return tuple(
+        sql(folder, f"SELECT count(*) FROM {table} WHERE camera_id = :camera", camera=camera)[0][0]
+        for table in ("tracks", "detections")
+    )
 
 
 def assert_db_and_index_agree(folder: Path) -> None:
-    """Every index file holds exactly the database's row ids, and every thumbnail exists once."""
-    config = AppConfig(db_url=db_url(folder))
+    """Every index file holds exactly the database's row ids, and every crop has one thumbnail row."""
+    config = AppConfig(db_url=db_url(folder), data_dir=folder)
     db = Database(config)
-    with sqlite3.connect(folder / "reid.db") as connection:
-        for kind in INDEX_KINDS:
-            ids = np.sort([row[0] for row in connection.execute(f"SELECT id FROM {kind}")]).astype(np.int64)
-            on_disk = faiss.read_index(str(index_paths(config.index_dir, kind)[0]))
-            np.testing.assert_array_equal(index_ids(on_disk), ids, err_msg=f"{kind} index vs database")
-        thumbnails = {row[0] for row in connection.execute("SELECT thumbnail_path FROM detections")}
-    on_disk_thumbs = {str(p.relative_to(folder)) for p in (folder / "thumbnails").rglob("*.jpg")}
-    assert thumbnails == on_disk_thumbs
+    for kind in INDEX_KINDS:
+        ids = np.sort([row[0] for row in sql(folder, f"SELECT id FROM {kind}")]).astype(np.int64)
+        on_disk = faiss.read_index(str(index_paths(IndexManager(db, config).index_dir, kind)[0]))
+        np.testing.assert_array_equal(index_ids(on_disk), ids, err_msg=f"{kind} index vs database")
+    detections = {row[0] for row in sql(folder, "SELECT id FROM detections")}
+    assert {row[0] for row in sql(folder, "SELECT detection_id FROM thumbnails")} == detections
+    assert not list(folder.glob("thumbnails/*/camera_*"))  # nothing written to the data folder
     # And opening it finds nothing to repair.
     assert not any(report.changed for report in IndexManager(db, config).sync_all())
 
 
-@pytest.fixture(scope="module")
-def gallery(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
-    """A database with the first 12 s of camera 1's clip (ingested in this process)."""
-    folder = tmp_path_factory.mktemp("gallery")
+@pytest.fixture(scope="module", params=BACKENDS)
+def gallery(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
+    """A database with the first 12 s of camera 1's clip (ingested in this process), on each backend."""
+    folder = tmp_path_factory.mktemp(f"gallery_{request.param}")
+    use_database(folder, new_database_url(request.param, folder, request))
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(
             sys,
@@ -125,6 +168,8 @@ def gallery(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
                 "1",
                 "--db",
                 db_url(folder),
+                "--data-dir",
+                str(folder),
                 "--quiet",
                 *INGEST_ARGS,
             ],
@@ -139,24 +184,23 @@ def test_ingest_stores_tracks_crops_vectors_and_thumbnails(gallery: Path) -> Non
     counts = table_counts(gallery)
     assert counts["videos"] == 1 and counts["tracks"] >= 2
     assert counts["tracks"] <= counts["detections"] <= 2 * counts["tracks"]  # --crops-per-track 2
-    with sqlite3.connect(gallery / "reid.db") as connection:
-        status, last_frame = connection.execute("SELECT status, last_committed_frame FROM videos").fetchone()
-        dims = {len(row[0]) for row in connection.execute("SELECT embedding FROM detections")}
-        model = connection.execute("SELECT model_dim, model_is_trained FROM database_info").fetchone()
+    ((status, last_frame),) = sql(gallery, "SELECT status, last_committed_frame FROM videos")
+    dims = {len(row[0]) for row in sql(gallery, "SELECT embedding FROM detections")}
+    ((dim, trained),) = sql(gallery, "SELECT model_dim, model_is_trained FROM database_info")
     assert status == "complete" and last_frame > 0
-    assert dims == {3840 * 4} and model == (3840, 0)
+    assert dims == {3840 * 4} and (dim, bool(trained)) == (3840, False)
     assert_db_and_index_agree(gallery)
-    thumb = next((gallery / "thumbnails").rglob("*.jpg"))
-    assert cv2.imread(str(thumb)) is not None
+    jpeg = bytes(sql(gallery, "SELECT jpeg FROM thumbnails LIMIT 1")[0][0])
+    assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) is not None
 
 
 def _query_crop_of_stored_detection(folder: Path, out: Path) -> tuple[int, int]:
     """Crop the largest stored person box out of its frame, decoded again from the video."""
-    with sqlite3.connect(folder / "reid.db") as connection:
-        det_id, track_id, frame_index, x1, y1, x2, y2, path = connection.execute(
-            "SELECT d.id, d.track_id, d.frame_index, d.x1, d.y1, d.x2, d.y2, v.path FROM detections d "
-            "JOIN videos v ON v.id = d.video_id ORDER BY (d.x2 - d.x1) * (d.y2 - d.y1) DESC LIMIT 1"
-        ).fetchone()
+    ((det_id, track_id, frame_index, x1, y1, x2, y2, path),) = sql(
+        folder,
+        "SELECT d.id, d.track_id, d.frame_index, d.x1, d.y1, d.x2, d.y2, v.path FROM detections d "
+        "JOIN videos v ON v.id = d.video_id ORDER BY (d.x2 - d.x1) * (d.y2 - d.y1) DESC, d.id LIMIT 1",
+    )
     frame = next(open_video(path).iter_frames(sample_fps=None, start_frame=frame_index))
     assert frame.index == frame_index
     crop = frame.image[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))]
@@ -167,7 +211,8 @@ def _query_crop_of_stored_detection(folder: Path, out: Path) -> tuple[int, int]:
 def test_search_with_a_crop_finds_its_own_track(gallery: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     query = tmp_path / "query.jpg"
     det_id, track_id = _query_crop_of_stored_detection(gallery, query)
-    base = ["search", str(query), "--db", db_url(gallery), "--weights", "untrained", "--json", "--top-k", "3"]
+    base = ["search", str(query), "--db", db_url(gallery), "--data-dir", str(gallery), "--weights", "untrained",
+            "--json", "--top-k", "3"]
     code, out, err = run_cli(base, capsys, monkeypatch)
     assert code == 0, err
     result = json.loads(out)
@@ -178,21 +223,23 @@ def test_search_with_a_crop_finds_its_own_track(gallery: Path, tmp_path: Path, c
     assert track_id in [hit["track_id"] for hit in person["results"]]
     assert person["results"][0]["track_id"] == track_id
     assert set(person["results"][0]) >= {"rank", "score", "camera", "video_id", "time", "track_id", "thumbnail"}
+    assert cv2.imread(person["results"][0]["thumbnail"]) is not None  # the database's JPEG, cached on this host
     code, out, _ = run_cli([*base, "--detections"], capsys, monkeypatch)
     hits = json.loads(out)["persons"][0]["results"]
     assert hits[0]["detection_id"] == det_id and hits[0]["score"] > 0.99
 
 
 def test_search_whole_frame_report_and_camera_filter(gallery: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    with sqlite3.connect(gallery / "reid.db") as connection:
-        frame_index, path = connection.execute(
-            "SELECT d.frame_index, v.path FROM detections d JOIN videos v ON v.id = d.video_id LIMIT 1"
-        ).fetchone()
+    ((frame_index, path),) = sql(
+        gallery,
+        "SELECT d.frame_index, v.path FROM detections d JOIN videos v ON v.id = d.video_id ORDER BY d.id LIMIT 1",
+    )
     frame = next(open_video(path).iter_frames(sample_fps=None, start_frame=frame_index))
     query = tmp_path / "frame.png"
     cv2.imwrite(str(query), frame.image)
     report = tmp_path / "report.html"
-    args = ["search", str(query), "--db", db_url(gallery), "--weights", "untrained", "--all", "--report", str(report)]
+    args = ["search", str(query), "--db", db_url(gallery), "--data-dir", str(gallery), "--weights", "untrained",
+            "--all", "--report", str(report)]
     code, out, err = run_cli([*args, "--json"], capsys, monkeypatch)
     assert code == 0, err
     result = json.loads(out)
@@ -200,18 +247,19 @@ def test_search_whole_frame_report_and_camera_filter(gallery: Path, tmp_path: Pa
     html = report.read_text()
     assert html.count("data:image/jpeg;base64,") >= 2 and "UNTRAINED" in html and "not meaningful" in html
     # Only camera 2 (which has nothing stored): no results. Excluding camera 2: results.
-    code, out, _ = run_cli([*args[:6], "--json", "--camera", "2"], capsys, monkeypatch)
+    code, out, _ = run_cli([*args[:8], "--json", "--camera", "2"], capsys, monkeypatch)
     assert code == 0 and json.loads(out)["persons"][0]["results"] == []
-    code, out, _ = run_cli([*args[:6], "--json", "--exclude-camera", "2"], capsys, monkeypatch)
+    code, out, _ = run_cli([*args[:8], "--json", "--exclude-camera", "2"], capsys, monkeypatch)
     assert json.loads(out)["persons"][0]["results"]
     # The default output is a table.
-    code, out, _ = run_cli(args[:6], capsys, monkeypatch)
+    code, out, _ = run_cli(args[:8], capsys, monkeypatch)
     assert code == 0 and "score" in out and "track" in out and "thumbnail" in out
 
 
 def test_reingest_of_the_same_video_adds_nothing(gallery: Path, capsys, monkeypatch, shared_dir: Path) -> None:
     before = table_counts(gallery)
-    index_file = index_paths(gallery, "detections")[0]
+    config = AppConfig(db_url=db_url(gallery), data_dir=gallery)
+    index_file = index_paths(IndexManager(Database(config), config).index_dir, "detections")[0]
     stamp = index_file.stat().st_mtime_ns
     args = [
         "ingest",
@@ -220,6 +268,8 @@ def test_reingest_of_the_same_video_adds_nothing(gallery: Path, capsys, monkeypa
         "1",
         "--db",
         db_url(gallery),
+        "--data-dir",
+        str(gallery),
         "--quiet",
         *INGEST_ARGS,
     ]
@@ -231,7 +281,8 @@ def test_reingest_of_the_same_video_adds_nothing(gallery: Path, capsys, monkeypa
 
 
 def test_stats_and_identities(gallery: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    code, out, err = run_cli(["stats", "--db", db_url(gallery), "--json"], capsys, monkeypatch)
+    stats_args = ["stats", "--db", db_url(gallery), "--data-dir", str(gallery)]
+    code, out, err = run_cli([*stats_args, "--json"], capsys, monkeypatch)
     assert code == 0, err
     stats = json.loads(out)
     counts = table_counts(gallery)
@@ -241,7 +292,7 @@ def test_stats_and_identities(gallery: Path, tmp_path: Path, capsys, monkeypatch
     assert stats["model"]["dim"] == 3840 and stats["model"]["trained"] is False
     assert stats["indexes"]["tracks"]["type"] == "flat" and stats["indexes"]["tracks"]["ivf_threshold"] == 50_000
     assert "untrained" in err
-    code, out, _ = run_cli(["stats", "--db", db_url(gallery)], capsys, monkeypatch)
+    code, out, _ = run_cli(["stats", "--db", db_url(gallery), "--data-dir", str(gallery)], capsys, monkeypatch)
     assert "IVF" in out and "flat" in out
 
     code, out, err = run_cli(
@@ -255,12 +306,13 @@ def test_stats_and_identities(gallery: Path, tmp_path: Path, capsys, monkeypatch
     identities = json.loads(out)["identities"]
     # Threshold 2 merges everything that may be merged: only tracks seen at the same time stay apart.
     assert len(identities) < counts["tracks"]
-    with sqlite3.connect(gallery / "reid.db") as connection:
-        assert connection.execute("SELECT count(*) FROM tracks WHERE identity_id IS NULL").fetchone()[0] == 0
+    assert sql(gallery, "SELECT count(*) FROM tracks WHERE identity_id IS NULL") == [(0,)]
     query = tmp_path / "query.jpg"
     _query_crop_of_stored_detection(gallery, query)
     code, out, _ = run_cli(
-        ["search", str(query), "--db", db_url(gallery), "--weights", "untrained", "--json"], capsys, monkeypatch
+        ["search", str(query), "--db", db_url(gallery), "--data-dir", str(gallery), "--weights", "untrained", "--json"],
+        capsys,
+        monkeypatch,
     )
     assert all(hit["identity_id"] is not None for hit in json.loads(out)["persons"][0]["results"])
 
@@ -269,9 +321,8 @@ def _wait_for_committed_rows(folder: Path, process: subprocess.Popen, timeout_s:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            with sqlite3.connect(folder / "reid.db", timeout=1) as connection:
-                tracks = connection.execute("SELECT count(*) FROM tracks").fetchone()[0]
-        except sqlite3.Error:
+            tracks = sql(folder, "SELECT count(*) FROM tracks")[0][0]
+        except Exception:  # noqa: BLE001 - not created yet, or locked
             tracks = 0
         if tracks > 0:
             return True
@@ -279,16 +330,19 @@ def _wait_for_committed_rows(folder: Path, process: subprocess.Popen, timeout_s:
     return False
 
 
-def test_killed_ingest_resumes_to_the_same_rows(gallery: Path, tmp_path: Path, shared_dir: Path) -> None:
+def test_killed_ingest_resumes_to_the_same_rows(
+    gallery: Path, tmp_path: Path, shared_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    like(gallery, tmp_path, request)
     video = str(clip(CLIP_CAM1, shared_dir))
-    args = ["ingest", video, "--camera", "1", "--db", db_url(tmp_path), "--quiet", *INGEST_ARGS]
+    args = ["ingest", video, "--camera", "1", "--db", db_url(tmp_path), "--data-dir", str(tmp_path), "--quiet",
+            *INGEST_ARGS]
     process = cli_subprocess(args)
     committed = _wait_for_committed_rows(tmp_path, process, timeout_s=180)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert committed, "the ingest ended before any batch was committed; nothing was interrupted"
-    with sqlite3.connect(tmp_path / "reid.db") as connection:
-        assert connection.execute("SELECT status FROM videos").fetchone()[0] == "ingesting"
+    assert sql(tmp_path, "SELECT status FROM videos") == [("ingesting",)]
     rerun = cli_subprocess(args)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
@@ -298,9 +352,13 @@ def test_killed_ingest_resumes_to_the_same_rows(gallery: Path, tmp_path: Path, s
     assert_db_and_index_agree(tmp_path)
 
 
-def test_two_cameras_ingested_concurrently_into_one_database(gallery: Path, tmp_path: Path, shared_dir: Path) -> None:
+def test_two_cameras_ingested_concurrently_into_one_database(
+    gallery: Path, tmp_path: Path, shared_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    like(gallery, tmp_path, request)
     second = CLIP_CAM2 if CLIP_CAM2.exists() else clip(CLIP_CAM1, shared_dir)
-    common = ["--db", db_url(tmp_path), "--quiet", *INGEST_ARGS[:-4], "--batch-frames", "1", "--weights", "untrained"]
+    common = ["--db", db_url(tmp_path), "--data-dir", str(tmp_path), "--quiet", *INGEST_ARGS[:-4]]
+    common += ["--batch-frames", "1", "--weights", "untrained"]
     processes = [
         cli_subprocess(["ingest", str(clip(CLIP_CAM1, shared_dir)), "--camera", "1", *common]),
         cli_subprocess(["ingest", str(second), "--camera", "2", "--start-time", "2024-05-01T14:30:00+02:00", *common]),
@@ -308,11 +366,12 @@ def test_two_cameras_ingested_concurrently_into_one_database(gallery: Path, tmp_
     for process in processes:
         _, err = process.communicate(timeout=400)
         assert process.returncode == 0, err
-    with sqlite3.connect(tmp_path / "reid.db") as connection:
-        statuses = connection.execute("SELECT camera_id, status FROM videos ORDER BY camera_id").fetchall()
-        start_of_camera_2 = connection.execute("SELECT start_time FROM videos WHERE camera_id = 2").fetchone()[0]
+    statuses = sql(tmp_path, "SELECT camera_id, status FROM videos ORDER BY camera_id")
     assert statuses == [(1, "complete"), (2, "complete")]
-    assert start_of_camera_2.startswith("2024-05-01 12:30:00")  # stored in UTC
+    config = AppConfig(db_url=db_url(tmp_path), data_dir=tmp_path)
+    with Database(config).read() as session:
+        (start_of_camera_2,) = session.scalars(select(Video.start_time).where(Video.camera_id == 2))
+    assert as_utc(start_of_camera_2).isoformat().startswith("2024-05-01T12:30:00")  # stored in UTC
     # Camera 1 got exactly the rows a lone ingest of the same clip gets; camera 2 got rows too.
     assert camera_counts(tmp_path, 1) == camera_counts(gallery, 1)
     assert min(camera_counts(tmp_path, 2)) > 0
@@ -343,15 +402,17 @@ def test_every_frame_flag_conflicts_with_fps(capsys, monkeypatch, tmp_path: Path
 
 
 @pytest.fixture(scope="module")
-def two_camera_gallery(gallery: Path, tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
+def two_camera_gallery(
+    gallery: Path, tmp_path_factory: pytest.TempPathFactory, shared_dir: Path, request: pytest.FixtureRequest
+) -> Path:
     """``gallery`` (camera 1) copied, then the second sample clip ingested as camera 2."""
-    folder = tmp_path_factory.mktemp("two_cameras")
-    shutil.copytree(gallery, folder, dirs_exist_ok=True)
+    folder = copy_gallery(gallery, tmp_path_factory.mktemp("two_cameras"), request)
     second = CLIP_CAM2 if CLIP_CAM2.exists() else clip(CLIP_CAM1, shared_dir)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(
             sys, "argv",
-            ["reid-app", "ingest", str(second), "--camera", "2", "--db", db_url(folder), "--quiet", *INGEST_ARGS],
+            ["reid-app", "ingest", str(second), "--camera", "2", "--db", db_url(folder), "--data-dir", str(folder),
+             "--quiet", *INGEST_ARGS],
         )
         with pytest.raises(SystemExit) as exit_info:
             cli.app()
@@ -366,14 +427,12 @@ def models() -> tuple[Embedder, object]:
 
 
 def row_ids(folder: Path, table: str, camera: int) -> set[int]:
-    with sqlite3.connect(folder / "reid.db") as connection:
-        return {row[0] for row in connection.execute(f"SELECT id FROM {table} WHERE camera_id = ?", (camera,))}
+    return {row[0] for row in sql(folder, f"SELECT id FROM {table} WHERE camera_id = :camera", camera=camera)}
 
 
 def stored_vectors(folder: Path, table: str) -> dict[int, np.ndarray]:
-    with sqlite3.connect(folder / "reid.db") as connection:
-        rows = connection.execute(f"SELECT id, embedding FROM {table}").fetchall()
-    return {row_id: np.frombuffer(blob, dtype="<f4") for row_id, blob in rows}
+    rows = sql(folder, f"SELECT id, embedding FROM {table}")
+    return {row_id: np.frombuffer(bytes(blob), dtype="<f4") for row_id, blob in rows}
 
 
 @pytest.mark.parametrize("level", ["tracks", "detections"])
@@ -390,7 +449,7 @@ def test_camera_filters_keep_exactly_the_rows_of_the_chosen_cameras(
         assert row_ids(folder, "tracks", 2) != ids[2] and row_ids(folder, "tracks", 1) != ids[1]
     vectors = stored_vectors(folder, level)
     query_vector = embedder.embed([cv2.imread(str(query))])[0]  # a crop: embedded whole
-    config = AppConfig(db_url=db_url(folder), weights="untrained", device="cpu")
+    config = AppConfig(db_url=db_url(folder), data_dir=folder, weights="untrained", device="cpu")
     everything = len(ids[1]) + len(ids[2])
     for wanted, options in (
         (2, SearchOptions(top_k=everything, cameras=[2], level=level)),
@@ -416,7 +475,8 @@ def test_cli_camera_filters_on_two_cameras(two_camera_gallery: Path, tmp_path: P
     folder = two_camera_gallery
     query = tmp_path / "query.jpg"
     _query_crop_of_stored_detection(folder, query)
-    base = ["search", str(query), "--db", db_url(folder), "--weights", "untrained", "--json", "--top-k", "1000"]
+    base = ["search", str(query), "--db", db_url(folder), "--data-dir", str(folder), "--weights", "untrained", "--json",
+            "--top-k", "1000"]
     code, out, err = run_cli([*base, "--detections", "--exclude-camera", "1"], capsys, monkeypatch)
     assert code == 0, err
     hits = json.loads(out)["persons"][0]["results"]
@@ -456,8 +516,8 @@ class FailingEmbedder(Embedder):
 def failure_config(folder: Path) -> AppConfig:
     """Settings of the failure-injection ingests: 1 fps, a transaction every 2 sampled frames."""
     return AppConfig(
-        db_url=db_url(folder), sample_fps=1.0, crops_per_track=2, commit_every_frames=2, weights="untrained",
-        device="cpu",
+        db_url=db_url(folder), data_dir=folder, sample_fps=1.0, crops_per_track=2, commit_every_frames=2,
+        weights="untrained", device="cpu",
     )
 
 
@@ -467,31 +527,33 @@ def failure_options(shared_dir: Path) -> IngestOptions:
 
 
 def snapshot(folder: Path) -> dict[str, object]:
-    """Everything an ingest may change: all rows, the ids in each index file, the thumbnail files."""
-    with sqlite3.connect(folder / "reid.db") as connection:
-        rows = {
-            table: connection.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
-            for table in ("videos", "tracks", "detections")
-        }
-    config = AppConfig(db_url=db_url(folder))
+    """Everything an ingest may change: all rows (the deletion log aside), the ids in each index
+    file, the files in the data folder."""
+    rows = {table: sql(folder, f"SELECT * FROM {table} ORDER BY id") for table in ("videos", "tracks", "detections")}
+    rows["thumbnails"] = sql(folder, "SELECT * FROM thumbnails ORDER BY detection_id")
+    rows["ingest_claims"] = sql(folder, "SELECT * FROM ingest_claims")
+    config = AppConfig(db_url=db_url(folder), data_dir=folder)
+    folder_of_index = IndexManager(Database(config), config).index_dir
     indexes = {
-        kind: index_ids(faiss.read_index(str(index_paths(config.index_dir, kind)[0]))).tolist() for kind in INDEX_KINDS
+        kind: index_ids(faiss.read_index(str(index_paths(folder_of_index, kind)[0]))).tolist() for kind in INDEX_KINDS
     }
-    # Files only: undoing a run may leave an empty thumbnails/camera_N/ folder behind.
-    thumbnails = {str(p.relative_to(folder)): p.read_bytes() for p in (folder / "thumbnails").rglob("*") if p.is_file()}
-    return {"rows": rows, "indexes": indexes, "thumbnails": thumbnails}
+    files = {
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and folder_of_index not in p.parents and not p.name.startswith("reid.db")
+    }
+    return {"rows": rows, "indexes": indexes, "files": files}
 
 
 def test_a_run_that_fails_part_way_leaves_everything_as_before(
-    gallery: Path, models, tmp_path: Path, shared_dir: Path
+    gallery: Path, models, tmp_path: Path, shared_dir: Path, request: pytest.FixtureRequest
 ) -> None:
-    folder = tmp_path / "db"
-    shutil.copytree(gallery, folder)
+    folder = copy_gallery(gallery, tmp_path / "db", request)
     before = snapshot(folder)
     embedder = FailingEmbedder(RuntimeError("the model broke"), folder)
     with pytest.raises(RuntimeError, match="the model broke"):
         ingest_video(failure_config(folder), failure_options(shared_dir), embedder=embedder, detector=models[1])
-    # It failed part-way: a first batch of camera 3 had been committed, thumbnails written.
+    # It failed part-way: a first batch of camera 3 had been committed.
     assert embedder.stored_when_failing is not None and min(embedder.stored_when_failing) > 0
     after = snapshot(folder)
     assert after == before
@@ -499,20 +561,17 @@ def test_a_run_that_fails_part_way_leaves_everything_as_before(
 
 
 def test_a_run_that_fails_after_storing_and_indexing_everything_is_undone(
-    gallery: Path, models, tmp_path: Path, shared_dir: Path
+    gallery: Path, models, tmp_path: Path, shared_dir: Path, request: pytest.FixtureRequest
 ) -> None:
     """The last thing a run does is report progress, after the final commit and index sync: an
     error there must still remove the video's rows, its vectors from the index files and its
     thumbnails."""
-    folder = tmp_path / "db"
-    shutil.copytree(gallery, folder)
+    folder = copy_gallery(gallery, tmp_path / "db", request)
     before = snapshot(folder)
     seen: dict[str, object] = {}
 
     def fail_once_complete(progress) -> None:
-        with sqlite3.connect(folder / "reid.db") as connection:
-            status = connection.execute("SELECT status FROM videos WHERE camera_id = 3").fetchone()
-        if status == ("complete",):
+        if sql(folder, "SELECT status FROM videos WHERE camera_id = 3") == [("complete",)]:
             seen.update(snapshot(folder))
             raise RuntimeError("the progress display broke")
 
@@ -525,31 +584,195 @@ def test_a_run_that_fails_after_storing_and_indexing_everything_is_undone(
     # At the failure, camera 3 was stored, indexed and had thumbnails.
     assert len(seen["indexes"]["detections"]) > len(before["indexes"]["detections"])
     assert len(seen["rows"]["videos"]) == len(before["rows"]["videos"]) + 1
-    assert any("camera_3" in name for name in seen["thumbnails"])
+    assert len(seen["rows"]["thumbnails"]) > len(before["rows"]["thumbnails"])
     assert snapshot(folder) == before
     assert_db_and_index_agree(folder)
 
 
 def test_a_killed_run_is_redone_without_its_old_thumbnails(
-    gallery: Path, models, tmp_path: Path, shared_dir: Path
+    gallery: Path, models, tmp_path: Path, shared_dir: Path, request: pytest.FixtureRequest
 ) -> None:
-    folder = tmp_path / "db"
-    shutil.copytree(gallery, folder)
+    folder = copy_gallery(gallery, tmp_path / "db", request)
     config, options = failure_config(folder), failure_options(shared_dir)
     embedder, detector = models
     with pytest.raises(SimulatedKill):
         ingest_video(config, options, embedder=FailingEmbedder(SimulatedKill(), folder), detector=detector)
-    with sqlite3.connect(folder / "reid.db") as connection:
-        video_id, status = connection.execute("SELECT id, status FROM videos WHERE camera_id = 3").fetchone()
+    ((video_id, status),) = sql(folder, "SELECT id, status FROM videos WHERE camera_id = 3")
     assert status == "ingesting" and min(camera_counts(folder, 3)) > 0
-    # Thumbnails live under thumbnails/<database uuid>/camera_N/video_ID (one folder per database).
-    (video_thumbs,) = (folder / "thumbnails").glob(f"*/camera_3/video_{video_id}")
-    assert any(video_thumbs.glob("*.jpg"))
-    # A kill between writing a batch's JPEGs and committing its rows leaves files no row names.
-    orphan = video_thumbs / "track_9999_frame_0.jpg"
-    orphan.write_bytes(next(video_thumbs.glob("*.jpg")).read_bytes())
+    # The killed run's claim is still there; its process (this one) is alive, so only the owner
+    # itself or the end of the lease frees it: a run of this process with another owner id waits.
+    assert len(sql(folder, "SELECT owner FROM ingest_claims WHERE video_id = :v", v=video_id)) == 1
+    sql_write(folder, "UPDATE ingest_claims SET lease_until_s = 0")  # as if its lease had run out
 
     summary = ingest_video(config, options, embedder=embedder, detector=detector)
     assert summary.status == "redone after an interrupted run" and summary.video_id == video_id
-    assert not orphan.exists()
+    assert sql(folder, "SELECT count(*) FROM ingest_claims") == [(0,)]
     assert_db_and_index_agree(folder)
+
+
+# --------------------------------------------------------------------------- several hosts on one PostgreSQL
+
+
+def on_postgresql(gallery: Path) -> None:
+    if not db_url(gallery).startswith("postgresql"):
+        pytest.skip("several hosts share a server database: PostgreSQL only")
+
+
+def host_env(name: str, lease_s: float) -> dict[str, str]:
+    import os
+
+    return {**os.environ, "REID_APP_HOST": name, "REID_APP_CLAIM_LEASE_S": str(lease_s)}
+
+
+def test_hosts_share_one_database_and_a_killed_host_is_taken_over(
+    gallery: Path, tmp_path: Path, shared_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    """Host A (killed with SIGKILL mid-ingest) and host B ingest camera 2 into the gallery's
+    database, each with its own --data-dir; B is refused while A's claim runs, takes the video over
+    once it has expired, and a third host C searches and sees both cameras' thumbnails."""
+    on_postgresql(gallery)
+    shared = copy_gallery(gallery, tmp_path / "host_0", request)  # camera 1, ingested by "host 0"
+    url = db_url(shared)
+    second = str(CLIP_CAM2 if CLIP_CAM2.exists() else clip(CLIP_CAM1, shared_dir))
+    # Long enough for host B to start (load its models) and be refused before it ends.
+    lease_s = 45.0
+
+    def ingest(host: str) -> subprocess.Popen:
+        folder = tmp_path / host
+        args = ["ingest", second, "--camera", "2", "--db", url, "--data-dir", str(folder), "--quiet", *INGEST_ARGS]
+        return cli_subprocess(args, env=host_env(host, lease_s))
+
+    host_a = ingest("host_a")
+    assert _wait_for_committed_rows_of_camera(shared, 2, host_a, timeout_s=240)
+    host_a.send_signal(signal.SIGKILL)
+    host_a.wait()
+    ((lease_until,),) = sql(shared, "SELECT lease_until_s FROM ingest_claims WHERE host = 'host_a'")
+    assert sql(shared, "SELECT status FROM videos WHERE camera_id = 2") == [("ingesting",)]
+    refused = ingest("host_b")  # A is dead, but only its lease tells another host so
+    _, err = refused.communicate(timeout=300)
+    ((now,),) = sql(shared, "SELECT extract(epoch from clock_timestamp())")
+    if float(now) < lease_until - 1:  # B was quicker than the lease (else it took the video over: below)
+        assert refused.returncode != 0 and "being ingested by another process" in err and "host host_a" in err
+        assert camera_counts(shared, 2)[0] > 0  # A's partial rows, untouched
+        time.sleep(lease_until - float(now) + 1)
+        taken_over = ingest("host_b")
+        _, err = taken_over.communicate(timeout=400)
+    else:
+        taken_over = refused
+    assert taken_over.returncode == 0, err
+    assert "interrupted run" in err
+    assert sql(shared, "SELECT count(*) FROM ingest_claims") == [(0,)]
+    # Nothing duplicated or lost: camera 1 as ingested alone; camera 2 has each crop once.
+    assert camera_counts(shared, 1) == camera_counts(gallery, 1)
+    assert min(camera_counts(shared, 2)) > 0
+    assert sql(shared, "SELECT count(*) FROM videos") == [(2,)]
+    # Host C: its own index folder, built from the database; thumbnails of both cameras readable.
+    host_c = tmp_path / "host_c"
+    query = tmp_path / "query.jpg"
+    _query_crop_of_stored_detection(shared, query)
+    base = ["search", str(query), "--db", url, "--data-dir", str(host_c), "--weights", "untrained", "--json"]
+    result = subprocess.run(
+        [sys.executable, "-m", "reid_app.cli", *base, "--detections", "--top-k", "1000"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    hits = json.loads(result.stdout)["persons"][0]["results"]
+    assert {hit["camera"] for hit in hits} == {1, 2}
+    assert all(hit["thumbnail"].startswith(str(host_c)) and cv2.imread(hit["thumbnail"]) is not None for hit in hits)
+    # Host 0 (the gallery's index, made before camera 2 existed) catches up incrementally.
+    shared_config = AppConfig(db_url=url, data_dir=shared)
+    manager = IndexManager(Database(shared_config), shared_config)
+    lag = manager.lag("detections")
+    assert lag["needs_build"] is None and lag["rows_behind"] == camera_counts(shared, 2)[1]
+    _, report = manager.sync("detections")
+    assert not report.rebuilt and report.added == lag["rows_behind"]
+    for folder in (shared, host_c):
+        assert_db_and_index_agree_at(url, folder)
+
+
+def _wait_for_committed_rows_of_camera(folder: Path, camera: int, process: subprocess.Popen, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if camera_counts(folder, camera)[0] > 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def assert_db_and_index_agree_at(url: str, folder: Path) -> None:
+    config = AppConfig(db_url=url, data_dir=folder)
+    db = Database(config)
+    manager = IndexManager(db, config)
+    manager.sync_all()  # caught up (host 0 has only synced its detections index so far) ...
+    assert not any(report.changed for report in manager.sync_all())  # ... and then in agreement
+    for kind in INDEX_KINDS:
+        with db.read() as session:
+            ids = np.sort(np.asarray(session.scalars(select(INDEX_KINDS[kind].id)).all(), dtype=np.int64))
+        np.testing.assert_array_equal(index_ids(manager.sync(kind)[0].index), ids)
+    db.dispose()
+
+
+def test_forget_and_prune_remove_rows_vectors_and_thumbnails(
+    gallery: Path, tmp_path: Path, capsys, monkeypatch, request: pytest.FixtureRequest
+) -> None:
+    folder = copy_gallery(gallery, tmp_path / "db", request)
+    url = db_url(folder)
+    common = ["--db", url, "--data-dir", str(folder)]
+    query = tmp_path / "query.jpg"
+    _, track_id = _query_crop_of_stored_detection(folder, query)
+    search = ["search", str(query), *common, "--weights", "untrained", "--json", "--top-k", "1000"]
+    code, out, err = run_cli(search, capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(out)["persons"][0]["results"][0]["track_id"] == track_id  # its thumbnail now cached here
+    crops = sql(folder, "SELECT id FROM detections WHERE track_id = :t", t=track_id)
+    before = table_counts(folder)
+    # --dry-run: says what, removes nothing.
+    code, out, err = run_cli(["forget", "--track", str(track_id), *common, "--dry-run"], capsys, monkeypatch)
+    assert code == 0, err
+    assert f"would remove 1 tracks (camera 1: 1) and {len(crops)} crops" in out
+    assert table_counts(folder) == before
+    code, out, err = run_cli(["forget", "--track", str(track_id), *common], capsys, monkeypatch)
+    assert code == 0, err
+    assert f"removed 1 tracks (camera 1: 1) and {len(crops)} crops" in out
+    assert f"{1 + len(crops)} vectors dropped" in out
+    assert sql(folder, "SELECT count(*) FROM thumbnails WHERE detection_id IN (SELECT id FROM detections)") == [
+        (before["detections"] - len(crops),)
+    ]
+    assert not list(folder.glob(f"thumbnails/*/cache/{crops[0][0]}.jpg"))  # this host's cached copy too
+    code, out, _ = run_cli(search, capsys, monkeypatch)
+    assert track_id not in [hit["track_id"] for hit in json.loads(out)["persons"][0]["results"]]
+    assert_db_and_index_agree(folder)
+    # A second forget of it finds nothing (and says so).
+    code, out, _ = run_cli(["forget", "--track", str(track_id), *common], capsys, monkeypatch)
+    assert code == 0 and "removed 0 tracks" in out
+    # Prune: the clip's start time is its file's time, so everything is older than 1 s; camera 2 has nothing.
+    code, out, _ = run_cli(["prune", "--older-than", "1s", "--camera", "2", *common], capsys, monkeypatch)
+    assert code == 0 and "removed 0 tracks" in out
+    code, out, err = run_cli(["prune", "--older-than", "1s", *common, "--dry-run"], capsys, monkeypatch)
+    assert code == 0 and f"would remove {before['tracks'] - 1} tracks" in out and "would remove 1 video rows" in out
+    code, out, err = run_cli(["prune", "--older-than", "1s", *common], capsys, monkeypatch)
+    assert code == 0, err
+    assert table_counts(folder) == {"videos": 0, "tracks": 0, "detections": 0}
+    assert sql(folder, "SELECT count(*) FROM thumbnails") == [(0,)]
+    code, _, err = run_cli(search, capsys, monkeypatch)
+    assert code != 0 and "empty" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prune", "--older-than", "30 days"], "--older-than must be a number and a unit"),
+        (["prune", "--older-than", "999999w"], "--older-than is at most"),
+        (["prune", "--older-than", "1d", "--camera", "1180591620717411303424"], "camera ID must be a positive"),
+        (["forget", "--track", "2147483648"], "--track must be a positive integer up to 2147483647"),
+        (["forget", "--identity", "-3"], "--identity must be a positive integer"),
+        (["forget"], "exactly one of --track ID or --identity ID"),
+    ],
+)
+def test_prune_and_forget_refuse_bad_values_in_one_line(
+    gallery: Path, args: list[str], message: str, capsys, monkeypatch
+) -> None:
+    before = table_counts(gallery)
+    code, out, err = run_cli([*args, "--db", db_url(gallery), "--data-dir", str(gallery)], capsys, monkeypatch)
+    assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert table_counts(gallery) == before

@@ -14,7 +14,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.schema import CreateTable
 
 from reid_app.commands.stats import collect_stats
@@ -41,6 +41,7 @@ from reid_app.store import (
     Video,
     bytes_to_vectors,
     check_model_identity,
+    delete_tracks,
     utc_now,
     vector_to_bytes,
 )
@@ -59,8 +60,9 @@ def clustered_unit_vectors(people: int, views: int, dim: int, spread: float, see
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
-def make_db(tmp_path: Path, **overrides) -> tuple[AppConfig, Database]:
-    config = AppConfig(db_url=f"sqlite:///{tmp_path / 'reid.db'}", **overrides)
+def make_db(url: str, tmp_path: Path, **overrides) -> tuple[AppConfig, Database]:
+    """A database at ``url`` (SQLite or PostgreSQL), its data folder ``tmp_path``."""
+    config = AppConfig(db_url=url, data_dir=tmp_path, **overrides)
     db = Database(config, create=True)
     db.ensure_info()
 
@@ -136,8 +138,8 @@ def db_track_ids(db: Database) -> np.ndarray:
         return np.sort(np.asarray(session.scalars(select(Track.id)).all(), dtype=np.int64))
 
 
-def test_vectors_round_trip_through_the_database(tmp_path: Path) -> None:
-    _, db = make_db(tmp_path)
+def test_vectors_round_trip_through_the_database(fresh_db_url: str, tmp_path: Path) -> None:
+    _, db = make_db(fresh_db_url, tmp_path)
     vectors = clustered_unit_vectors(3, 4, DIM, 0.3, seed=1)
     add_tracks(db, vectors)
     with db.read() as session:
@@ -145,8 +147,8 @@ def test_vectors_round_trip_through_the_database(tmp_path: Path) -> None:
     np.testing.assert_array_equal(bytes_to_vectors(list(blobs), DIM), vectors)
 
 
-def test_sync_builds_exact_index_that_finds_each_vector(tmp_path: Path) -> None:
-    config, db = make_db(tmp_path)
+def test_sync_builds_exact_index_that_finds_each_vector(fresh_db_url: str, tmp_path: Path) -> None:
+    config, db = make_db(fresh_db_url, tmp_path)
     vectors = clustered_unit_vectors(20, 5, DIM, 0.5, seed=2)
     ids = add_tracks(db, vectors)
     gallery, report = IndexManager(db, config).sync("tracks")
@@ -155,20 +157,20 @@ def test_sync_builds_exact_index_that_finds_each_vector(tmp_path: Path) -> None:
     scores, found = gallery.search(vectors, 1)
     np.testing.assert_array_equal(found[:, 0], ids)
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
-    sidecar = json.loads(index_paths(config.index_dir, "tracks")[1].read_text())
-    assert sidecar["ntotal"] == len(ids) and sidecar["max_id"] == max(ids)
+    sidecar = json.loads(index_paths(IndexManager(db, config).index_dir, "tracks")[1].read_text())
+    assert sidecar["ntotal"] == len(ids) and sidecar["synced_id"] == max(ids)
     # A second process opening the same files finds them in agreement: nothing to do.
     _, again = IndexManager(db, config).sync("tracks")
     assert not again.changed
 
 
-def test_deleted_index_file_is_rebuilt_from_the_database(tmp_path: Path) -> None:
-    config, db = make_db(tmp_path)
+def test_deleted_index_file_is_rebuilt_from_the_database(fresh_db_url: str, tmp_path: Path) -> None:
+    config, db = make_db(fresh_db_url, tmp_path)
     vectors = clustered_unit_vectors(10, 3, DIM, 0.5, seed=3)
     ids = add_tracks(db, vectors)
     first, _ = IndexManager(db, config).sync("detections")
     before = first.search(vectors[:5], 5)
-    index_paths(config.index_dir, "detections")[0].unlink()
+    index_paths(IndexManager(db, config).index_dir, "detections")[0].unlink()
     gallery, report = IndexManager(db, config).sync("detections")
     assert report.rebuilt and "no index file" in report.reason
     assert gallery.ntotal == len(ids)
@@ -176,51 +178,51 @@ def test_deleted_index_file_is_rebuilt_from_the_database(tmp_path: Path) -> None
     np.testing.assert_array_equal(before[1], after[1])
 
 
-def test_orphan_vectors_are_dropped_and_missing_rows_added(tmp_path: Path) -> None:
-    config, db = make_db(tmp_path)
+def test_catch_up_reads_only_new_rows_and_the_deletion_log(fresh_db_url: str, tmp_path: Path) -> None:
+    config, db = make_db(fresh_db_url, tmp_path)
     ids = add_tracks(db, clustered_unit_vectors(5, 4, DIM, 0.5, seed=4))
     manager = IndexManager(db, config)
-    gallery, _ = manager.sync("tracks")
-    # An orphan: a vector the database has no row for (as left by a crash after a row deletion).
-    orphan_id = max(ids) + 1000
-    gallery.index.add_with_ids(clustered_unit_vectors(1, 1, DIM, 0.0, seed=99), np.array([orphan_id]))
-    manager._save(gallery)
-    # Rows committed by a run killed before it synced the index.
+    manager.sync("tracks")
+    # Rows committed by another host, and rows deleted by one (a redone video, prune, forget).
     new_ids = add_tracks(db, clustered_unit_vectors(2, 3, DIM, 0.5, seed=5), sha="1" * 64)
-    # Rows deleted from the database (a redone video) whose vectors are still in the index.
     gone = ids[:3]
-    db.write(
-        lambda s: (
-            s.execute(delete(Detection).where(Detection.track_id.in_(gone))),
-            s.execute(delete(Track).where(Track.id.in_(gone))),
-        )
-    )
+    db.write(lambda session: delete_tracks(session, gone))
+    assert manager.lag("tracks") == {"rows_behind": len(new_ids), "deletions_behind": len(gone), "needs_build": None}
     gallery, report = IndexManager(db, config).sync("tracks")
     assert not report.rebuilt
-    assert report.removed == 1 + len(gone) and report.added == len(new_ids)
+    assert report.removed == len(gone) and report.added == len(new_ids)
     np.testing.assert_array_equal(index_ids(gallery.index), db_track_ids(db))
+    assert manager.lag("tracks") == {"rows_behind": 0, "deletions_behind": 0, "needs_build": None}
+    # A vector past what the sidecar says was synced (a file written by other code) is not trusted.
+    gallery.index.add_with_ids(clustered_unit_vectors(1, 1, DIM, 0.0, seed=99), np.array([max(new_ids) + 1000]))
+    manager._save(gallery)
+    rebuilt, report = IndexManager(db, config).sync("tracks")
+    assert report.rebuilt and "synced_id" in report.reason
+    np.testing.assert_array_equal(index_ids(rebuilt.index), db_track_ids(db))
 
 
-def test_index_of_another_database_is_rebuilt(tmp_path: Path) -> None:
-    config, db = make_db(tmp_path)
+def test_index_of_another_database_is_rebuilt(fresh_db_url: str, tmp_path: Path) -> None:
+    config, db = make_db(fresh_db_url, tmp_path)
     add_tracks(db, clustered_unit_vectors(4, 2, DIM, 0.5, seed=6))
     IndexManager(db, config).sync("tracks")
-    # The database is recreated (same ids 1..N) but the old index files stay next to it.
+    old_folder = IndexManager(db, config).index_dir
+    # The database is recreated (same ids 1..N) but the old index files stay in the data folder.
+    Base.metadata.drop_all(db.engine)
     db.dispose()
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{config.sqlite_path}{suffix}").unlink(missing_ok=True)
-    config, db = make_db(tmp_path)
+    config, db = make_db(fresh_db_url, tmp_path)
     vectors = clustered_unit_vectors(4, 2, DIM, 0.5, seed=7)
     ids = add_tracks(db, vectors)
     gallery, report = IndexManager(db, config).sync("tracks")
-    assert report.rebuilt and "db_uuid" in report.reason
+    # Its index lives in a folder of its own (named by the new database's uuid): built afresh.
+    assert report.rebuilt and "no index file" in report.reason
+    assert IndexManager(db, config).index_dir != old_folder and old_folder.exists()
     _, found = gallery.search(vectors, 1)
     np.testing.assert_array_equal(found[:, 0], ids)
 
 
-def test_switch_to_ivf_keeps_exact_top1(tmp_path: Path) -> None:
+def test_switch_to_ivf_keeps_exact_top1(fresh_db_url: str, tmp_path: Path) -> None:
     """Lowered threshold: 2,400 vectors (300 people × 8 views) are searched through IVF-SQ8."""
-    config, db = make_db(tmp_path, ivf_threshold=1000)
+    config, db = make_db(fresh_db_url, tmp_path, ivf_threshold=1000)
     gallery_vectors = clustered_unit_vectors(300, 8, DIM, 0.6, seed=8)
     ids = np.asarray(add_tracks(db, gallery_vectors))
     gallery, report = IndexManager(db, config).sync("tracks")
@@ -262,11 +264,11 @@ def db_track_vectors(db: Database) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray([r[0] for r in rows], dtype=np.int64), bytes_to_vectors([r[1] for r in rows], DIM)
 
 
-def test_approximate_index_keeps_exact_top1_through_sync_and_reopening(tmp_path: Path) -> None:
+def test_approximate_index_keeps_exact_top1_through_sync_and_reopening(fresh_db_url: str, tmp_path: Path) -> None:
     """The large-gallery type (PCA candidates re-scored with full vectors), with a lowered
     threshold: rows deleted and added behind its back are synced, and every reopened copy
     answers like exact search."""
-    config, db = make_db(tmp_path, ivf_threshold=1000)
+    config, db = make_db(fresh_db_url, tmp_path, ivf_threshold=1000)
     ids = np.asarray(add_tracks(db, clustered_unit_vectors(250, 8, DIM, 0.6, seed=20)))
     gallery, report = IndexManager(db, config).sync("tracks")
     assert report.rebuilt and gallery.index_type == INDEX_TYPE_IVF
@@ -276,12 +278,7 @@ def test_approximate_index_keeps_exact_top1_through_sync_and_reopening(tmp_path:
     assert store.d == DIM  # re-scoring: full vectors
     # A redone video's rows are deleted, a new camera's rows committed, neither synced yet.
     gone = ids[:40]
-    db.write(
-        lambda s: (
-            s.execute(delete(Detection).where(Detection.track_id.in_(gone.tolist()))),
-            s.execute(delete(Track).where(Track.id.in_(gone.tolist()))),
-        )
-    )
+    db.write(lambda session: delete_tracks(session, gone.tolist()))
     new_ids = np.asarray(add_tracks(db, clustered_unit_vectors(30, 4, DIM, 0.6, seed=21), camera=2, sha="7" * 64))
     reopened, report = IndexManager(db, config).sync("tracks")
     assert reopened.index_type == INDEX_TYPE_IVF and not report.rebuilt
@@ -306,8 +303,8 @@ def test_approximate_index_keeps_exact_top1_through_sync_and_reopening(tmp_path:
     assert (on_camera_2 >= 0).all()
 
 
-def test_approximate_index_with_disagreeing_parts_is_rebuilt(tmp_path: Path) -> None:
-    config, db = make_db(tmp_path, ivf_threshold=1000)
+def test_approximate_index_with_disagreeing_parts_is_rebuilt(fresh_db_url: str, tmp_path: Path) -> None:
+    config, db = make_db(fresh_db_url, tmp_path, ivf_threshold=1000)
     add_tracks(db, clustered_unit_vectors(150, 8, DIM, 0.6, seed=23))
     manager = IndexManager(db, config)
     gallery, _ = manager.sync("tracks")
@@ -321,8 +318,8 @@ def test_approximate_index_with_disagreeing_parts_is_rebuilt(tmp_path: Path) -> 
     np.testing.assert_array_equal(np.sort(faiss.vector_to_array(store.id_map)), db_track_ids(db))
 
 
-def test_camera_filter_restricts_results(tmp_path: Path) -> None:
-    config, db = make_db(tmp_path)
+def test_camera_filter_restricts_results(fresh_db_url: str, tmp_path: Path) -> None:
+    config, db = make_db(fresh_db_url, tmp_path)
     vectors = clustered_unit_vectors(2, 4, DIM, 0.3, seed=11)
     cam1 = add_tracks(db, vectors[:4], camera=1, sha="3" * 64)
     cam2 = add_tracks(db, vectors[4:], camera=2, sha="4" * 64)
@@ -339,8 +336,8 @@ def _set_model(session) -> None:
         info.model_is_trained = False
 
 
-def _writer_process(db_url: str, seed: int, rounds: int) -> None:
-    config = AppConfig(db_url=db_url)
+def _writer_process(db_url: str, data_dir: Path, seed: int, rounds: int) -> None:
+    config = AppConfig(db_url=db_url, data_dir=data_dir)
     db = Database(config, create=True)  # both processes create the same new database at once
     db.ensure_info()
     db.write(_set_model)
@@ -350,10 +347,10 @@ def _writer_process(db_url: str, seed: int, rounds: int) -> None:
         manager.sync("tracks")
 
 
-def test_two_processes_writing_and_syncing_never_lose_vectors(tmp_path: Path) -> None:
-    config = AppConfig(db_url=f"sqlite:///{tmp_path / 'reid.db'}")
+def test_two_processes_writing_and_syncing_never_lose_vectors(fresh_db_url: str, tmp_path: Path) -> None:
+    config = AppConfig(db_url=fresh_db_url, data_dir=tmp_path)
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_writer_process, args=(config.db_url, seed, 12)) for seed in (1, 2)]
+    workers = [context.Process(target=_writer_process, args=(config.db_url, tmp_path, seed, 12)) for seed in (1, 2)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -367,8 +364,8 @@ def test_two_processes_writing_and_syncing_never_lose_vectors(tmp_path: Path) ->
     np.testing.assert_array_equal(index_ids(gallery.index), db_track_ids(db))
 
 
-def test_model_identity_mismatch_is_refused(tmp_path: Path) -> None:
-    _, db = make_db(tmp_path)
+def test_model_identity_mismatch_is_refused(fresh_db_url: str, tmp_path: Path) -> None:
+    _, db = make_db(fresh_db_url, tmp_path)
     info = db.info()
     check_model_identity(info, *MODEL)
     with pytest.raises(ReidAppError, match="different models"):
@@ -418,8 +415,8 @@ def test_agglomerative_clustering_recovers_people_and_respects_cannot_link() -> 
     assert len(set(complete.tolist())) >= 6
 
 
-def test_identities_are_stored_per_track(tmp_path: Path) -> None:
-    _, db = make_db(tmp_path)
+def test_identities_are_stored_per_track(fresh_db_url: str, tmp_path: Path) -> None:
+    _, db = make_db(fresh_db_url, tmp_path)
     vectors = clustered_unit_vectors(3, 4, DIM, 0.4, seed=13)
     add_tracks(db, vectors[:6], camera=1, sha="5" * 64)
     add_tracks(db, vectors[6:], camera=2, sha="6" * 64)

@@ -29,7 +29,17 @@ def collect_stats(config: AppConfig) -> dict[str, Any]:
     db = Database(config)
     info = require_nonempty(db)
     indexes = IndexManager(db, config)
-    synced = {kind: indexes.sync(kind)[0] for kind in INDEX_KINDS}
+    # How far this host's index was behind the shared database (rows other hosts added or deleted
+    # since its last sync), then caught up.
+    synced, catch_up = {}, {}
+    for kind in INDEX_KINDS:
+        synced[kind], report = indexes.sync(kind)
+        catch_up[kind] = {
+            "rows_behind": report.behind_rows,
+            "deletions_behind": report.behind_deletions,
+            "rebuilt": report.rebuilt,
+            "seconds": round(report.seconds, 3),
+        }
     cameras: dict[int, dict[str, Any]] = {}
     with db.read() as session:
         for video in session.scalars(select(Video).order_by(Video.camera_id, Video.id)):
@@ -71,6 +81,8 @@ def collect_stats(config: AppConfig) -> dict[str, Any]:
             "type": meta["type"],
             "vectors": gallery.ntotal,
             "ivf_threshold": config.ivf_threshold,
+            "index_folder": str(indexes.index_dir),
+            "was_behind": catch_up[kind],
             **(
                 {k: meta.get(k) for k in ("nlist", "nprobe", "k_factor", "reduced_dim", "recall_at_10")}
                 if meta["type"] == INDEX_TYPE_IVF
@@ -144,6 +156,11 @@ def stats_command(
                 f", nlist {entry['nlist']}, nprobe {entry['nprobe']}, k_factor {entry['k_factor']},"
                 f" recall@10 {entry['recall_at_10']:.3f}"
             )
+        behind = entry["was_behind"]
+        line += (
+            f"; was {behind['rows_behind']} rows and {behind['deletions_behind']} deletions behind the database"
+            f"{' (rebuilt)' if behind['rebuilt'] else ''}, caught up in {behind['seconds']:.2f} s"
+        )
         line += (
             f" (exact flat search below {entry['ivf_threshold']} vectors; from there on PCA-256 IVF-SQ8"
             " candidates re-scored with the full vectors)"
