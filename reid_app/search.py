@@ -278,16 +278,19 @@ def run_search(
     embedder: Any,
     detector: Any,
     db: Database | None = None,
+    indexes: IndexManager | None = None,
 ) -> SearchResult:
     """Search the gallery for the person(s) in ``query_path``. ``embedder`` must already have been
-    checked against the database's model (:func:`reid_app.store.check_model_identity`)."""
+    checked against the database's model (:func:`reid_app.store.check_model_identity`).
+    ``indexes``: a long-lived process (the server) passes its own, so the index is read from disk
+    once and then only brought up to date with what other processes added."""
     options.validate()
     image = load_query_image(query_path)
     db = db or Database(config)
     info = require_nonempty(db)
     persons = select_query_persons(image, detector, options.all_persons)
     vectors = embedder.embed([p.image for p in persons])
-    gallery, _ = IndexManager(db, config).sync(options.level)
+    gallery, _ = (indexes or IndexManager(db, config)).sync(options.level)
     results: list[PersonResults] = []
     with db.read() as session:
         allowed = _allowed_ids(session, options.level, options)
