@@ -5,7 +5,7 @@ searchable without a restart.
 Setup (``--work DIR``, reused when it exists): the demo gallery, both sample clips ingested as
 cameras 1 and 2 with the shipped model. The server runs as its own process on a free local port.
 At ``--ingest-after`` seconds an ``reid-app ingest`` process adds ``--ingest-video`` (default: the
-lab4cam camera-0 video from ../shared, 1288x728) as camera 3; the clients keep searching until
+lab4cam camera-0 video from ../shared, 1288x728) as a new camera; the clients keep searching until
 ``--duration`` has passed *and* the ingest has ended.
 
 Queries are the person crops stored by the ingest plus the demo query. ``--mode fresh`` changes
@@ -82,6 +82,8 @@ def main() -> None:
     # A fresh copy of the ingested video each run: the same file would be "already ingested".
     video = args.work / f"camera3_{time.time_ns()}{args.ingest_video.suffix}"
     shutil.copy(args.ingest_video, video)
+    with open(video, "ab") as handle:  # other bytes than any earlier run's copy: a new video
+        handle.write(os.urandom(8))
     crops = [p.read_bytes() for p in sorted((args.work / "thumbnails").rglob("*.jpg"))] + [DEMO_QUERY.read_bytes()]
     images = [cv2.imdecode(np.frombuffer(c, np.uint8), cv2.IMREAD_COLOR) for c in crops]
 
@@ -93,6 +95,7 @@ def main() -> None:
     threading.Thread(target=server.stderr.read, daemon=True).start()
     base = f"http://127.0.0.1:{port}"
     cameras_before = [c["camera"] for c in httpx.get(base + "/api/v1/cameras", timeout=60).json()["cameras"]]
+    new_camera = max(cameras_before) + 1
 
     latencies: list[float] = []
     errors: list[str] = []
@@ -131,7 +134,8 @@ def main() -> None:
     def run_ingest() -> None:
         time.sleep(args.ingest_after)
         ingest["started"] = time.perf_counter()
-        process = cli("ingest", str(video), "--camera", "3", "--db", url, "--quiet", stdout=subprocess.DEVNULL)
+        flags = ["--camera", str(new_camera), "--db", url, "--quiet"]
+        process = cli("ingest", str(video), *flags, stdout=subprocess.DEVNULL)
         ingest["rc"] = process.wait()
         ingest["ended"] = time.perf_counter()
 
@@ -168,7 +172,8 @@ def main() -> None:
         f"max {ordered[-1]:.3f} s"
     )
     print(
-        f"concurrent ingest of {args.ingest_video.name} ({seconds:.1f} s of video) as camera 3: rc {ingest['rc']}, "
+        f"concurrent ingest of {args.ingest_video.name} ({seconds:.1f} s of video) as camera {new_camera}: "
+        f"rc {ingest['rc']}, "
         f"{ingest_s:.1f} s (real-time factor {ingest_s / seconds:.2f})"
     )
     print(

@@ -12,6 +12,10 @@ safe to share as they are:
   thread searches that same index. Sync and search therefore hold one lock (a flat search of
   a demo-sized gallery takes microseconds; an IVF one milliseconds).
 
+The locks are granted in arrival order (:class:`FairLock`): with ``threading.Lock`` a waiting
+request can lose the lock to later arrivals again and again, and under 16 concurrent clients some
+searches waited over a minute while others were served in seconds (benchmarks/RESULTS.md).
+
 Model results are cached by content (an LRU keyed by the image's bytes): an operator who changes
 top-k, cameras or threshold on the same photo re-runs only the index search, not the detector
 and embedder. Both models are deterministic, so a cached answer is the answer.
@@ -34,6 +38,28 @@ from reid_app.store import Database
 
 #: Distinct query images whose model results are kept (a few MB at most: boxes and 15 KB vectors).
 CACHE_ENTRIES = 256
+
+
+class FairLock:
+    """A lock granted first come, first served (a ticket queue)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> FairLock:
+        with self._condition:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while ticket != self._serving:
+                self._condition.wait()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._condition:
+            self._serving += 1
+            self._condition.notify_all()
 
 
 class _LRU:
@@ -69,7 +95,7 @@ class SharedDetector:
     """The person detector behind a lock and a result cache; otherwise the detector itself."""
 
     def __init__(self, detector: Any, cache_entries: int = CACHE_ENTRIES) -> None:
-        self._detector, self._lock, self._cache = detector, threading.Lock(), _LRU(cache_entries)
+        self._detector, self._lock, self._cache = detector, FairLock(), _LRU(cache_entries)
         self.name = detector.name
 
     def detect(self, image_bgr: np.ndarray, confidence: float | None = None) -> list[Any]:
@@ -84,7 +110,7 @@ class SharedEmbedder:
     """The embedder behind a lock and a result cache; its identity attributes pass through."""
 
     def __init__(self, embedder: Any, cache_entries: int = CACHE_ENTRIES) -> None:
-        self._embedder, self._lock, self._cache = embedder, threading.Lock(), _LRU(cache_entries)
+        self._embedder, self._lock, self._cache = embedder, FairLock(), _LRU(cache_entries)
 
     def __getattr__(self, name: str) -> Any:  # model_name, weights_sha256, dim, warning, ...
         return getattr(self._embedder, name)
@@ -102,7 +128,7 @@ class _LockedGallery:
     """A synced index whose searches hold the lock that its in-place updates hold."""
 
     gallery: GalleryIndex
-    lock: threading.Lock
+    lock: FairLock
 
     @property
     def ntotal(self) -> int:
@@ -127,7 +153,7 @@ class SharedIndexes(IndexManager):
 
     def __init__(self, db: Database, config: AppConfig) -> None:
         super().__init__(db, config)
-        self._lock = threading.Lock()
+        self._lock = FairLock()
 
     def sync(self, kind: str) -> tuple[Any, SyncReport]:
         with self._lock:
