@@ -2,9 +2,9 @@
 stores exactly the rows of an uninterrupted run (without a server).
 
 Two copies of the demo gallery (``serve_load.py --work``): in copy A, a server runs and a client
-searches it without pause while ``--video`` is ingested as camera 3, killed after ``--kill-after``
-seconds, then ingested again to the end. In copy B the same video is ingested once, no server.
-Compared: camera 3's tracks and detections (frame, box to 0.1 px, track membership), and that
+searches it without pause while ``--video`` (default: sample clip 2) is ingested as camera 9,
+killed after ``--kill-after`` seconds, then ingested again to the end. In copy B the same video is
+ingested once, no server. Compared: camera 9's tracks and detections (frame, box to 0.1 px, track membership), and that
 the server's index holds every new vector without a restart.
 
     python benchmarks/kill_while_serving.py --work /tmp/reid_serve_load --kill-after 10
@@ -25,9 +25,9 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 DEMO_QUERY = REPO / "sample_videos/query_cam1_red_jacket.jpg"
-FLAGS = ["--camera", "3", "--quiet", "--start-time", "2024-05-01T10:00:00"]
+CAMERA = 9  # a camera the gallery does not have
+FLAGS = ["--camera", str(CAMERA), "--quiet", "--start-time", "2024-05-01T10:00:00"]
 
 
 def cli(*args: str, **kwargs) -> subprocess.Popen:
@@ -36,10 +36,12 @@ def cli(*args: str, **kwargs) -> subprocess.Popen:
 
 def rows(folder: Path) -> tuple[int, int, list[tuple]]:
     with sqlite3.connect(f"file:{folder / 'reid.db'}?mode=ro", uri=True) as connection:
-        tracks = connection.execute("SELECT id FROM tracks WHERE camera_id = 3 ORDER BY first_frame, id").fetchall()
+        tracks = connection.execute(
+            "SELECT id FROM tracks WHERE camera_id = ? ORDER BY first_frame, id", (CAMERA,)
+        ).fetchall()
         number = {track_id: n for n, (track_id,) in enumerate(tracks)}
         detections = connection.execute(
-            "SELECT track_id, frame_index, x1, y1, x2, y2 FROM detections WHERE camera_id = 3"
+            "SELECT track_id, frame_index, x1, y1, x2, y2 FROM detections WHERE camera_id = ?", (CAMERA,)
         ).fetchall()
     shape = sorted((number[t], f, *(round(v, 1) for v in box)) for t, f, *box in detections)
     return len(tracks), len(detections), shape
@@ -48,7 +50,7 @@ def rows(folder: Path) -> tuple[int, int, list[tuple]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/reid_serve_load"))
-    parser.add_argument("--video", type=Path, default=SHARED / "data/lab4cam_video/videos/cam0.mp4")
+    parser.add_argument("--video", type=Path, default=REPO / "sample_videos/cam2_square_right.mp4")
     parser.add_argument("--kill-after", type=float, default=10.0)
     args = parser.parse_args()
     copies = {name: args.work.with_name(args.work.name + f"_{name}") for name in "AB"}
@@ -100,8 +102,8 @@ def main() -> None:
     print(f"killed mid-run: {killed} (after {args.kill_after:.0f} s: {partial[0]} tracks, {partial[1]} crops stored)")
     status = "redone after an interrupted run" if "redone" in note else "not a redo"
     print(f"re-run: {status}; rc {rerun.returncode}")
-    print(f"camera 3, killed + re-run with the server reading: {a[0]} tracks, {a[1]} crops")
-    print(f"camera 3, uninterrupted, no server:                {b[0]} tracks, {b[1]} crops")
+    print(f"camera {CAMERA}, killed + re-run with the server reading: {a[0]} tracks, {a[1]} crops")
+    print(f"camera {CAMERA}, uninterrupted, no server:                {b[0]} tracks, {b[1]} crops")
     print(f"identical rows (frame, box to 0.1 px, track membership): {a[2] == b[2]}")
     with sqlite3.connect(f"file:{copies['A'] / 'reid.db'}?mode=ro", uri=True) as connection:
         stored = connection.execute("SELECT count(*) FROM tracks").fetchone()[0]
