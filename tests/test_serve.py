@@ -408,8 +408,12 @@ def test_the_page_in_a_real_browser(served: str, tmp_path: Path) -> None:
             # A click shows the full frame with the box and the track's other crops.
             page.click(f"#results figure[data-track='{track}']")
             page.wait_for_selector("#detail-crops figure")
-            page.wait_for_function("document.getElementById('detail-frame').naturalWidth > 0", timeout=60_000)
-            assert page.evaluate("document.getElementById('detail-frame').naturalWidth") == 640
+            # Polled from here: the page's CSP (no eval) forbids Playwright's in-page wait_for_function.
+            width, deadline = 0, time.monotonic() + 60
+            while width == 0 and time.monotonic() < deadline:
+                width = page.evaluate("document.getElementById('detail-frame').naturalWidth")
+                page.wait_for_timeout(200)
+            assert width == 640
             assert not errors, errors
         finally:
             browser.close()
