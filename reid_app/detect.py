@@ -123,7 +123,7 @@ class PersonDetector(Protocol):
 
     name: str
 
-    def detect(self, image_bgr: np.ndarray) -> list[Detection]: ...
+    def detect(self, image_bgr: np.ndarray, confidence: float | None = None) -> list[Detection]: ...
 
 
 def resolve_device(device: str) -> str:
@@ -188,10 +188,10 @@ class YoloPersonDetector:
             raise ReidAppError(f"cannot load detector weights {weights!r}: {_one_line(exc)}") from exc
         self.person_class = _person_class(self.model.names, self.name)
 
-    def _predict(self, image_bgr: np.ndarray, classes: list[int] | None) -> Any:
+    def _predict(self, image_bgr: np.ndarray, classes: list[int] | None, confidence: float | None = None) -> Any:
         return self.model.predict(
             image_bgr,
-            conf=self.config.confidence,
+            conf=self.config.confidence if confidence is None else confidence,
             iou=self.config.iou,
             imgsz=self.config.imgsz,
             classes=classes,
@@ -201,14 +201,16 @@ class YoloPersonDetector:
             **({"quantize": 16} if self.device.startswith("cuda") else {}),
         )[0]
 
-    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
-        boxes = self._predict(image_bgr, classes=[self.person_class]).boxes
+    def detect(self, image_bgr: np.ndarray, confidence: float | None = None) -> list[Detection]:
+        """Person boxes; ``confidence`` overrides the configured threshold for this call."""
+        config = self.config if confidence is None else replace(self.config, confidence=confidence)
+        boxes = self._predict(image_bgr, classes=[self.person_class], confidence=config.confidence).boxes
         if boxes is None or len(boxes) == 0:
             return []
         return keep_boxes(
             boxes.xyxy.cpu().numpy().astype(np.float64),
             boxes.conf.cpu().numpy().astype(np.float64),
-            self.config,
+            config,
             image_bgr.shape,
         )
 
@@ -231,7 +233,9 @@ class HogPersonDetector:
         self.hog = cv2.HOGDescriptor()
         self.hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
 
-    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+    def detect(self, image_bgr: np.ndarray, confidence: float | None = None) -> list[Detection]:
+        """Person boxes; ``confidence`` overrides the configured threshold for this call."""
+        config = self.config if confidence is None else replace(self.config, confidence=confidence)
         height, width = image_bgr.shape[:2]
         scale = self.config.imgsz / max(height, width)
         size = (round(width * scale), round(height * scale))
@@ -243,11 +247,11 @@ class HogPersonDetector:
             return []
         rects = np.asarray(rects, dtype=np.float64).reshape(-1, 4)
         scores = 1.0 / (1.0 + np.exp(-np.asarray(margins, dtype=np.float64).ravel()))
-        keep = cv2.dnn.NMSBoxes(rects.tolist(), scores.tolist(), self.config.confidence, self.config.iou)
+        keep = cv2.dnn.NMSBoxes(rects.tolist(), scores.tolist(), config.confidence, config.iou)
         keep = np.asarray(keep, dtype=np.int64).ravel()
         boxes = rects[keep].copy()
         boxes[:, 2:] += boxes[:, :2]  # xywh → xyxy
-        return keep_boxes(boxes / scale, scores[keep], self.config, image_bgr.shape)
+        return keep_boxes(boxes / scale, scores[keep], config, image_bgr.shape)
 
 
 def hog_available() -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from sqlalchemy import select, update
@@ -168,3 +168,36 @@ def _merge_appearances(appearances: list[Appearance]) -> list[Appearance]:
         else:
             merged.append(Appearance(item.camera, item.start, item.end))
     return sorted(merged, key=lambda a: a.start)
+
+
+def stored_identities(db: Database) -> list[IdentitySummary]:
+    """The identities the last ``reid-app identities`` run stored, summarised (read only): tracks
+    ingested since then have no identity and are left out."""
+    with db.read() as session:
+        tracks = list(session.scalars(select(Track).where(Track.identity_id.is_not(None)).order_by(Track.id)))
+        videos = {v.id: v for v in session.scalars(select(Video))}
+    tracks = [t for t in tracks if t.video_id in videos]
+    return summarise(tracks, videos, {t.id: int(t.identity_id) for t in tracks})
+
+
+def identities_payload(
+    summaries: list[IdentitySummary], threshold: float | None, linkage: str | None, trained: bool
+) -> dict[str, Any]:
+    """The JSON of ``reid-app identities --json`` and of the HTTP API (one serialiser for both)."""
+    return {
+        "threshold": threshold,
+        "linkage": linkage,
+        "matches_are_meaningful": trained,
+        "identities": [
+            {
+                "identity_id": s.identity_id,
+                "cameras": s.cameras,
+                "track_ids": s.track_ids,
+                "appearances": [
+                    {"camera": a.camera, "start": a.start.isoformat(), "end": a.end.isoformat(), "tracks": a.tracks}
+                    for a in s.appearances
+                ],
+            }
+            for s in summaries
+        ],
+    }

@@ -4,12 +4,19 @@ Which part of the query image is embedded (the rule):
 
 1. The detector runs on the whole image.
 2. The image is **crop-like** when its height/width ratio is between 1.2 and 4 (a standing
-   person's crop is about 2:1) *and* either the detector finds nobody (tight crops often have
-   too little context for a detector) or the largest person box covers at least half the image.
-   A crop-like image is embedded as it is, as one person.
+   person's crop is about 2:1) *and* either the largest person box covers at least half the
+   image, or the detector finds nobody at its usual confidence but does find a person in a
+   *context view* of the image: the image scaled up to at least 256 px high and set on a grey
+   canvas (half its width added on each side, a tenth of its height above and below), searched
+   at confidence 0.15, with a box at least half the image's height. Tight crops often have too
+   little context (and too few pixels) for a detector at its usual setting, which is why the
+   second look exists; an image in which even that look finds nobody (a flat grey rectangle,
+   noise, a patch of pavement) is no person and is refused. A crop-like image is embedded as it
+   is, as one person. Measured in benchmarks/RESULTS.md (query rule): how many real crops
+   (CUHK03, stored ingest crops) it refuses, and how many person-free crops it lets through.
 3. Otherwise, when the detector finds persons, the largest box is the query (``--all``: every
    box, each searched separately).
-4. Otherwise the query has no person: a one-line error.
+4. Otherwise the query has no person: a one-line error. CLI and HTTP API share this rule.
 
 Results are database rows ranked by cosine similarity (inner product of unit vectors): one per
 track (pooled embedding, the default) or one per stored crop (``--detections``).
@@ -25,6 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -40,6 +48,14 @@ from reid_app.track import crop
 CROP_MIN_ASPECT = 1.2
 CROP_MAX_ASPECT = 4.0
 CROP_MIN_COVERAGE = 0.5
+#: The context view of rule 2 (module docstring): at least this high, padded with YOLO's own
+#: letterbox grey, searched at this confidence; a box must be this fraction of the crop's height.
+CONTEXT_MIN_HEIGHT = 256
+CONTEXT_PAD_X = 0.5
+CONTEXT_PAD_Y = 0.1
+CONTEXT_GREY = (114, 114, 114)
+CONTEXT_CONFIDENCE = 0.15
+CONTEXT_MIN_BOX_HEIGHT = 0.5
 #: Most results asked for per query person (README.md, Limits); a gallery smaller than that gives
 #: all it has: the index is never asked for more rows than it holds.
 MAX_TOP_K = 10_000
@@ -146,12 +162,31 @@ def is_crop_like(image_shape: tuple[int, ...], largest_box_area: float | None) -
     return largest_box_area is None or largest_box_area >= CROP_MIN_COVERAGE * height * width
 
 
+def context_view(image: np.ndarray) -> tuple[np.ndarray, int]:
+    """Rule 2's second look: (the crop scaled up and padded with grey, the crop's height in it)."""
+    height, width = image.shape[:2]
+    scale = max(1.0, CONTEXT_MIN_HEIGHT / height)
+    if scale > 1.0:
+        image = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_CUBIC)
+    height, width = image.shape[:2]
+    pad_x, pad_y = round(width * CONTEXT_PAD_X), round(height * CONTEXT_PAD_Y)
+    view = cv2.copyMakeBorder(image, pad_y, pad_y, pad_x, pad_x, cv2.BORDER_CONSTANT, value=CONTEXT_GREY)
+    return view, height
+
+
+def crop_shows_person(image: np.ndarray, detector: Any) -> bool:
+    """Whether the detector finds a person filling the crop-shaped ``image`` in its context view."""
+    view, crop_height = context_view(image)
+    boxes = detector.detect(view, confidence=CONTEXT_CONFIDENCE)
+    return any(box.height >= CONTEXT_MIN_BOX_HEIGHT * crop_height for box in boxes)
+
+
 def select_query_persons(image: np.ndarray, detector: Any, all_persons: bool = False) -> list[QueryPerson]:
     """The person(s) of the query image to search for (the rule in the module docstring)."""
     height, width = image.shape[:2]
     boxes = sorted(detector.detect(image), key=lambda d: d.area, reverse=True)
     largest_area = boxes[0].area if boxes else None
-    if is_crop_like(image.shape, largest_area):
+    if is_crop_like(image.shape, largest_area) and (boxes or crop_shows_person(image, detector)):
         return [QueryPerson(bbox=(0.0, 0.0, float(width), float(height)), how="whole image (crop-like)", image=image)]
     if not boxes:
         raise ReidAppError(
@@ -230,16 +265,19 @@ def run_search(
     embedder: Any,
     detector: Any,
     db: Database | None = None,
+    indexes: IndexManager | None = None,
 ) -> SearchResult:
     """Search the gallery for the person(s) in ``query_path``. ``embedder`` must already have been
-    checked against the database's model (:func:`reid_app.store.check_model_identity`)."""
+    checked against the database's model (:func:`reid_app.store.check_model_identity`).
+    ``indexes``: a long-lived process (the server) passes its own, so the index is read from disk
+    once and then only brought up to date with what other processes added."""
     options.validate()
     image = load_query_image(query_path)
     db = db or Database(config)
     info = require_nonempty(db)
     persons = select_query_persons(image, detector, options.all_persons)
     vectors = embedder.embed([p.image for p in persons])
-    gallery, _ = IndexManager(db, config).sync(options.level)
+    gallery, _ = (indexes or IndexManager(db, config)).sync(options.level)
     results: list[PersonResults] = []
     with db.read() as session:
         allowed = _allowed_ids(session, options.level, options)

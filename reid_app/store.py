@@ -30,6 +30,8 @@ Several hosts on one PostgreSQL (README, "Several hosts"):
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -444,12 +446,34 @@ def delete_tracks(session: Session, track_ids: list[int]) -> DeletedRows:
 _ID_CHUNK = 900
 
 
+#: One read-only descriptor per database file whose header this process has read, never closed.
+#: Closing *any* descriptor of a file drops every POSIX lock the process holds on it, SQLite's own
+#: included (https://www.sqlite.org/howtocorrupt.html, section 2.2): a process that opened a second
+#: Database on a file its connections already had open (a server, a test) lost its WAL read lock,
+#: and another process's ingest then deleted the WAL under it ("database disk image is malformed",
+#: or stale reads). A descriptor that stays open releases nothing.
+_HEADER_DESCRIPTORS: dict[tuple[int, int], int] = {}
+_HEADER_LOCK = threading.Lock()
+
+
+def _read_header(path: Path) -> bytes:
+    """The first bytes of ``path``, read without ever closing a descriptor of it."""
+    with _HEADER_LOCK:
+        status = path.stat()
+        descriptor = _HEADER_DESCRIPTORS.get((status.st_dev, status.st_ino))
+        if descriptor is None:
+            descriptor = os.open(path, os.O_RDONLY)
+            opened = os.fstat(descriptor)
+            # An open descriptor keeps its inode allocated, so this key cannot name another file later.
+            _HEADER_DESCRIPTORS[(opened.st_dev, opened.st_ino)] = descriptor
+        return os.pread(descriptor, len(SQLITE_MAGIC), 0)
+
+
 def _check_sqlite_file(path: Path) -> None:
     """Refuse, before SQLite touches it, a --db path that is a folder or another kind of file."""
     if path.is_dir():
         raise ReidAppError(f"--db must name a SQLite database file, but {path} is a directory")
-    with open(path, "rb") as handle:
-        head = handle.read(len(SQLITE_MAGIC))
+    head = _read_header(path)
     if head and head != SQLITE_MAGIC:  # an empty file is a new database to SQLite
         raise ReidAppError(f"{path} is not a SQLite database (--db must name a reid-app database or a new file)")
 

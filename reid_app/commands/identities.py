@@ -13,7 +13,7 @@ from reid_app.commands.ingest import warn
 from reid_app.commands.stats import UNTRAINED_NOTE
 from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig
 from reid_app.errors import ReidAppError
-from reid_app.identities import compute_identities
+from reid_app.identities import compute_identities, identities_payload
 from reid_app.safetext import cell
 from reid_app.store import Database, require_nonempty
 
@@ -42,23 +42,7 @@ def identities_command(
         warn(UNTRAINED_NOTE)
     summaries = compute_identities(database, threshold, linkage)  # type: ignore[arg-type]
     if as_json:
-        payload = {
-            "threshold": threshold,
-            "linkage": linkage,
-            "matches_are_meaningful": bool(info.model_is_trained),
-            "identities": [
-                {
-                    "identity_id": s.identity_id,
-                    "cameras": s.cameras,
-                    "track_ids": s.track_ids,
-                    "appearances": [
-                        {"camera": a.camera, "start": a.start.isoformat(), "end": a.end.isoformat(), "tracks": a.tracks}
-                        for a in s.appearances
-                    ],
-                }
-                for s in summaries
-            ],
-        }
+        payload = identities_payload(summaries, threshold, linkage, bool(info.model_is_trained))
         print(json.dumps(payload, indent=2))
         return
     multi = sum(len(s.cameras) > 1 for s in summaries)

@@ -1,0 +1,74 @@
+"""``reid-app serve``: the web page and the HTTP API (see :mod:`reid_app.server`)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from reid_app.commands.ingest import warn
+from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig
+from reid_app.errors import ReidAppError
+from reid_app.server.security import TOKEN_ENV, is_loopback, load_token, require_token_for
+
+#: Default upload limit: a 48-megapixel JPEG is ~15 MB.
+DEFAULT_MAX_UPLOAD_MB = 20
+
+
+def serve_command(
+    db: str | None = typer.Option(
+        None, "--db", help=f"SQLAlchemy database URL (default: {DEFAULT_DB_URL}, or ${DB_URL_ENV})."
+    ),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Folder of the thumbnails (default: next to the DB)."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help=f"Address to listen on; anything but loopback needs a token (${TOKEN_ENV})."
+    ),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free port)."),
+    token_file: str | None = typer.Option(
+        None, "--token-file", help=f"File holding the access token (else ${TOKEN_ENV}); mode 600."
+    ),
+    max_upload_mb: int = typer.Option(DEFAULT_MAX_UPLOAD_MB, "--max-upload-mb", help="Largest accepted request body."),
+    detector: str | None = typer.Option(None, "--detector", help="Person detector (as for ingest)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda:0, ..."),
+    weights: str | None = typer.Option(None, "--weights", help="FA-Net weights (must be those of the database)."),
+) -> None:
+    """Serve the search page and the HTTP API (/api/v1) over the database."""
+    if not 0 <= port <= 65535:
+        raise ReidAppError(f"--port must be between 0 and 65535, got {port}")
+    if not 1 <= max_upload_mb <= 1024:
+        raise ReidAppError(f"--max-upload-mb must be between 1 and 1024, got {max_upload_mb}")
+    token = load_token(token_file)
+    require_token_for(host, token)
+    # Heavy imports after the cheap checks: a bad flag answers at once.
+    import uvicorn
+
+    from reid_app.server.app import create_app
+    from reid_app.server.state import ServerState
+
+    config = AppConfig.from_env(db, data_dir, weights=weights, device=device)
+    state = ServerState.load(
+        config,
+        detector_weights=detector,
+        token=token,
+        loopback_only=is_loopback(host) and token is None,
+        max_upload_bytes=max_upload_mb << 20,
+    )
+    warn(state.embedder.warning())
+    app = create_app(state)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    shown = f"[{host}]" if ":" in host else host
+
+    original_startup = server.startup
+
+    async def startup(sockets=None) -> None:  # noqa: ANN001 - uvicorn's own signature
+        await original_startup(sockets)
+        bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
+        hint = " (first visit: add ?token=YOUR_TOKEN)" if token else ""
+        print(f"reid-app serving {config.safe_db_url} on http://{shown}:{bound}/{hint}", file=sys.stderr, flush=True)
+
+    server.startup = startup  # type: ignore[method-assign]
+    server.run()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)

@@ -1,0 +1,305 @@
+"""The FastAPI application: the page (static files, no build step, nothing from another origin)
+and the HTTP API under ``/api/v1`` with its OpenAPI schema at ``/api/v1/openapi.json``.
+
+Errors are JSON ``{"error": "one line"}`` with a 4xx status for anything the request got wrong
+(400 bad input such as a non-image or no person in it, 404 unknown id, 413 too large, 422 a
+parameter out of range), 503 for a failure of the machine (disk, database server) and 500 only
+for a bug; no failed request writes anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from reid_app.config import MAX_CAMERA_ID
+from reid_app.errors import ReidAppError, describe_failure
+from reid_app.identities import compute_identities, identities_payload, stored_identities
+from reid_app.overview import (
+    MAX_PAGE,
+    NotFound,
+    collect_stats,
+    detection_detail,
+    frame_jpeg,
+    list_tracks,
+    thumbnail_bytes,
+    track_detail,
+)
+from reid_app.safetext import plain
+from reid_app.search import MAX_TOP_K, SearchOptions, model_dict, run_search
+from reid_app.server.security import GuardMiddleware
+from reid_app.server.state import ServerState
+from reid_app.store import as_utc, check_model_identity, require_nonempty
+
+logger = logging.getLogger("reid_app.server")
+
+API = "/api/v1"
+STATIC = files("reid_app.server") / "static"
+#: Row ids are SQL integers: larger values cannot name a row (and SQLite refuses to bind them).
+MAX_ROW_ID = 2**63 - 1
+#: Query image file names shown back in results: a name, never a server path.
+MAX_NAME = 200
+
+RowId = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID)]
+Camera = Annotated[int, Query(ge=1, le=MAX_CAMERA_ID)]
+UNTRAINED_NOTE = (
+    "the embedding model of this database is untrained (random weights): its similarities and identities "
+    "are not meaningful re-identification"
+)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": plain(message)}, status_code=status)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The application over ``state`` (loaded models, database, index)."""
+    app = FastAPI(
+        title="reid-app",
+        version="1",
+        summary="Person re-identification across cameras: search, tracks, detections, cameras, identities.",
+        openapi_url=f"{API}/openapi.json",
+        docs_url=None,  # Swagger UI and ReDoc load their scripts from a CDN: the page must work offline
+        redoc_url=None,
+    )
+    app.state.reid = state
+    app.add_middleware(
+        GuardMiddleware,
+        token=state.token,
+        loopback_only=state.loopback_only,
+        max_upload_bytes=state.max_upload_bytes,
+    )
+    _add_error_handlers(app)
+    _add_api(app, state)
+    _add_page(app)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ReidAppError)
+    async def reid_error(_request: Request, exc: ReidAppError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(NotFound)
+    async def not_found(_request: Request, exc: NotFound) -> JSONResponse:
+        return _error(404, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+            for e in exc.errors()[:5]
+        )
+        return _error(422, f"invalid request: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def failure(_request: Request, exc: Exception) -> JSONResponse:
+        message = describe_failure(exc)
+        if message is not None:  # the machine, not the request: the operator can act on it
+            logger.warning("request failed: %s", message)
+            return _error(503, message)
+        logger.exception("internal error")
+        return _error(500, "internal error (see the server log)")
+
+
+def _save_upload(upload: UploadFile, folder: str) -> Path:
+    """The upload in a private temporary file (the search pipeline reads image files), refusing an
+    empty one with a message that names no server path."""
+    target = Path(folder) / "query"
+    size = 0
+    with open(target, "wb") as handle:
+        while chunk := upload.file.read(1 << 20):
+            size += len(chunk)
+            handle.write(chunk)
+    if size == 0:
+        raise ReidAppError("the uploaded image is empty (0 bytes)")
+    return target
+
+
+def _add_api(app: FastAPI, state: ServerState) -> None:
+    @app.get(f"{API}/status", tags=["status"])
+    def status() -> dict[str, Any]:
+        """The model the server embeds with, the database's model, and the warning that applies."""
+        info = state.db.info()
+        stored = model_dict(info) if info is not None and info.model_name is not None else None
+        warning = state.embedder.warning()
+        if warning is None and stored is not None and not stored["trained"]:
+            warning = UNTRAINED_NOTE
+        return {
+            "database": state.config.safe_db_url,
+            "embedder": {
+                "name": state.embedder.model_name,
+                "dim": state.embedder.dim,
+                "trained": bool(state.embedder.is_trained),
+            },
+            "database_model": stored,
+            "detector": state.detector.name,
+            "warning": warning,
+            "matches_are_meaningful": warning is None,
+            "defaults": {"top_k": 10, "threshold": state.config.search_threshold, "max_top_k": MAX_TOP_K},
+            "max_upload_bytes": state.max_upload_bytes,
+        }
+
+    @app.post(f"{API}/search", tags=["search"])
+    def search(
+        image: Annotated[UploadFile, File(description="Query photo: a person crop or a whole frame.")],
+        top_k: Annotated[int, Form(ge=1, le=MAX_TOP_K)] = 10,
+        camera: Annotated[list[int] | None, Form(description="Only these cameras (repeat the field).")] = None,
+        exclude_camera: Annotated[list[int] | None, Form(description="Not these cameras.")] = None,
+        threshold: Annotated[float | None, Form(ge=-1.0, le=1.0)] = None,
+        level: Annotated[Literal["tracks", "detections"], Form()] = "tracks",
+        all_persons: Annotated[bool, Form(description="Search every person found in a frame.")] = False,
+    ) -> dict[str, Any]:
+        """Search the gallery: the same JSON as ``reid-app search --json`` (``query_image`` is the
+        uploaded file's name)."""
+        options = SearchOptions(
+            top_k=top_k,
+            cameras=[_camera(c) for c in camera or []],
+            exclude_cameras=[_camera(c) for c in exclude_camera or []],
+            threshold=state.config.search_threshold if threshold is None else threshold,
+            level=level,
+            all_persons=all_persons,
+        )
+        options.validate()
+        info = require_nonempty(state.db)
+        embedder = state.embedder
+        check_model_identity(info, embedder.model_name, embedder.weights_sha256, embedder.dim)
+        with tempfile.TemporaryDirectory(prefix="reid-query-") as folder:
+            path = _save_upload(image, folder)
+            try:
+                result = run_search(
+                    state.config,
+                    path,
+                    options,
+                    embedder=embedder,
+                    detector=state.detector,
+                    db=state.db,
+                    indexes=state.indexes,
+                )
+            except ReidAppError as exc:  # its message may name the temporary file: name the upload
+                raise ReidAppError(str(exc).replace(str(path), _upload_name(image))) from None
+        result.query_image = _upload_name(image)
+        return result.to_json_dict()
+
+    @app.get(f"{API}/cameras", tags=["cameras"])
+    def cameras() -> dict[str, Any]:
+        """What ``reid-app stats --json`` shows: per camera counts and time spans, model, indexes."""
+        return collect_stats(state.config, state.db, state.indexes)
+
+    @app.get(f"{API}/tracks", tags=["tracks"])
+    def tracks(
+        camera: Annotated[list[int] | None, Query(description="Only these cameras.")] = None,
+        identity: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,
+        ids: Annotated[list[int] | None, Query(max_length=MAX_PAGE, description="Only these track ids.")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        offset: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
+    ) -> dict[str, Any]:
+        """Tracks ordered by start time: camera, time span, identity (the rows of a timeline)."""
+        chosen_ids = [_row_id(i) for i in ids] if ids else None
+        rows = list_tracks(
+            state.db,
+            cameras=[_camera(c) for c in camera or []],
+            identity_id=identity,
+            ids=chosen_ids,
+            limit=limit,
+            offset=offset,
+        )
+        return {"tracks": rows}
+
+    @app.get(f"{API}/tracks/{{track_id}}", tags=["tracks"])
+    def track(track_id: RowId) -> dict[str, Any]:
+        """One track and all its stored crops."""
+        return track_detail(state.db, track_id)
+
+    @app.get(f"{API}/detections/{{detection_id}}", tags=["detections"])
+    def detection(detection_id: RowId) -> dict[str, Any]:
+        """One stored crop: camera, frame, time, box."""
+        return detection_detail(state.db, detection_id)
+
+    @app.get(
+        f"{API}/detections/{{detection_id}}/thumbnail",
+        tags=["detections"],
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}},
+    )
+    def thumbnail(detection_id: RowId) -> Response:
+        """The stored JPEG crop of a detection."""
+        return Response(thumbnail_bytes(state.config, state.db, detection_id), media_type="image/jpeg")
+
+    @app.get(
+        f"{API}/detections/{{detection_id}}/frame",
+        tags=["detections"],
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}},
+    )
+    def frame(detection_id: RowId) -> Response:
+        """The full video frame of a detection with its box, read from the stored video now."""
+        return Response(frame_jpeg(state.db, detection_id), media_type="image/jpeg")
+
+    @app.get(f"{API}/identities", tags=["identities"])
+    def identities() -> dict[str, Any]:
+        """The identities stored by the last ``reid-app identities`` run (or POST here)."""
+        info = require_nonempty(state.db)
+        summaries = stored_identities(state.db)
+        payload = identities_payload(summaries, info.identity_threshold, None, bool(info.model_is_trained))
+        computed = info.identities_computed_at
+        payload["computed_at"] = as_utc(computed).isoformat() if computed is not None else None
+        return payload
+
+    @app.post(f"{API}/identities", tags=["identities"])
+    def recompute_identities(
+        threshold: Annotated[float | None, Query(ge=0.0, le=2.0)] = None,
+        linkage: Annotated[Literal["average", "complete"], Query()] = "average",
+    ) -> dict[str, Any]:
+        """Cluster all tracks again, as ``reid-app identities`` does, and store the result."""
+        info = require_nonempty(state.db)
+        threshold = state.config.identity_threshold if threshold is None else threshold
+        summaries = compute_identities(state.db, threshold, linkage)
+        return identities_payload(summaries, threshold, linkage, bool(info.model_is_trained))
+
+
+def _camera(value: int) -> int:
+    if not 1 <= value <= MAX_CAMERA_ID:
+        raise ReidAppError(f"camera ID must be a positive integer up to {MAX_CAMERA_ID}, got {value}")
+    return value
+
+
+def _row_id(value: int) -> int:
+    if not 1 <= value <= MAX_ROW_ID:
+        raise ReidAppError(f"ids are positive integers up to {MAX_ROW_ID}, got {value}")
+    return value
+
+
+def _upload_name(upload: UploadFile) -> str:
+    return os.path.basename(plain(upload.filename or "upload"))[:MAX_NAME] or "upload"
+
+
+def _add_page(app: FastAPI) -> None:
+    def static_file(name: str, media_type: str) -> FileResponse:
+        return FileResponse(str(STATIC / name), media_type=media_type)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return static_file("index.html", "text/html; charset=utf-8")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def asset(name: str) -> FileResponse:
+        # A fixed list: no path from the request ever reaches the file system.
+        known = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+        if name not in known:
+            raise NotFound(f"no such file: {name[:60]}")
+        return static_file(name, known[name])
