@@ -38,9 +38,9 @@ from reid_app.index import (
     INDEX_TYPE_FLAT,
     INDEX_TYPE_IVF,
     GalleryIndex,
-    _exact_topk_update,
     build_ivf,
     desired_type,
+    exact_topk_update,
     recall_at_k,
 )
 
@@ -91,7 +91,7 @@ class SyntheticPeople:
         vectors = self._views_of((ids - 1) // self.views % self.people, np.random.default_rng([self.seed, number]))
         if number not in self.batches_seen:
             self.batches_seen.add(number)
-            self.truth_scores, self.truth_ids = _exact_topk_update(
+            self.truth_scores, self.truth_ids = exact_topk_update(
                 self.truth_scores, self.truth_ids, self.queries, ids, vectors
             )
         return ids, vectors

@@ -241,16 +241,32 @@ def test_console_script_exit_code_and_stderr(tmp_path: Path) -> None:
 
 
 def test_same_video_being_ingested_by_another_process(filled: Path, video: Path, capsys, monkeypatch) -> None:
-    """While one process ingests a video for a camera (it holds the video's lock), a second ingest
-    of it is refused instead of taking the first one's rows for leftovers of a killed run."""
-    from fanet.weights import sha256_file
-    from reid_app.index import file_lock
+    """While another process (here: of another host) ingests a video for a camera, it holds the
+    video's claim row; a second ingest of it is refused instead of taking the first one's rows for
+    leftovers of a killed run."""
+    import time
 
-    lock = filled / "locks" / f"ingest_{sha256_file(video)[:32]}_camera_5.lock"
-    before = snapshot(filled)
-    with file_lock(lock, timeout_s=1):
-        code, _, err = run_cli(
-            ["ingest", str(video), "--camera", "5", "--db", db_url(filled), "--quiet", *UNTRAINED], capsys, monkeypatch
+    from fanet.weights import sha256_file
+
+    with sqlite3.connect(filled / "reid.db") as connection:
+        connection.execute(
+            "INSERT INTO videos (path, sha256, camera_id, fps, frame_count, width, height, sample_fps, start_time, "
+            "status, last_committed_frame, detector, created_at) VALUES (?, ?, 5, 25, 100, 640, 480, 2, "
+            "'2024-01-01 00:00:00', 'ingesting', -1, 'yolo', '2024-01-01 00:00:00')",
+            (str(video), sha256_file(video)),
         )
-    assert_one_error_line(code, err, "being ingested by another process")
+        video_id = connection.execute("SELECT max(id) FROM videos").fetchone()[0]
+        connection.execute(
+            "INSERT INTO ingest_claims (video_id, owner, host, pid, lease_until_s) "
+            "VALUES (?, 'other:1:x', 'other', 1, ?)",
+            (video_id, time.time() + 600),
+        )
+    before = snapshot(filled)
+    code, _, err = run_cli(
+        ["ingest", str(video), "--camera", "5", "--db", db_url(filled), "--quiet", *UNTRAINED], capsys, monkeypatch
+    )
+    assert_one_error_line(code, err, "being ingested by another process", "host other")
     assert snapshot(filled) == before
+    with sqlite3.connect(filled / "reid.db") as connection:
+        connection.execute("DELETE FROM ingest_claims WHERE video_id = ?", (video_id,))
+        connection.execute("DELETE FROM videos WHERE id = ?", (video_id,))
