@@ -116,6 +116,10 @@ def copy_gallery(source: Path, target: Path, request: pytest.FixtureRequest) -> 
         cluster = request.getfixturevalue("pg_cluster")
         cluster.drop_connections(database_name(url))
         use_database(target, cluster.create_database(template=database_name(url)))
+    else:
+        # The copied marker still names the source's file: point it at the copy, or every "copy"
+        # would write into the shared gallery.
+        use_database(target, f"sqlite:///{target / 'reid.db'}")
     return target
 
 
