@@ -20,10 +20,9 @@ import numpy as np
 from reid_app.errors import ReidAppError
 from reid_app.safetext import plain
 from reid_app.search import SearchResult
+from reid_app.thumbnails import read_thumbnail_file
 
 THUMB_HEIGHT = 160
-#: Stored thumbnails are JPEGs of at most 256 px a side: tens of KB. Anything bigger is not one.
-MAX_THUMBNAIL_BYTES = 4 << 20
 JPEG_MAGIC = b"\xff\xd8\xff"
 QUERY_MAX_SIDE = 480
 
@@ -55,14 +54,8 @@ def image_data_uri(image: np.ndarray, max_side: int | None = None) -> str:
 def file_data_uri(path: str | Path | None) -> str | None:
     """A stored JPEG thumbnail as a data URI, or None if there is none, it is gone or it is not a
     JPEG thumbnail."""
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_THUMBNAIL_BYTES + 1)
-    except OSError:
-        return None
-    if len(data) > MAX_THUMBNAIL_BYTES or not data.startswith(JPEG_MAGIC):
+    data = None if path is None else read_thumbnail_file(path)
+    if data is None or not data.startswith(JPEG_MAGIC):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 

@@ -59,8 +59,12 @@ def thumbnail_bytes(db: Database, detection_id: int) -> bytes | None:
     if jpeg is not None:
         return bytes(jpeg)
     path = confined_thumbnail(db.config.storage_dir, stored)
-    if path is None:
-        return None
+    return None if path is None else read_thumbnail_file(path)
+
+
+def read_thumbnail_file(path: str | Path) -> bytes | None:
+    """A thumbnail file's bytes, or None when it is gone or too big to be a thumbnail (read with
+    a bound, so a huge file in its place costs nothing)."""
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_THUMBNAIL_BYTES + 1)
