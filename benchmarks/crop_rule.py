@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sqlite3
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+from sqlalchemy import select
 
+from reid_app.config import AppConfig
 from reid_app.errors import ReidAppError
 from reid_app.ingest import load_detector
 from reid_app.search import select_query_persons
+from reid_app.store import Database, Detection
+from reid_app.thumbnails import thumbnail_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -38,12 +41,20 @@ def cuhk03_crops(count: int, seed: int) -> list[tuple[str, np.ndarray]]:
 
 
 def stored_crops(db: str | None, limit: int) -> list[tuple[str, np.ndarray]]:
+    """The first ``limit`` crops an ingest stored (read the way the app reads them: from the
+    database, or an older row's file), on either backend."""
     if db is None:
         return []
-    path = Path(db.removeprefix("sqlite:///"))
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
-        rows = connection.execute("SELECT id, thumbnail_path FROM detections ORDER BY id LIMIT ?", (limit,)).fetchall()
-    return [(f"stored detection {i}", cv2.imread(str(path.parent / p), cv2.IMREAD_COLOR)) for i, p in rows]
+    database = Database(AppConfig.from_env(db_url=db))
+    with database.read() as session:
+        ids = session.scalars(select(Detection.id).order_by(Detection.id).limit(limit)).all()
+    crops = []
+    for detection_id in ids:
+        jpeg = thumbnail_bytes(database, detection_id)
+        if jpeg is not None:
+            image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            crops.append((f"stored detection {detection_id}", image))
+    return crops
 
 
 def synthetic_negatives(rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:

@@ -179,10 +179,29 @@ class SolverConfig:
 
 
 @dataclass
+class LossConfig:
+    """Terms added to Eq. 6. The defaults are the paper's objective; both extras are common re-ID
+    recipe choices (BoT, fast-reid) used for the small-data MobileNetV2 model (weights/README.md)."""
+
+    # Softmax label smoothing of the person-ID classifiers (0 = plain cross-entropy, the paper).
+    label_smoothing: float = 0.0
+    # Weight of a batch-hard triplet loss on the l2-normalised inference feature (0 = off, the paper).
+    triplet_weight: float = 0.0
+    triplet_margin: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.triplet_weight < 0 or self.triplet_margin < 0:
+            raise ValueError("triplet_weight and triplet_margin must be >= 0")
+
+
+@dataclass
 class TrainConfig:
     model: FANetConfig = field(default_factory=FANetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     output_dir: str = "runs/fanet"
     pretrained: str | None = None  # path to torchvision resnet50 ImageNet weights (.pth)
     random_init: bool = False  # must be asked for explicitly when no pretrained file is given
@@ -204,7 +223,8 @@ class TrainConfig:
             model=config_from_dict(FANetConfig, data.get("model", {})),
             data=config_from_dict(DataConfig, data.get("data", {})),
             solver=config_from_dict(SolverConfig, data.get("solver", {})),
-            **{k: v for k, v in data.items() if k not in ("model", "data", "solver")},
+            loss=config_from_dict(LossConfig, data.get("loss", {})),
+            **{k: v for k, v in data.items() if k not in ("model", "data", "solver", "loss")},
         )
 
 

@@ -3,6 +3,9 @@
 L_f and L_b are softmax (cross-entropy) losses of the person classifiers and the camera
 classifiers, averaged over the HPP stripes so the backbone's gradient scale does not depend on
 the number of stripes (the paper does not say; this keeps the Table I rows comparable).
+
+:class:`~fanet.config.LossConfig` can add label smoothing to L_f and a batch-hard triplet term on
+the inference feature; both are off by default (the paper's objective).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as functional
 from torch import Tensor
 
-from fanet.config import FANetConfig, TALVariant
+from fanet.config import FANetConfig, LossConfig, TALVariant
 from fanet.model import FANetOutput
 
 
@@ -46,18 +49,43 @@ def target_attention_loss(
     return (foreground_map * (1.0 - foreground_mask) + background_map * foreground_mask).mean()
 
 
-def _mean_cross_entropy(logits: list[Tensor], targets: Tensor) -> Tensor:
-    return torch.stack([functional.cross_entropy(x, targets) for x in logits]).mean()
+def _mean_cross_entropy(logits: list[Tensor], targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    return torch.stack(
+        [functional.cross_entropy(x, targets, label_smoothing=label_smoothing) for x in logits]
+    ).mean()
+
+
+def batch_hard_triplet_loss(features: Tensor, labels: Tensor, margin: float) -> Tensor:
+    """Batch-hard triplet loss (Hermans et al., 2017) on l2-normalised features: for each anchor
+    its farthest positive and nearest negative in the batch, hinged at ``margin``.
+
+    Normalising first makes the distances those a cosine search ranks by. Anchors without a
+    positive or without a negative in the batch are left out (a PK batch has both)."""
+    features = functional.normalize(features.float(), dim=1)
+    # Squared distance of unit vectors is 2 - 2 cos; the clamp keeps sqrt's gradient finite.
+    distances = (2.0 - 2.0 * features @ features.t()).clamp_min(1e-12).sqrt()
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive = same & ~eye
+    negative = ~same
+    usable = positive.any(dim=1) & negative.any(dim=1)
+    if not bool(usable.any()):
+        return features.sum() * 0.0
+    hardest_positive = distances.masked_fill(~positive, float("-inf")).amax(dim=1)
+    hardest_negative = distances.masked_fill(~negative, float("inf")).amin(dim=1)
+    hinge = functional.relu(hardest_positive - hardest_negative + margin)
+    return hinge[usable].mean()
 
 
 class FANetLoss:
     """Computes every term of Eq. 6 for one batch; returns them by name ("total" is the sum)."""
 
-    def __init__(self, config: FANetConfig) -> None:
+    def __init__(self, config: FANetConfig, loss: LossConfig | None = None) -> None:
         self.config = config
+        self.loss = loss if loss is not None else LossConfig()
 
     def __call__(self, output: FANetOutput, person_ids: Tensor, camera_ids: Tensor) -> dict[str, Tensor]:
-        person_loss = _mean_cross_entropy(output.person_logits, person_ids)
+        person_loss = _mean_cross_entropy(output.person_logits, person_ids, self.loss.label_smoothing)
         terms = {"person_id": person_loss}
         if output.camera_logits:
             camera_loss = _mean_cross_entropy(output.camera_logits, camera_ids)
@@ -71,5 +99,10 @@ class FANetLoss:
         else:
             # Without the background branch the objective is the person-ID loss alone (rows 1-2).
             total = person_loss
+        if self.loss.triplet_weight > 0:
+            if output.features is None:
+                raise ValueError("the triplet loss needs the batch's inference features")
+            terms["triplet"] = batch_hard_triplet_loss(output.features, person_ids, self.loss.triplet_margin)
+            total = total + self.loss.triplet_weight * terms["triplet"]
         terms["total"] = total
         return terms

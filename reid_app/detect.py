@@ -105,6 +105,9 @@ class Detection:
         return replace(self, track_id=track_id)
 
 
+DEFAULT_IMGSZ = 640  # the detector's input size for a video frame (Ultralytics' default)
+
+
 @dataclass(slots=True)
 class DetectorConfig:
     """Detector choice and filters. ``weights``: None (default model), a path, an Ultralytics name, or "hog"."""
@@ -114,7 +117,7 @@ class DetectorConfig:
     min_box_height: int = 64
     min_box_width: int = 24
     iou: float = 0.5
-    imgsz: int = 640
+    imgsz: int = DEFAULT_IMGSZ
     device: str = "auto"
 
 
@@ -123,7 +126,9 @@ class PersonDetector(Protocol):
 
     name: str
 
-    def detect(self, image_bgr: np.ndarray, confidence: float | None = None) -> list[Detection]: ...
+    def detect(
+        self, image_bgr: np.ndarray, confidence: float | None = None, imgsz: int | None = None
+    ) -> list[Detection]: ...
 
 
 def resolve_device(device: str) -> str:
@@ -188,12 +193,18 @@ class YoloPersonDetector:
             raise ReidAppError(f"cannot load detector weights {weights!r}: {_one_line(exc)}") from exc
         self.person_class = _person_class(self.model.names, self.name)
 
-    def _predict(self, image_bgr: np.ndarray, classes: list[int] | None, confidence: float | None = None) -> Any:
+    def _predict(
+        self,
+        image_bgr: np.ndarray,
+        classes: list[int] | None,
+        confidence: float | None = None,
+        imgsz: int | None = None,
+    ) -> Any:
         return self.model.predict(
             image_bgr,
             conf=self.config.confidence if confidence is None else confidence,
             iou=self.config.iou,
-            imgsz=self.config.imgsz,
+            imgsz=self.config.imgsz if imgsz is None else imgsz,
             classes=classes,
             device=self.device,
             verbose=False,
@@ -201,10 +212,12 @@ class YoloPersonDetector:
             **({"quantize": 16} if self.device.startswith("cuda") else {}),
         )[0]
 
-    def detect(self, image_bgr: np.ndarray, confidence: float | None = None) -> list[Detection]:
-        """Person boxes; ``confidence`` overrides the configured threshold for this call."""
+    def detect(
+        self, image_bgr: np.ndarray, confidence: float | None = None, imgsz: int | None = None
+    ) -> list[Detection]:
+        """Person boxes; ``confidence`` and ``imgsz`` override the configured ones for this call."""
         config = self.config if confidence is None else replace(self.config, confidence=confidence)
-        boxes = self._predict(image_bgr, classes=[self.person_class], confidence=config.confidence).boxes
+        boxes = self._predict(image_bgr, classes=[self.person_class], confidence=config.confidence, imgsz=imgsz).boxes
         if boxes is None or len(boxes) == 0:
             return []
         return keep_boxes(
@@ -233,11 +246,13 @@ class HogPersonDetector:
         self.hog = cv2.HOGDescriptor()
         self.hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
 
-    def detect(self, image_bgr: np.ndarray, confidence: float | None = None) -> list[Detection]:
-        """Person boxes; ``confidence`` overrides the configured threshold for this call."""
+    def detect(
+        self, image_bgr: np.ndarray, confidence: float | None = None, imgsz: int | None = None
+    ) -> list[Detection]:
+        """Person boxes; ``confidence`` and ``imgsz`` override the configured ones for this call."""
         config = self.config if confidence is None else replace(self.config, confidence=confidence)
         height, width = image_bgr.shape[:2]
-        scale = self.config.imgsz / max(height, width)
+        scale = (self.config.imgsz if imgsz is None else imgsz) / max(height, width)
         size = (round(width * scale), round(height * scale))
         if size[0] < HOG_WINDOW[0] or size[1] < HOG_WINDOW[1]:
             return []  # narrower or lower than one detection window once scaled: nobody can be found

@@ -18,6 +18,11 @@ Which part of the query image is embedded (the rule):
    box, each searched separately).
 4. Otherwise the query has no person: a one-line error. CLI and HTTP API share this rule.
 
+The detector looks at a small query (a crop) at its own size rounded up to the detector's stride,
+at least 320 px, instead of blowing it up to the 640 px of a video frame: the person fills a crop,
+so the larger input found nobody the smaller one misses, and it cost about 4x the compute per
+search (measured in benchmarks/RESULTS.md, query rule and serve load).
+
 Results are database rows ranked by cosine similarity (inner product of unit vectors): one per
 track (pooled embedding, the default) or one per stored crop (``--detections``).
 
@@ -27,6 +32,7 @@ confined to the data folder).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +44,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from reid_app.config import AppConfig
+from reid_app.detect import DEFAULT_IMGSZ
 from reid_app.errors import ReidAppError
 from reid_app.images import read_image
 from reid_app.index import IndexManager
@@ -56,6 +63,8 @@ CONTEXT_PAD_Y = 0.1
 CONTEXT_GREY = (114, 114, 114)
 CONTEXT_CONFIDENCE = 0.15
 CONTEXT_MIN_BOX_HEIGHT = 0.5
+QUERY_MIN_IMGSZ = 320
+DETECTOR_STRIDE = 32
 #: Most results asked for per query person (README.md, Limits); a gallery smaller than that gives
 #: all it has: the index is never asked for more rows than it holds.
 MAX_TOP_K = 10_000
@@ -174,17 +183,24 @@ def context_view(image: np.ndarray) -> tuple[np.ndarray, int]:
     return view, height
 
 
+def query_imgsz(image_shape: tuple[int, ...]) -> int | None:
+    """The detector input size for a query image (module docstring); None: the configured size."""
+    long_side = max(image_shape[:2])
+    size = max(QUERY_MIN_IMGSZ, -(-long_side // DETECTOR_STRIDE) * DETECTOR_STRIDE)
+    return size if size < DEFAULT_IMGSZ else None
+
+
 def crop_shows_person(image: np.ndarray, detector: Any) -> bool:
     """Whether the detector finds a person filling the crop-shaped ``image`` in its context view."""
     view, crop_height = context_view(image)
-    boxes = detector.detect(view, confidence=CONTEXT_CONFIDENCE)
+    boxes = detector.detect(view, confidence=CONTEXT_CONFIDENCE, imgsz=query_imgsz(view.shape))
     return any(box.height >= CONTEXT_MIN_BOX_HEIGHT * crop_height for box in boxes)
 
 
 def select_query_persons(image: np.ndarray, detector: Any, all_persons: bool = False) -> list[QueryPerson]:
     """The person(s) of the query image to search for (the rule in the module docstring)."""
     height, width = image.shape[:2]
-    boxes = sorted(detector.detect(image), key=lambda d: d.area, reverse=True)
+    boxes = sorted(detector.detect(image, imgsz=query_imgsz(image.shape)), key=lambda d: d.area, reverse=True)
     largest_area = boxes[0].area if boxes else None
     if is_crop_like(image.shape, largest_area) and (boxes or crop_shows_person(image, detector)):
         return [QueryPerson(bbox=(0.0, 0.0, float(width), float(height)), how="whole image (crop-like)", image=image)]
@@ -211,41 +227,69 @@ def _allowed_ids(session: Session, level: SearchLevel, options: SearchOptions) -
     return np.asarray(session.scalars(query).all(), dtype=np.int64)
 
 
-def _best_detection(session: Session, track_id: int) -> Detection:
-    """The crop that represents a track: its highest-scoring stored detection."""
-    return session.scalars(
-        select(Detection).where(Detection.track_id == track_id).order_by(Detection.score.desc(), Detection.id)
-    ).first()
-
-
-def _hit(session: Session, db: Database, level: SearchLevel, rank: int, score: float, row_id: int) -> SearchHit | None:
-    """The result for index row ``row_id``, or None when its rows are gone: another process may
-    delete them (a redone or failed ingest) between the index sync and this read."""
-    if level == "tracks":
-        track = session.get(Track, row_id)
-        detection = _best_detection(session, row_id)
-    else:
-        detection = session.get(Detection, row_id)
-        track = session.get(Track, detection.track_id) if detection is not None else None
-    video = session.get(Video, track.video_id) if track is not None else None
-    if detection is None or video is None:
-        return None
-    timestamp = detection.timestamp_s
-    return SearchHit(
-        rank=rank,
-        score=round(float(score), 6),
-        camera=track.camera_id,
-        video_id=video.id,
-        video_path=video.path,
-        frame_index=detection.frame_index,
-        timestamp_s=round(timestamp, 3),
-        time=(as_utc(video.start_time) + timedelta(seconds=timestamp)).isoformat(),
-        track_id=track.id,
-        detection_id=detection.id,
-        identity_id=track.identity_id,
-        bbox=[round(v, 1) for v in detection.bbox],
-        thumbnail=thumbnail_file(db, detection),
+def _best_detections(session: Session, track_ids: list[int]) -> dict[int, Detection]:
+    """The crop that represents each track: its highest-scoring stored detection (ties: lowest id)."""
+    best: dict[int, Detection] = {}
+    query = (
+        select(Detection)
+        .where(Detection.track_id.in_(track_ids))
+        .order_by(Detection.track_id, Detection.score.desc(), Detection.id)
     )
+    for detection in session.scalars(query):
+        best.setdefault(detection.track_id, detection)
+    return best
+
+
+def _rows_by_id(session: Session, model: type, ids: Iterable[int]) -> dict[int, Any]:
+    ids = sorted(set(ids))
+    if not ids:
+        return {}
+    return {row.id: row for row in session.scalars(select(model).where(model.id.in_(ids)))}
+
+
+def _hits(
+    session: Session, db: Database, level: SearchLevel, ranked: list[tuple[float, int]]
+) -> list[SearchHit]:
+    """The results for index rows ``ranked`` (score, row id), best first, read in a few queries.
+    Rows that are gone are skipped: another process may delete them (a redone or failed ingest,
+    prune, forget) between the index sync and this read."""
+    row_ids = [row_id for _, row_id in ranked]
+    if level == "tracks":
+        tracks = _rows_by_id(session, Track, row_ids)
+        detections = _best_detections(session, list(tracks))
+        pairs = [(tracks.get(row_id), detections.get(row_id)) for row_id in row_ids]
+    else:
+        by_id = _rows_by_id(session, Detection, row_ids)
+        tracks = _rows_by_id(session, Track, (d.track_id for d in by_id.values()))
+        pairs = [
+            (tracks.get(by_id[row_id].track_id) if row_id in by_id else None, by_id.get(row_id))
+            for row_id in row_ids
+        ]
+    videos = _rows_by_id(session, Video, (track.video_id for track, _ in pairs if track is not None))
+    hits: list[SearchHit] = []
+    for (score, _), (track, detection) in zip(ranked, pairs, strict=True):
+        video = videos.get(track.video_id) if track is not None else None
+        if detection is None or video is None:
+            continue
+        timestamp = detection.timestamp_s
+        hits.append(
+            SearchHit(
+                rank=len(hits) + 1,
+                score=round(float(score), 6),
+                camera=track.camera_id,
+                video_id=video.id,
+                video_path=video.path,
+                frame_index=detection.frame_index,
+                timestamp_s=round(timestamp, 3),
+                time=(as_utc(video.start_time) + timedelta(seconds=timestamp)).isoformat(),
+                track_id=track.id,
+                detection_id=detection.id,
+                identity_id=track.identity_id,
+                bbox=[round(v, 1) for v in detection.bbox],
+                thumbnail=thumbnail_file(db, detection),
+            )
+        )
+    return hits
 
 
 def model_dict(info: DatabaseInfo) -> dict[str, Any]:
@@ -286,12 +330,12 @@ def run_search(
             if allowed is None or len(allowed):
                 top_k = min(options.top_k, gallery.ntotal if allowed is None else len(allowed))
                 scores, ids = gallery.search(vector[None, :], top_k, allowed)
-                for score, row_id in zip(scores[0], ids[0], strict=True):
-                    if row_id < 0 or (options.threshold is not None and score < options.threshold):
-                        continue
-                    hit = _hit(session, db, options.level, len(hits) + 1, float(score), int(row_id))
-                    if hit is not None:
-                        hits.append(hit)
+                ranked = [
+                    (float(score), int(row_id))
+                    for score, row_id in zip(scores[0], ids[0], strict=True)
+                    if row_id >= 0 and (options.threshold is None or score >= options.threshold)
+                ]
+                hits = _hits(session, db, options.level, ranked)
             results.append(
                 PersonResults(person=number, bbox=[round(v, 1) for v in person.bbox], how=person.how, hits=hits)
             )

@@ -73,10 +73,10 @@ RESULTS_FILE = "results.csv"
 # The scheduler settings a resumed run takes from its config rather than from the checkpoint.
 SCHEDULE_FIELDS = ("base_lr", "warmup_start_lr", "warmup_epochs", "milestones", "gamma", "base_lrs")
 
-LOSS_TERMS = ("total", "person_id", "camera_id", "target_attention")
+LOSS_TERMS = ("total", "person_id", "camera_id", "target_attention", "triplet")
 RESULTS_COLUMNS = (
     "epoch", "init", "lr", "pretrained_lr",
-    "loss", "person_id_loss", "camera_id_loss", "target_attention_loss",
+    "loss", "person_id_loss", "camera_id_loss", "target_attention_loss", "triplet_loss",
     "mAP", "R1", "R5", "R10", "R20", "time_s",
 )  # fmt: skip
 
@@ -273,7 +273,7 @@ class EpochResult:
             "time_s": f"{self.seconds:.3f}",
         }
         names = {"total": "loss", "person_id": "person_id_loss", "camera_id": "camera_id_loss",
-                 "target_attention": "target_attention_loss"}
+                 "target_attention": "target_attention_loss", "triplet": "triplet_loss"}
         for term, column in names.items():
             row[column] = repr(self.losses[term]) if term in self.losses else ""
         for key in ("mAP", "R1", "R5", "R10", "R20"):
@@ -401,7 +401,7 @@ class Trainer:
             else:
                 self.warn("SyncBatchNorm needs CUDA; training with per-process BatchNorm")
         self.model = model.to(self.device)
-        self.criterion = FANetLoss(config.model)
+        self.criterion = FANetLoss(config.model, config.loss)
         self.optimizer = self._build_optimizer(self.model)
         self.scheduler = WarmupMultiStepLR.from_config(self.optimizer, config.solver)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)

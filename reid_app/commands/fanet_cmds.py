@@ -65,6 +65,9 @@ def build_train_config(
     pretrained_lr_mult: float | None = None,
     pad: int | None = None,
     erase_prob: float | None = None,
+    label_smoothing: float | None = None,
+    triplet_weight: float | None = None,
+    triplet_margin: float | None = None,
     batch_p: int | None = None,
     batch_k: int | None = None,
     height: int | None = None,
@@ -81,7 +84,7 @@ def build_train_config(
     amp: bool | None = None,
 ) -> Any:
     """``base`` (a TrainConfig) with every flag that was given applied to it."""
-    from fanet.config import DataConfig, FANetConfig, SolverConfig, TALVariant  # noqa: PLC0415
+    from fanet.config import DataConfig, FANetConfig, LossConfig, SolverConfig, TALVariant  # noqa: PLC0415
 
     model = base.model
     if variant is not None:
@@ -133,8 +136,21 @@ def build_train_config(
     if lr is not None:
         # The warmup starts at a tenth of the base lr, as 0.06 -> 0.6 in the paper.
         solver_changes["warmup_start_lr"] = lr * base.solver.warmup_start_lr / base.solver.base_lr
+    loss_changes = {
+        name: value
+        for name, value in (
+            ("label_smoothing", label_smoothing),
+            ("triplet_weight", triplet_weight),
+            ("triplet_margin", triplet_margin),
+        )
+        if value is not None
+    }
     data: DataConfig = dataclasses.replace(base.data, **data_changes)
     solver: SolverConfig = dataclasses.replace(base.solver, **solver_changes)
+    try:
+        loss: LossConfig = dataclasses.replace(base.loss, **loss_changes)
+    except ValueError as exc:
+        raise ReidAppError(str(exc)) from None
     top_changes: dict[str, Any] = {
         name: value
         for name, value in (
@@ -152,7 +168,7 @@ def build_train_config(
         top_changes["random_init"], top_changes["pretrained"] = True, None
     if init_from is not None:
         top_changes["init_from"] = init_from
-    return dataclasses.replace(base, model=model, data=data, solver=solver, **top_changes)
+    return dataclasses.replace(base, model=model, data=data, solver=solver, loss=loss, **top_changes)
 
 
 def train_command(
@@ -184,6 +200,13 @@ def train_command(
     ] = None,
     pad: Annotated[int | None, typer.Option(help="Pad + random-crop augmentation, pixels (paper: 0).")] = None,
     erase_prob: Annotated[float | None, typer.Option(help="Random erasing probability (paper: 0).")] = None,
+    label_smoothing: Annotated[
+        float | None, typer.Option(help="Label smoothing of the person-ID softmax (paper: 0).")
+    ] = None,
+    triplet_weight: Annotated[
+        float | None, typer.Option(help="Weight of a batch-hard triplet loss on the feature (paper: 0 = off).")
+    ] = None,
+    triplet_margin: Annotated[float | None, typer.Option(help="Margin of that triplet loss.")] = None,
     batch_p: Annotated[int | None, typer.Option(help="Identities per batch, P (paper: 16).")] = None,
     batch_k: Annotated[int | None, typer.Option(help="Images per identity, K (paper: 8).")] = None,
     height: Annotated[int | None, typer.Option(help="Input height (paper: 384).")] = None,
@@ -254,6 +277,9 @@ def train_command(
             pretrained_lr_mult=pretrained_lr_mult,
             pad=pad,
             erase_prob=erase_prob,
+            label_smoothing=label_smoothing,
+            triplet_weight=triplet_weight,
+            triplet_margin=triplet_margin,
             batch_p=batch_p,
             batch_k=batch_k,
             height=height,

@@ -98,12 +98,12 @@ class SharedDetector:
         self._detector, self._lock, self._cache = detector, FairLock(), _LRU(cache_entries)
         self.name = detector.name
 
-    def detect(self, image_bgr: np.ndarray, confidence: float | None = None) -> list[Any]:
+    def detect(self, image_bgr: np.ndarray, confidence: float | None = None, imgsz: int | None = None) -> list[Any]:
         def run() -> list[Any]:
             with self._lock:
-                return self._detector.detect(image_bgr, confidence=confidence)
+                return self._detector.detect(image_bgr, confidence=confidence, imgsz=imgsz)
 
-        return list(self._cache.get_or_compute(_key("detect", confidence, image_bgr), run))
+        return list(self._cache.get_or_compute(_key("detect", confidence, imgsz, image_bgr), run))
 
 
 class SharedEmbedder:
