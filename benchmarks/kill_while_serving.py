@@ -8,11 +8,16 @@ ingested once, no server. Compared: camera 9's tracks and detections (frame, box
 the server's index holds every new vector without a restart.
 
     python benchmarks/kill_while_serving.py --work /tmp/reid_serve_load --kill-after 10
+
+``--kill-at-rows N`` kills instead as soon as N tracks of camera 9 are committed: the kill then
+certainly lands after a partial commit, so the re-run takes the "interrupted ingest is redone"
+path (use a video long enough to commit more than once, e.g. a lab4cam camera).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import signal
 import sqlite3
@@ -22,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +58,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/reid_serve_load"))
     parser.add_argument("--video", type=Path, default=REPO / "sample_videos/cam2_square_right.mp4")
     parser.add_argument("--kill-after", type=float, default=10.0)
+    parser.add_argument("--kill-at-rows", type=int, default=0, help="kill once this many tracks are committed")
     args = parser.parse_args()
     copies = {name: args.work.with_name(args.work.name + f"_{name}") for name in "AB"}
     for folder in copies.values():
@@ -61,9 +68,20 @@ def main() -> None:
     video = args.work / f"kill_{args.video.name}"
     shutil.copy(args.video, video)
 
-    # B: the uninterrupted reference, no server.
+    # B: the uninterrupted reference, no server (its wall time and peak memory: the soak figures).
     url_b = f"sqlite:///{copies['B'] / 'reid.db'}"
+    capture = cv2.VideoCapture(str(video))
+    duration = capture.get(cv2.CAP_PROP_FRAME_COUNT) / (capture.get(cv2.CAP_PROP_FPS) or 25.0)
+    size = f"{int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))}x{int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))}"
+    capture.release()
+    started = time.perf_counter()
     assert cli("ingest", str(video), "--db", url_b, *FLAGS).wait() == 0
+    wall_b = time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # only B has ended so far
+    print(
+        f"uninterrupted ingest of {video.name} ({size}, {duration:.1f} s): {wall_b:.1f} s, "
+        f"real-time factor {wall_b / duration:.2f}, peak RSS {peak_mb:.0f} MB"
+    )
 
     # A: the server and a searching client, the ingest killed then re-run.
     url_a = f"sqlite:///{copies['A'] / 'reid.db'}"
@@ -84,7 +102,13 @@ def main() -> None:
     client = threading.Thread(target=searching)
     client.start()
     first = cli("ingest", str(video), "--db", url_a, *FLAGS)
-    time.sleep(args.kill_after)
+    started = time.perf_counter()
+    if args.kill_at_rows > 0:
+        while first.poll() is None and rows(copies["A"])[0] < args.kill_at_rows:
+            time.sleep(0.1)
+    else:
+        time.sleep(args.kill_after)
+    waited = time.perf_counter() - started
     killed = first.poll() is None
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -99,7 +123,7 @@ def main() -> None:
     video.unlink()
 
     a, b = rows(copies["A"]), rows(copies["B"])
-    print(f"killed mid-run: {killed} (after {args.kill_after:.0f} s: {partial[0]} tracks, {partial[1]} crops stored)")
+    print(f"killed mid-run: {killed} (after {waited:.1f} s: {partial[0]} tracks, {partial[1]} crops stored)")
     status = "redone after an interrupted run" if "redone" in note else "not a redo"
     print(f"re-run: {status}; rc {rerun.returncode}")
     print(f"camera {CAMERA}, killed + re-run with the server reading: {a[0]} tracks, {a[1]} crops")

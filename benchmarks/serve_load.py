@@ -8,7 +8,8 @@ At ``--ingest-after`` seconds an ``reid-app ingest`` process adds ``--ingest-vid
 lab4cam camera-0 video from ../shared, 1288x728) as a new camera; the clients keep searching until
 ``--duration`` has passed *and* the ingest has ended.
 
-Queries are the person crops stored by the ingest plus the demo query. ``--mode fresh`` changes
+Queries are the person crops the gallery holds when the run starts (read from the database) plus
+the demo query. ``--mode fresh`` changes
 every upload by a random ±1 grey level noise (new bytes each time: the detector and the embedder
 run for every request, as for new photos); ``--mode repeat`` sends the crops unchanged (an
 operator changing top-k, cameras or threshold on the same photo: the server's model cache answers).
@@ -29,16 +30,23 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import httpx
 import numpy as np
+from sqlalchemy import select
+
+from reid_app.config import AppConfig
+from reid_app.store import Database, Detection
+from reid_app.thumbnails import thumbnail_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CLIPS = (REPO / "sample_videos/cam1_square_left.mp4", REPO / "sample_videos/cam2_square_right.mp4")
 DEMO_QUERY = REPO / "sample_videos/query_cam1_red_jacket.jpg"
+FRESH_UPLOADS_PER_CLIENT = 100
 
 
 def cli(*args: str, **kwargs) -> subprocess.Popen:
@@ -52,6 +60,14 @@ def prepare(work: Path) -> str:
         for camera, clip in enumerate(CLIPS, start=1):
             assert cli("ingest", str(clip), "--camera", str(camera), "--db", url, "--quiet").wait() == 0
     return url
+
+
+def stored_crops(url: str) -> list[bytes]:
+    """The JPEG crops the gallery holds before the run (read as the app reads them), as queries."""
+    database = Database(AppConfig.from_env(db_url=url))
+    with database.read() as session:
+        ids = session.scalars(select(Detection.id).order_by(Detection.id)).all()
+    return [jpeg for jpeg in (thumbnail_bytes(database, i) for i in ids) if jpeg is not None]
 
 
 def free_port() -> int:
@@ -75,6 +91,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("fresh", "repeat"), default="fresh")
     parser.add_argument("--ingest-video", type=Path, default=SHARED / "data/lab4cam_video/videos/cam0.mp4")
     parser.add_argument("--ingest-after", type=float, default=5.0)
+    parser.add_argument("--ingest-nice", type=int, default=0, help="the ingest's nice level (0: the server's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -84,8 +101,9 @@ def main() -> None:
     shutil.copy(args.ingest_video, video)
     with open(video, "ab") as handle:  # other bytes than any earlier run's copy: a new video
         handle.write(os.urandom(8))
-    crops = [p.read_bytes() for p in sorted((args.work / "thumbnails").rglob("*.jpg"))] + [DEMO_QUERY.read_bytes()]
+    crops = stored_crops(url) + [DEMO_QUERY.read_bytes()]
     images = [cv2.imdecode(np.frombuffer(c, np.uint8), cv2.IMREAD_COLOR) for c in crops]
+    print(f"query pool: {len(crops)} images (the gallery's stored crops and the demo query)")
 
     port = free_port()
     server = cli("serve", "--db", url, "--port", str(port), stderr=subprocess.PIPE, text=True)
@@ -103,18 +121,32 @@ def main() -> None:
     ingest: dict[str, float | int | None] = {"started": None, "ended": None, "rc": None}
     stop = threading.Event()
 
+    def fresh_uploads(number: int) -> Iterator[bytes]:
+        """New bytes for every request (±1 grey level noise on a random crop), made ahead of the
+        run: encoding uploads is the clients' work, not the server's, and must not take its CPU."""
+        rng = np.random.default_rng(args.seed * 1000 + number)
+        made = []
+        for _ in range(FRESH_UPLOADS_PER_CLIENT):
+            image = images[int(rng.integers(len(images)))]
+            noisy = np.clip(image.astype(np.int16) + rng.integers(-1, 2, image.shape), 0, 255).astype(np.uint8)
+            made.append(cv2.imencode(".png", noisy)[1].tobytes())
+        yield from made
+        while True:  # a client that outran its stock makes more as it goes
+            image = images[int(rng.integers(len(images)))]
+            noisy = np.clip(image.astype(np.int16) + rng.integers(-1, 2, image.shape), 0, 255).astype(np.uint8)
+            yield cv2.imencode(".png", noisy)[1].tobytes()
+
+    fresh = {n: fresh_uploads(n) for n in range(args.clients)}
+    if args.mode == "fresh":
+        for uploads in fresh.values():
+            next(uploads)  # makes the stock now; the first request sends the next one
+
     def client(number: int) -> None:
         rng = random.Random(args.seed * 1000 + number)
-        noise_rng = np.random.default_rng(args.seed * 1000 + number)
         with httpx.Client(base_url=base, timeout=120) as http:
             while not stop.is_set():
                 index = rng.randrange(len(crops))
-                if args.mode == "fresh":
-                    noise = noise_rng.integers(-1, 2, images[index].shape)
-                    noisy = np.clip(images[index].astype(np.int16) + noise, 0, 255)
-                    payload = cv2.imencode(".png", noisy.astype(np.uint8))[1].tobytes()
-                else:
-                    payload = crops[index]
+                payload = next(fresh[number]) if args.mode == "fresh" else crops[index]
                 data: dict[str, object] = {"top_k": str(rng.randint(5, 50))}
                 if rng.random() < 1 / 3:
                     data["camera"] = [str(rng.choice((1, 2)))]
@@ -135,7 +167,10 @@ def main() -> None:
         time.sleep(args.ingest_after)
         ingest["started"] = time.perf_counter()
         flags = ["--camera", str(new_camera), "--db", url, "--quiet"]
-        process = cli("ingest", str(video), *flags, stdout=subprocess.DEVNULL)
+        # --ingest-nice: the ingest at a lower CPU priority than the server, as an operator would
+        # run a batch job on a host that also answers interactive searches.
+        process = cli("ingest", str(video), *flags, stdout=subprocess.DEVNULL,
+                      preexec_fn=(lambda: os.nice(args.ingest_nice)) if args.ingest_nice else None)
         ingest["rc"] = process.wait()
         ingest["ended"] = time.perf_counter()
 

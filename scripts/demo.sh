@@ -11,7 +11,19 @@ db_dir=data/demo
 db="sqlite:///${db_dir}/reid.db"
 weights=()
 [ -z "${REID_DEMO_WEIGHTS-}" ] || weights=(--weights "$REID_DEMO_WEIGHTS")
+
+# data/demo belongs to the demo: when the re-ID weights changed since it was built (a new shipped
+# model after a pull, or REID_DEMO_WEIGHTS), the database would refuse the other model's vectors,
+# so the demo starts it again instead.
+weights_file=${REID_DEMO_WEIGHTS:-weights/fanet_mobilenetv2_cuhk03.pt}
+built_with=untrained
+[ ! -f "$weights_file" ] || built_with=$(sha256sum "$weights_file" | cut -d' ' -f1)
+if [ -d "$db_dir" ] && [ "$(cat "$db_dir/.built_with" 2>/dev/null)" != "$built_with" ]; then
+    echo "== $db_dir was built with other re-ID weights: starting it again"
+    rm -rf "$db_dir"
+fi
 mkdir -p "$db_dir"
+printf '%s\n' "$built_with" > "$db_dir/.built_with"
 
 echo "== ingest sample_videos/cam1_square_left.mp4 as camera 1"
 reid-app ingest sample_videos/cam1_square_left.mp4 --camera 1 --db "$db" "${weights[@]}" --quiet

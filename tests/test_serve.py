@@ -454,3 +454,50 @@ def test_api_fuzz_never_answers_with_a_server_error(served: str) -> None:
 
         check()
     print(f"{len(calls)} fuzzed requests over {len(operations)} operations; statuses {sorted({c for _, c in calls})}")
+
+
+def test_requests_waiting_for_the_embedder_are_embedded_in_one_batch(models) -> None:
+    from reid_app.server.state import SharedEmbedder
+
+    embedder, _ = models
+    shared = SharedEmbedder(embedder)
+    frame = cv2.imread(str(REPO / "sample_videos/query_cam1_red_jacket.jpg"))
+    crops = [np.ascontiguousarray(frame[:, i : i + frame.shape[1] - 6]) for i in range(4)]  # 4 different crops
+    broken = np.zeros((0, 5, 3), np.uint8)  # no pixels: the embedder refuses it
+    results: dict[int, object] = {}
+
+    def search(number: int, crop: np.ndarray) -> None:
+        try:
+            results[number] = shared.embed([crop])
+        except Exception as exc:  # noqa: BLE001 - the test inspects what each request got
+            results[number] = exc
+
+    with shared._lock:  # a search is using the model: the next requests queue up
+        threads = [threading.Thread(target=search, args=(n, c)) for n, c in enumerate([*crops, broken])]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(shared._waiting) < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join(60)
+    # All five waited together; the broken crop made that batch fail, so each was embedded alone
+    # and only the broken one's request failed.
+    assert shared.batches == [5]
+    assert isinstance(results[4], Exception) and "cannot embed" in str(results[4])
+    for number, crop in enumerate(crops):
+        np.testing.assert_allclose(results[number], embedder.embed([crop]), atol=1e-5)
+
+    # Without a broken crop the queued requests share one model call.
+    shared = SharedEmbedder(embedder)
+    with shared._lock:
+        threads = [threading.Thread(target=search, args=(10 + n, c)) for n, c in enumerate(crops)]
+        for thread in threads:
+            thread.start()
+        while len(shared._waiting) < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join(60)
+    assert shared.batches == [4]
+    for number, crop in enumerate(crops):
+        np.testing.assert_allclose(results[10 + number], embedder.embed([crop]), atol=1e-5)

@@ -6,7 +6,10 @@ safe to share as they are:
 * the detector: an Ultralytics predictor keeps per-call state (it is documented as not
   thread-safe), so calls are serialised by a lock;
 * the embedder: PyTorch inference is thread-safe, but two forward passes at once on a small CPU
-  only fight over the same cores; one lock keeps each call as fast as it can be;
+  only fight over the same cores; one lock keeps each call as fast as it can be. Requests that
+  queue for it are embedded together: whoever gets the lock embeds the crops of every request
+  waiting at that moment in one batch (one forward pass of 16 crops costs far less than 16 of
+  one), and the others find their vectors ready when their turn comes;
 * the FAISS index: :meth:`IndexManager.sync` adds the vectors other processes (ingests) stored
   since the last request to the loaded index *in place*, which must not happen while another
   thread searches that same index. Sync and search therefore hold one lock (a flat search of
@@ -106,21 +109,60 @@ class SharedDetector:
         return list(self._cache.get_or_compute(_key("detect", confidence, imgsz, image_bgr), run))
 
 
+@dataclass
+class _EmbedJob:
+    crops: list[np.ndarray]
+    vectors: np.ndarray | None = None
+    error: BaseException | None = None
+
+
 class SharedEmbedder:
-    """The embedder behind a lock and a result cache; its identity attributes pass through."""
+    """The embedder behind a lock, batching across requests, and a result cache; its identity
+    attributes pass through."""
 
     def __init__(self, embedder: Any, cache_entries: int = CACHE_ENTRIES) -> None:
         self._embedder, self._lock, self._cache = embedder, FairLock(), _LRU(cache_entries)
+        self._waiting: list[_EmbedJob] = []
+        self._waiting_lock = threading.Lock()
+        self.batches: list[int] = []  # requests per model call, most recent last (for tests/benchmarks)
 
     def __getattr__(self, name: str) -> Any:  # model_name, weights_sha256, dim, warning, ...
         return getattr(self._embedder, name)
 
     def embed(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
-        def run() -> np.ndarray:
-            with self._lock:
-                return self._embedder.embed(crops_bgr)
+        return self._cache.get_or_compute(_key("embed", *crops_bgr), lambda: self._embed_batched(crops_bgr)).copy()
 
-        return self._cache.get_or_compute(_key("embed", *crops_bgr), run).copy()
+    def _embed_batched(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
+        job = _EmbedJob(list(crops_bgr))
+        with self._waiting_lock:
+            self._waiting.append(job)
+        with self._lock:
+            if job.vectors is None and job.error is None:  # nobody embedded it while this waited
+                with self._waiting_lock:
+                    jobs, self._waiting = self._waiting, []
+                self._run(jobs)
+        if job.error is not None:
+            raise job.error
+        return job.vectors
+
+    def _run(self, jobs: list[_EmbedJob]) -> None:
+        self.batches = [*self.batches[-99:], len(jobs)]
+        try:
+            vectors = self._embedder.embed([crop for job in jobs for crop in job.crops])
+        except Exception:
+            if len(jobs) == 1:
+                raise
+            # One request's crops broke the batch: embed each alone, so only that request fails.
+            for job in jobs:
+                try:
+                    job.vectors = self._embedder.embed(job.crops)
+                except Exception as exc:
+                    job.error = exc
+            return
+        start = 0
+        for job in jobs:
+            job.vectors = vectors[start : start + len(job.crops)]
+            start += len(job.crops)
 
 
 @dataclass
