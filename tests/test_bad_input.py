@@ -29,11 +29,15 @@ import tempfile
 import time
 import traceback
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import BACKENDS, new_database_url
 from helpers import run_cli
+from pgcluster import database_name
+from sqlalchemy import create_engine, inspect, text
 from test_cli_errors import (
     CLIP,
     REPO,
@@ -104,6 +108,97 @@ def state(databases: dict[str, object]) -> dict[str, object]:
     """Rows and index files of both databases and every file of the shared data folder."""
     root = databases["root"]
     return {name: snapshot(root / name) for name in ("a", "b", "data")}  # type: ignore[operator]
+
+
+# -- the same ingested video on SQLite and on PostgreSQL -------------------------------------------------------
+#
+# The cases below whose outcome depends on the database (what it stores, what it refuses, what a
+# read finds) run on both backends through ``stored``. The others stay on SQLite alone, to keep the
+# suite fast, because no database semantics are involved: they are refused before any database is
+# opened (weights files, images, paths, command-line values) or are about SQLite files themselves
+# (file permissions, a full disk, triggers standing in for a failing disk, text in typed columns,
+# which PostgreSQL does not accept).
+
+
+@dataclass
+class Stored:
+    """One ingested video (camera 3) in a database of ``backend``."""
+
+    backend: str
+    url: str
+    data: Path  # its --data-dir
+    root: Path  # every file here must stay as it is when a command is refused
+    query: Path  # a real person crop
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def stored(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, video: Path) -> Stored:
+    """Database A of ``two_databases`` on SQLite; on PostgreSQL a server database holding the same
+    ingest (its index files and thumbnail cache in its own data folder)."""
+    if request.param == "sqlite":
+        dbs = request.getfixturevalue("two_databases")
+        return Stored("sqlite", dbs["a"], dbs["data"], dbs["root"], dbs["query"])
+    root = tmp_path_factory.mktemp("postgresql")
+    url = request.getfixturevalue("pg_cluster").create_database()
+    args = ["ingest", str(video), "--camera", "3", "--db", url, "--data-dir", str(root / "data"), *FAST_INGEST]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(sys, "argv", ["reid-app", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.app()
+    assert exit_info.value.code in (0, None)
+    (jpeg,) = sql_rows(url, "SELECT jpeg FROM thumbnails ORDER BY detection_id LIMIT 1")[0]
+    query = root / "query.jpg"
+    query.write_bytes(bytes(jpeg))
+    return Stored("postgresql", url, root / "data", root, query)
+
+
+def sql_rows(url: str, query: str, **params: object) -> list[tuple]:
+    """Rows of a plain SQL query, on either backend."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(text(query), params)]
+    finally:
+        engine.dispose()
+
+
+def table_rows(url: str) -> dict[str, list[tuple]]:
+    """Every row of every table of a database (none when it has no tables)."""
+    engine = create_engine(url)
+    try:
+        tables = sorted(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    return {table: sql_rows(url, f"SELECT * FROM {table} ORDER BY 1") for table in tables}
+
+
+def stored_state(db: Stored) -> dict[str, object]:
+    """The rows of the database and every file (index files, thumbnails) under its root."""
+    return {"rows": table_rows(db.url), "files": snapshot_files(db.root)}
+
+
+def fresh_database(db: Stored, folder: Path, request: pytest.FixtureRequest) -> str:
+    """A URL of a new, empty database of ``db``'s backend (a SQLite file not created yet)."""
+    return new_database_url(db.backend, folder, request)
+
+
+def is_untouched(url: str, folder: Path) -> bool:
+    """A fresh database that nothing was written to: no SQLite file, or no tables on PostgreSQL."""
+    if url.startswith("sqlite"):
+        return not folder.exists()
+    return table_rows(url) == {}
+
+
+def copy_of(db: Stored, target: Path, request: pytest.FixtureRequest) -> tuple[str, Path]:
+    """(URL, data folder) of a copy of ``db`` with its own index files and thumbnail cache."""
+    if db.backend == "sqlite":
+        shutil.copytree(db.root / "a", target)
+        return db_url(target), target
+    cluster = request.getfixturevalue("pg_cluster")
+    cluster.drop_connections(database_name(db.url))
+    url = cluster.create_database(template=database_name(db.url))
+    shutil.copytree(db.data, target)
+    return url, target
 
 
 # -- 1. code execution through detector weights ------------------------------------------------------------
@@ -397,20 +492,97 @@ def test_top_k_is_bounded_and_clamped_to_the_gallery(two_databases: dict, capsys
     ],
 )
 def test_out_of_range_ingest_values_are_refused_before_any_write(
-    flag: str, value: str, fragment: str, two_databases: dict, video: Path, capsys, monkeypatch
+    flag: str, value: str, fragment: str, stored: Stored, video: Path, capsys, monkeypatch
 ) -> None:
-    before = state(two_databases)
+    """Values beyond what the database columns hold (PostgreSQL's INTEGER ends at 2**31 - 1, its
+    timestamps and SQLite's at year 9999) are refused before anything is written."""
+    before = stored_state(stored)
     args = [flag, value] if flag == "--camera" else ["--camera", "4", flag, value]
-    where = ["--db", two_databases["a"], "--data-dir", str(two_databases["data"])]
+    where = ["--db", stored.url, "--data-dir", str(stored.data)]
     code, _, err = run_cli(["ingest", str(video), *args, *where, *INGEST_OPTIONS], capsys, monkeypatch)
     assert_one_error_line(code, err, fragment)
-    assert state(two_databases) == before
+    assert stored_state(stored) == before
     if flag == "--camera":
-        query = two_databases["query"]
+        for command in (
+            ["search", str(stored.query), "--camera", value, *UNTRAINED],
+            ["prune", "--older-than", "1s", "--camera", value],
+        ):
+            code, _, err = run_cli([*command, *where], capsys, monkeypatch)
+            assert_one_error_line(code, err, fragment)
+        assert stored_state(stored) == before
+
+
+@pytest.mark.parametrize("command", ["search", "stats", "identities", "prune", "forget"])
+def test_empty_database(command: str, stored: Stored, tmp_path: Path, capsys, monkeypatch, request) -> None:
+    """A database nothing was stored in: read commands say it is empty in one line, and neither a
+    database that does not exist yet (a SQLite file; a server database without tables) nor one
+    with its tables but no rows gets anything written."""
+    args = {
+        "search": ["search", str(stored.query), *UNTRAINED],
+        "stats": ["stats"],
+        "identities": ["identities"],
+        "prune": ["prune", "--older-than", "1s"],
+        "forget": ["forget", "--track", "1"],
+    }[command]
+    missing = tmp_path / "missing"
+    url = fresh_database(stored, missing, request)
+    code, out, err = run_cli([*args, "--db", url, "--data-dir", str(missing)], capsys, monkeypatch)
+    if command in ("prune", "forget") and stored.backend == "postgresql":  # nothing to remove: said, nothing made
+        assert code == 0 and "removed 0 tracks" in out, err
+    else:
+        assert_one_error_line(code, err, "database is empty")
+    assert is_untouched(url, missing)
+
+    empty = tmp_path / "empty"
+    url = fresh_database(stored, empty, request)
+    Database(AppConfig(db_url=url, data_dir=empty), create=True).ensure_info()
+    before = table_rows(url), snapshot_files(empty)
+    code, out, err = run_cli([*args, "--db", url, "--data-dir", str(empty)], capsys, monkeypatch)
+    if command in ("prune", "forget"):  # nothing selected: said so, nothing removed
+        assert code == 0 and "removed 0 tracks" in out, err
+    else:
+        assert_one_error_line(code, err, "database is empty")
+    assert (table_rows(url), snapshot_files(empty)) == before
+
+
+@pytest.mark.parametrize("name", ["bus.jpg", "bus.mp4"])
+def test_still_image_given_as_video(
+    name: str, stored: Stored, tmp_path: Path, capsys, monkeypatch, request: pytest.FixtureRequest
+) -> None:
+    """A photo (whatever its name says) is not a video: refused before any database is opened,
+    into the stored database or into a new one."""
+    from helpers import ASSETS
+
+    photo = tmp_path / name
+    shutil.copy(ASSETS / "bus.jpg", photo)
+    fresh = tmp_path / "fresh"
+    before = stored_state(stored)
+    for url, data in ((stored.url, stored.data), (fresh_database(stored, fresh, request), fresh)):
         code, _, err = run_cli(
-            ["search", str(query), "--camera", value, "--db", two_databases["a"], *UNTRAINED], capsys, monkeypatch
+            ["ingest", str(photo), "--camera", "5", "--db", url, "--data-dir", str(data), *FAST_INGEST],
+            capsys,
+            monkeypatch,
         )
-        assert_one_error_line(code, err, fragment)
+        assert_one_error_line(code, err, "is a still image", name)
+    assert stored_state(stored) == before
+    assert is_untouched(url, fresh)
+
+
+def test_camera_or_track_that_is_not_stored(stored: Stored, capsys, monkeypatch) -> None:
+    """Valid ids the database does not hold are not errors: a camera filter without rows finds no
+    match, prune and forget remove nothing, and nothing is written."""
+    where = ["--db", stored.url, "--data-dir", str(stored.data)]
+    before = stored_state(stored)
+    (last_track,) = sql_rows(stored.url, "SELECT max(id) FROM tracks")[0]
+    code, out, err = run_cli(
+        ["search", str(stored.query), "--camera", "99", "--json", *where, *UNTRAINED], capsys, monkeypatch
+    )
+    assert code == 0, err
+    assert json.loads(out)["persons"][0]["results"] == []
+    for args in (["prune", "--older-than", "1s", "--camera", "99"], ["forget", "--track", str(last_track + 1)]):
+        code, out, err = run_cli([*args, *where], capsys, monkeypatch)
+        assert code == 0 and "removed 0 tracks" in out, err
+    assert stored_state(stored) == before
 
 
 # -- 6. search while another process deletes rows ----------------------------------------------------------
@@ -418,35 +590,46 @@ def test_out_of_range_ingest_values_are_refused_before_any_write(
 
 @pytest.mark.parametrize("level", ["--tracks", "--detections"])
 def test_search_skips_rows_deleted_after_the_index_sync(
-    level: str, two_databases: dict, tmp_path: Path, capsys, monkeypatch
+    level: str, stored: Stored, tmp_path: Path, capsys, monkeypatch, request: pytest.FixtureRequest
 ) -> None:
     """A real second connection deletes a matched track (as a redone ingest does) after the index
     was synced and before search reads that row: the hit is skipped, the others are returned."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    folder = tmp_path / "db"
-    shutil.copytree(two_databases["root"] / "a", folder)
-    query = two_databases["query"]
+    url, data = copy_of(stored, tmp_path / "db", request)
     table = "tracks" if level == "--tracks" else "detections"
     deleted: list[int] = []
+    deleting: list[bool] = []
 
     def delete_first_looked_up_row(conn, cursor, statement, parameters, context, executemany) -> None:
-        if deleted or f"WHERE {table}.id = ?" not in statement or f"FROM {table}" not in statement:
+        # The row read of one hit: "... FROM tracks WHERE tracks.id = ?" (SQLite) or "= %(pk_1)s" (psycopg).
+        if deleted or deleting or f"FROM {table}" not in statement or f"WHERE {table}.id = " not in statement:
             return
-        row_id = int(parameters[0])
-        with sqlite3.connect(folder / "reid.db") as other:
-            track_id = row_id
-            if table == "detections":
-                track_id = other.execute("SELECT track_id FROM detections WHERE id = ?", (row_id,)).fetchone()[0]
-            other.execute("DELETE FROM detections WHERE track_id = ?", (track_id,))
-            other.execute("DELETE FROM tracks WHERE id = ?", (track_id,))
+        row_id = int(parameters[0] if isinstance(parameters, tuple | list) else next(iter(parameters.values())))
+        deleting.append(True)
+        other = create_engine(url)
+        try:
+            with other.begin() as connection:
+                track_id = row_id
+                if table == "detections":
+                    track_id = connection.execute(
+                        text("SELECT track_id FROM detections WHERE id = :id"), {"id": row_id}
+                    ).scalar_one()
+                crops = "SELECT id FROM detections WHERE track_id = :t"
+                connection.execute(text(f"DELETE FROM thumbnails WHERE detection_id IN ({crops})"), {"t": track_id})
+                connection.execute(text("DELETE FROM detections WHERE track_id = :t"), {"t": track_id})
+                connection.execute(text("DELETE FROM tracks WHERE id = :t"), {"t": track_id})
+        finally:
+            other.dispose()
         deleted.append(track_id)
 
     event.listen(Engine, "before_cursor_execute", delete_first_looked_up_row)
     try:
-        where = ["--db", db_url(folder), "--data-dir", str(two_databases["data"])]
-        code, out, err = run_cli(["search", str(query), *where, level, "--json", *UNTRAINED], capsys, monkeypatch)
+        where = ["--db", url, "--data-dir", str(data)]
+        code, out, err = run_cli(
+            ["search", str(stored.query), *where, level, "--json", *UNTRAINED], capsys, monkeypatch
+        )
     finally:
         event.remove(Engine, "before_cursor_execute", delete_first_looked_up_row)
     assert code == 0, err
@@ -702,25 +885,50 @@ def broken_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     return paths
 
 
-@pytest.mark.parametrize("damage", ["no state_dict", "text size", "negative size", "huge size", "one number"])
+CHECKPOINT_DAMAGES = ["no state_dict", "text size", "negative size", "huge size", "one number"]
+
+
+# Every damage on SQLite; on PostgreSQL one is enough: the checkpoint is refused the same way, only
+# the database left untouched differs.
+@pytest.mark.parametrize(
+    ("damage", "stored"),
+    [(damage, "sqlite") for damage in CHECKPOINT_DAMAGES] + [("no state_dict", "postgresql")],
+    indirect=["stored"],
+)
 def test_unusable_checkpoint_is_one_line(
-    damage: str, broken_checkpoints: dict, two_databases: dict, video: Path, tmp_path: Path, capsys, monkeypatch
+    damage: str,
+    broken_checkpoints: dict,
+    stored: Stored,
+    video: Path,
+    tmp_path: Path,
+    capsys,
+    monkeypatch,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """Ingest into a new database and search a stored one with a damaged checkpoint: one line, the
+    new database not made, the stored one as it was (export and visualize open no database: they
+    run on SQLite's turn only)."""
     weights = broken_checkpoints[damage]
     fragment = "holds no weights" if damage == "no state_dict" else "input_size"
     fresh = tmp_path / "fresh"
-    before = state(two_databases)
-    query = two_databases["query"]
-    for args in (
-        ["ingest", str(video), "--camera", "1", "--db", db_url(fresh), *INGEST_OPTIONS[:-2], "--weights", str(weights)],
-        ["search", str(query), "--db", two_databases["a"], "--weights", str(weights)],
-        ["export", "--checkpoint", str(weights), "--inference-checkpoint", str(tmp_path / "out.pt")],
-        ["visualize", "--checkpoint", str(weights), str(query), "--output", str(tmp_path / "attention.png")],
-    ):
+    fresh_url = fresh_database(stored, fresh, request)
+    before = stored_state(stored)
+    query = stored.query
+    commands = [
+        ["ingest", str(video), "--camera", "1", "--db", fresh_url, *INGEST_OPTIONS[:-2], "--weights", str(weights)],
+        ["search", str(query), "--db", stored.url, "--data-dir", str(stored.data), "--weights", str(weights)],
+    ]
+    if stored.backend == "sqlite":
+        commands += [
+            ["export", "--checkpoint", str(weights), "--inference-checkpoint", str(tmp_path / "out.pt")],
+            ["visualize", "--checkpoint", str(weights), str(query), "--output", str(tmp_path / "attention.png")],
+        ]
+    for args in commands:
         code, _, err = run_cli(args, capsys, monkeypatch)
         assert_one_error_line(code, err, fragment)
-    assert not fresh.exists() and not (tmp_path / "out.pt").exists() and not (tmp_path / "attention.png").exists()
-    assert state(two_databases) == before
+    assert is_untouched(fresh_url, fresh)
+    assert not (tmp_path / "out.pt").exists() and not (tmp_path / "attention.png").exists()
+    assert stored_state(stored) == before
 
 
 def test_export_of_an_exported_checkpoint(other_weights: Path, tmp_path: Path, capsys, monkeypatch) -> None:
