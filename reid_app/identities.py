@@ -120,6 +120,7 @@ def compute_identities(db: Database, threshold: float, linkage: Linkage = "avera
     with db.read() as session:
         tracks = list(session.scalars(select(Track).order_by(Track.id)))
         videos = {v.id: v for v in session.scalars(select(Video))}
+    tracks = [t for t in tracks if t.video_id in videos]  # a track whose video row is gone has no time
     vectors = bytes_to_vectors([t.embedding for t in tracks], dim)
     labels = agglomerative_clusters(vectors, threshold, linkage, _cannot_link(tracks))
     identity_of = {t.id: int(label) + 1 for t, label in zip(tracks, labels, strict=True)}

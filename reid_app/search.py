@@ -48,7 +48,16 @@ from reid_app.detect import DEFAULT_IMGSZ
 from reid_app.errors import ReidAppError
 from reid_app.images import read_image
 from reid_app.index import IndexManager
-from reid_app.store import Database, DatabaseInfo, Detection, Track, Video, as_utc, require_nonempty
+from reid_app.store import (
+    DamagedValueError,
+    Database,
+    DatabaseInfo,
+    Detection,
+    Track,
+    Video,
+    as_utc,
+    require_nonempty,
+)
 from reid_app.thumbnails import confined_thumbnail, thumbnail_file  # noqa: F401 (confined_thumbnail: re-exported)
 from reid_app.track import crop
 
@@ -135,6 +144,15 @@ class SearchResult:
     index: dict[str, Any]
     persons: list[PersonResults]
     query_persons: list[QueryPerson]
+    #: Why matches were left out: one line per result whose database rows are damaged.
+    skipped: list[str] = field(default_factory=list)
+
+    def skipped_warning(self) -> str | None:
+        """One line on the results left out, or None."""
+        if not self.skipped:
+            return None
+        count = len(self.skipped)
+        return f"{count} {'match' if count == 1 else 'matches'} left out: {self.skipped[0]}"
 
     def to_json_dict(self) -> dict[str, Any]:
         """Machine-readable form; keys are stable."""
@@ -248,11 +266,31 @@ def _rows_by_id(session: Session, model: type, ids: Iterable[int]) -> dict[int, 
 
 
 def _hits(
-    session: Session, db: Database, level: SearchLevel, ranked: list[tuple[float, int]]
+    session: Session, db: Database, level: SearchLevel, ranked: list[tuple[float, int]], skipped: list[str]
 ) -> list[SearchHit]:
     """The results for index rows ``ranked`` (score, row id), best first, read in a few queries.
     Rows that are gone are skipped: another process may delete them (a redone or failed ingest,
-    prune, forget) between the index sync and this read."""
+    prune, forget) between the index sync and this read. A row damaged by a hand edit fails the
+    read of all (:class:`reid_app.store.DamagedValueError`): the rows are then read one result at a
+    time, and the results of damaged rows left out, their messages added to ``skipped``."""
+    try:
+        return _hits_read_together(session, db, level, ranked)
+    except DamagedValueError:
+        pass
+    hits: list[SearchHit] = []
+    for score, row_id in ranked:
+        try:
+            track, detection, video = _rows_of_one(session, level, row_id)
+            if detection is not None and video is not None:
+                hits.append(_hit(len(hits) + 1, score, track, detection, video, db))
+        except DamagedValueError as exc:
+            skipped.append(str(exc))
+    return hits
+
+
+def _hits_read_together(
+    session: Session, db: Database, level: SearchLevel, ranked: list[tuple[float, int]]
+) -> list[SearchHit]:
     row_ids = [row_id for _, row_id in ranked]
     if level == "tracks":
         tracks = _rows_by_id(session, Track, row_ids)
@@ -269,27 +307,44 @@ def _hits(
     hits: list[SearchHit] = []
     for (score, _), (track, detection) in zip(ranked, pairs, strict=True):
         video = videos.get(track.video_id) if track is not None else None
-        if detection is None or video is None:
-            continue
-        timestamp = detection.timestamp_s
-        hits.append(
-            SearchHit(
-                rank=len(hits) + 1,
-                score=round(float(score), 6),
-                camera=track.camera_id,
-                video_id=video.id,
-                video_path=video.path,
-                frame_index=detection.frame_index,
-                timestamp_s=round(timestamp, 3),
-                time=(as_utc(video.start_time) + timedelta(seconds=timestamp)).isoformat(),
-                track_id=track.id,
-                detection_id=detection.id,
-                identity_id=track.identity_id,
-                bbox=[round(v, 1) for v in detection.bbox],
-                thumbnail=thumbnail_file(db, detection),
-            )
-        )
+        if detection is not None and video is not None:
+            hits.append(_hit(len(hits) + 1, score, track, detection, video, db))
     return hits
+
+
+def _rows_of_one(
+    session: Session, level: SearchLevel, row_id: int
+) -> tuple[Track | None, Detection | None, Video | None]:
+    """The track, crop and video of one index row, read alone (None where gone)."""
+    if level == "tracks":
+        track = session.get(Track, row_id)
+        detection = session.scalars(
+            select(Detection).where(Detection.track_id == row_id).order_by(Detection.score.desc(), Detection.id)
+        ).first()
+    else:
+        detection = session.get(Detection, row_id)
+        track = session.get(Track, detection.track_id) if detection is not None else None
+    video = session.get(Video, track.video_id) if track is not None else None
+    return track, detection, video
+
+
+def _hit(rank: int, score: float, track: Track, detection: Detection, video: Video, db: Database) -> SearchHit:
+    timestamp = detection.timestamp_s
+    return SearchHit(
+        rank=rank,
+        score=round(float(score), 6),
+        camera=track.camera_id,
+        video_id=video.id,
+        video_path=video.path,
+        frame_index=detection.frame_index,
+        timestamp_s=round(timestamp, 3),
+        time=(as_utc(video.start_time) + timedelta(seconds=timestamp)).isoformat(),
+        track_id=track.id,
+        detection_id=detection.id,
+        identity_id=track.identity_id,
+        bbox=[round(v, 1) for v in detection.bbox],
+        thumbnail=thumbnail_file(db, detection),
+    )
 
 
 def model_dict(info: DatabaseInfo) -> dict[str, Any]:
@@ -323,6 +378,7 @@ def run_search(
     vectors = embedder.embed([p.image for p in persons])
     gallery, _ = (indexes or IndexManager(db, config)).sync(options.level)
     results: list[PersonResults] = []
+    skipped: list[str] = []
     with db.read() as session:
         allowed = _allowed_ids(session, options.level, options)
         for number, (person, vector) in enumerate(zip(persons, vectors, strict=True), start=1):
@@ -335,7 +391,7 @@ def run_search(
                     for score, row_id in zip(scores[0], ids[0], strict=True)
                     if row_id >= 0 and (options.threshold is None or score >= options.threshold)
                 ]
-                hits = _hits(session, db, options.level, ranked)
+                hits = _hits(session, db, options.level, ranked, skipped)
             results.append(
                 PersonResults(person=number, bbox=[round(v, 1) for v in person.bbox], how=person.how, hits=hits)
             )
@@ -347,4 +403,5 @@ def run_search(
         index={"kind": options.level, "type": gallery.index_type, "ntotal": gallery.ntotal},
         persons=results,
         query_persons=persons,
+        skipped=skipped,
     )

@@ -26,6 +26,10 @@ Several hosts on one PostgreSQL (README, "Several hosts"):
   folder of the host that ingested them), read from there.
 * **Who ingests a video is a row** (:class:`IngestClaim`, see :mod:`reid_app.claims`), not a file
   lock: it works across hosts and expires when its owner stops renewing it.
+
+Every value read is checked against its column's type (:class:`StoredInteger` and its siblings):
+SQLite keeps whatever a hand edit puts in a column, and a text where a number belongs must be one
+line naming the column (:class:`DamagedValueError`), not a traceback wherever the value is used.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 from reid_app.config import AppConfig
 from reid_app.errors import ReidAppError
@@ -92,6 +97,100 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+class DamagedValueError(ReidAppError):
+    """A value read from the database that is not of its column's type: a row edited or written
+    by other software (SQLite keeps text in an INTEGER or REAL column, whatever its type says)."""
+
+
+class _Checked(TypeDecorator):
+    """A column type whose values are checked as they are read, so that a damaged row is one
+    :class:`DamagedValueError` naming the column (a search skips that result, other commands stop
+    with one line) instead of a ``TypeError`` deep in the code that uses the value. The stored
+    form (DDL, bound values) is that of ``impl``: nothing changes in the database."""
+
+    cache_ok = True
+    #: What the values must be, for the message.
+    expected = "a value"
+    #: ``table.column`` and whether NULL is allowed, set once the tables are defined (below).
+    where = "a column"
+    nullable = True
+
+    def accepts(self, value: object) -> bool:
+        raise NotImplementedError
+
+    def result_processor(self, dialect, coltype):  # noqa: ANN001, ANN201 - SQLAlchemy's signature
+        # The impl's own processing (a SQLite datetime is parsed from text) is kept, and what it
+        # cannot parse is a damaged value too.
+        inner = super().result_processor(dialect, coltype)
+
+        def process(value: object) -> object:
+            if value is None:
+                if self.nullable:
+                    return None
+                raise self.damaged(value)
+            try:
+                converted = inner(value) if inner is not None else value
+            except (TypeError, ValueError, OverflowError):
+                raise self.damaged(value) from None
+            if not self.accepts(converted):
+                raise self.damaged(value)
+            return converted
+
+        return process
+
+    def damaged(self, value: object) -> DamagedValueError:
+        shown = "NULL" if value is None else repr(value if not isinstance(value, bytes) else value[:20])[:60]
+        return DamagedValueError(
+            f"the database holds a damaged row: {self.where} is {shown}, not {self.expected} (the row was edited "
+            "or written by other software): fix or delete that row, or restore the database from a backup"
+        )
+
+
+class StoredInteger(_Checked):
+    impl = Integer
+    cache_ok = True
+    expected = "an integer"
+
+    def accepts(self, value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+
+class StoredFloat(_Checked):
+    impl = Float
+    cache_ok = True
+    expected = "a finite number"
+
+    def accepts(self, value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
+class StoredDateTime(_Checked):
+    impl = DateTime
+    cache_ok = True
+    expected = "a date and time"
+
+    def accepts(self, value: object) -> bool:
+        return isinstance(value, datetime)
+
+
+class StoredString(_Checked):
+    impl = String
+    cache_ok = True
+    expected = "text"
+
+    def accepts(self, value: object) -> bool:
+        return isinstance(value, str)
+
+
+class StoredBytes(_Checked):
+    impl = LargeBinary
+    cache_ok = True
+    expected = "binary data"
+
+    def accepts(self, value: object) -> bool:
+        return isinstance(value, bytes | bytearray | memoryview)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -102,14 +201,14 @@ class DatabaseInfo(Base):
     __tablename__ = "database_info"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    uuid: Mapped[str] = mapped_column(String(36))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    model_name: Mapped[str | None] = mapped_column(String(200))
-    model_weights_sha256: Mapped[str | None] = mapped_column(String(64))
-    model_dim: Mapped[int | None] = mapped_column(Integer)
+    uuid: Mapped[str] = mapped_column(StoredString(36))
+    created_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))
+    model_name: Mapped[str | None] = mapped_column(StoredString(200))
+    model_weights_sha256: Mapped[str | None] = mapped_column(StoredString(64))
+    model_dim: Mapped[int | None] = mapped_column(StoredInteger)
     model_is_trained: Mapped[bool | None]
-    identity_threshold: Mapped[float | None] = mapped_column(Float)
-    identities_computed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    identity_threshold: Mapped[float | None] = mapped_column(StoredFloat)
+    identities_computed_at: Mapped[datetime | None] = mapped_column(StoredDateTime(timezone=True))
 
 
 class Video(Base):
@@ -117,20 +216,20 @@ class Video(Base):
     __table_args__ = (UniqueConstraint("sha256", "camera_id", name="uq_video_sha256_camera"), _SQLITE_TABLE_ARGS)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(String(4096))
-    sha256: Mapped[str] = mapped_column(String(64))
-    camera_id: Mapped[int] = mapped_column(Integer, index=True)
-    fps: Mapped[float] = mapped_column(Float)
-    frame_count: Mapped[int] = mapped_column(Integer)
-    width: Mapped[int] = mapped_column(Integer)
-    height: Mapped[int] = mapped_column(Integer)
-    sample_fps: Mapped[float | None] = mapped_column(Float)  # None: every frame
-    start_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    status: Mapped[str] = mapped_column(String(16))
-    last_committed_frame: Mapped[int] = mapped_column(Integer, default=-1)
-    detector: Mapped[str] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    path: Mapped[str] = mapped_column(StoredString(4096))
+    sha256: Mapped[str] = mapped_column(StoredString(64))
+    camera_id: Mapped[int] = mapped_column(StoredInteger, index=True)
+    fps: Mapped[float] = mapped_column(StoredFloat)
+    frame_count: Mapped[int] = mapped_column(StoredInteger)
+    width: Mapped[int] = mapped_column(StoredInteger)
+    height: Mapped[int] = mapped_column(StoredInteger)
+    sample_fps: Mapped[float | None] = mapped_column(StoredFloat)  # None: every frame
+    start_time: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))
+    status: Mapped[str] = mapped_column(StoredString(16))
+    last_committed_frame: Mapped[int] = mapped_column(StoredInteger, default=-1)
+    detector: Mapped[str] = mapped_column(StoredString(200))
+    created_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(StoredDateTime(timezone=True))
 
     tracks: Mapped[list[Track]] = relationship(back_populates="video")
 
@@ -143,16 +242,16 @@ class Track(Base):
     __table_args__ = (_SQLITE_TABLE_ARGS,)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"), index=True)
-    camera_id: Mapped[int] = mapped_column(Integer, index=True)
-    tracker_id: Mapped[int] = mapped_column(Integer)  # the tracker's own id within the video
-    first_frame: Mapped[int] = mapped_column(Integer)
-    last_frame: Mapped[int] = mapped_column(Integer)
-    first_timestamp_s: Mapped[float] = mapped_column(Float)
-    last_timestamp_s: Mapped[float] = mapped_column(Float)
-    num_crops: Mapped[int] = mapped_column(Integer)
-    embedding: Mapped[bytes] = mapped_column(LargeBinary)
-    identity_id: Mapped[int | None] = mapped_column(Integer, index=True)  # set by `reid-app identities`
+    video_id: Mapped[int] = mapped_column(StoredInteger, ForeignKey("videos.id"), index=True)
+    camera_id: Mapped[int] = mapped_column(StoredInteger, index=True)
+    tracker_id: Mapped[int] = mapped_column(StoredInteger)  # the tracker's own id within the video
+    first_frame: Mapped[int] = mapped_column(StoredInteger)
+    last_frame: Mapped[int] = mapped_column(StoredInteger)
+    first_timestamp_s: Mapped[float] = mapped_column(StoredFloat)
+    last_timestamp_s: Mapped[float] = mapped_column(StoredFloat)
+    num_crops: Mapped[int] = mapped_column(StoredInteger)
+    embedding: Mapped[bytes] = mapped_column(StoredBytes)
+    identity_id: Mapped[int | None] = mapped_column(StoredInteger, index=True)  # set by `reid-app identities`
 
     video: Mapped[Video] = relationship(back_populates="tracks")
     detections: Mapped[list[Detection]] = relationship(back_populates="track", order_by="Detection.id")
@@ -165,18 +264,18 @@ class Detection(Base):
     __table_args__ = (Index("ix_detections_video_frame", "video_id", "frame_index"), _SQLITE_TABLE_ARGS)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    track_id: Mapped[int] = mapped_column(ForeignKey("tracks.id"), index=True)
-    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"))
-    camera_id: Mapped[int] = mapped_column(Integer, index=True)
-    frame_index: Mapped[int] = mapped_column(Integer)
-    timestamp_s: Mapped[float] = mapped_column(Float)
-    x1: Mapped[float] = mapped_column(Float)
-    y1: Mapped[float] = mapped_column(Float)
-    x2: Mapped[float] = mapped_column(Float)
-    y2: Mapped[float] = mapped_column(Float)
-    score: Mapped[float] = mapped_column(Float)
-    thumbnail_path: Mapped[str] = mapped_column(String(4096))  # relative to the data folder
-    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    track_id: Mapped[int] = mapped_column(StoredInteger, ForeignKey("tracks.id"), index=True)
+    video_id: Mapped[int] = mapped_column(StoredInteger, ForeignKey("videos.id"))
+    camera_id: Mapped[int] = mapped_column(StoredInteger, index=True)
+    frame_index: Mapped[int] = mapped_column(StoredInteger)
+    timestamp_s: Mapped[float] = mapped_column(StoredFloat)
+    x1: Mapped[float] = mapped_column(StoredFloat)
+    y1: Mapped[float] = mapped_column(StoredFloat)
+    x2: Mapped[float] = mapped_column(StoredFloat)
+    y2: Mapped[float] = mapped_column(StoredFloat)
+    score: Mapped[float] = mapped_column(StoredFloat)
+    thumbnail_path: Mapped[str] = mapped_column(StoredString(4096))  # relative to the data folder
+    embedding: Mapped[bytes] = mapped_column(StoredBytes)
 
     track: Mapped[Track] = relationship(back_populates="detections")
 
@@ -190,8 +289,8 @@ class Thumbnail(Base):
 
     __tablename__ = "thumbnails"
 
-    detection_id: Mapped[int] = mapped_column(ForeignKey("detections.id"), primary_key=True)
-    jpeg: Mapped[bytes] = mapped_column(LargeBinary)
+    detection_id: Mapped[int] = mapped_column(StoredInteger, ForeignKey("detections.id"), primary_key=True)
+    jpeg: Mapped[bytes] = mapped_column(StoredBytes)
 
 
 class Deletion(Base):
@@ -202,10 +301,10 @@ class Deletion(Base):
     __table_args__ = (_SQLITE_TABLE_ARGS,)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    row_count: Mapped[int] = mapped_column(Integer)
-    row_ids: Mapped[bytes] = mapped_column(LargeBinary)
-    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    kind: Mapped[str] = mapped_column(StoredString(16))
+    row_count: Mapped[int] = mapped_column(StoredInteger)
+    row_ids: Mapped[bytes] = mapped_column(StoredBytes)
+    deleted_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))
 
 
 class IngestClaim(Base):
@@ -213,11 +312,11 @@ class IngestClaim(Base):
 
     __tablename__ = "ingest_claims"
 
-    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(300))  # host:pid:random
-    host: Mapped[str] = mapped_column(String(255))
-    pid: Mapped[int] = mapped_column(Integer)
-    lease_until_s: Mapped[float] = mapped_column(Float)
+    video_id: Mapped[int] = mapped_column(StoredInteger, ForeignKey("videos.id"), primary_key=True)
+    owner: Mapped[str] = mapped_column(StoredString(300))  # host:pid:random
+    host: Mapped[str] = mapped_column(StoredString(255))
+    pid: Mapped[int] = mapped_column(StoredInteger)
+    lease_until_s: Mapped[float] = mapped_column(StoredFloat)
 
 
 class PendingFileDeletion(Base):
@@ -229,7 +328,22 @@ class PendingFileDeletion(Base):
     __table_args__ = (_SQLITE_TABLE_ARGS,)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(String(4096))  # relative to the data folder
+    path: Mapped[str] = mapped_column(StoredString(4096))  # relative to the data folder
+
+
+def _label_checked_columns() -> None:
+    """Tell each checked column type which column it is (for the message) and whether it may be NULL."""
+    seen: set[int] = set()
+    for table in Base.metadata.tables.values():
+        for column in table.columns:
+            if isinstance(column.type, _Checked):
+                assert id(column.type) not in seen, f"{table.name}.{column.name} shares its type instance"
+                seen.add(id(column.type))
+                column.type.where = f"{table.name}.{column.name}"
+                column.type.nullable = bool(column.nullable)
+
+
+_label_checked_columns()
 
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:
@@ -248,6 +362,14 @@ def bytes_to_vectors(blobs: list[bytes], dim: int) -> np.ndarray:
     """Stack stored vectors into a float32 (N, dim) array."""
     if not blobs:
         return np.zeros((0, dim), dtype=np.float32)
+    size = 4 * dim
+    wrong = next((len(blob) for blob in blobs if len(blob) != size), None)
+    if wrong is not None:
+        raise DamagedValueError(
+            f"the database holds a damaged row: a stored embedding has {wrong} bytes, not the {size} of a {dim}-d "
+            "vector (the row was edited or written by other software): fix or delete that row, or restore the "
+            "database from a backup"
+        )
     matrix = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim)
     return matrix.astype(np.float32, copy=True)
 

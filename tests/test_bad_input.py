@@ -297,14 +297,14 @@ def test_databases_sharing_a_data_folder_keep_their_own_files(
 
 # -- 3. database rows are data, not file names or markup ---------------------------------------------------
 
-HOSTILE_CAMERA = "<img src=x onerror=alert(1)>"
-HOSTILE_IDENTITY = "\x1b[2J\x1b]0;owned\x07[bold]id"
+HOSTILE_TEXT = "<img src=x onerror=alert(1)>\x1b[2J\x1b]0;owned\x07[bold]id"
 
 
 @pytest.fixture()
 def hostile_copy(two_databases: dict, tmp_path: Path) -> Path:
     """A copy of database A (thumbnails beside it) whose rows point at a file outside its data
-    folder in three ways and hold markup and terminal escape sequences in INTEGER columns."""
+    folder in three ways and whose video path (a file name may hold any character but / and NUL)
+    holds markup and terminal escape sequences."""
     folder = tmp_path / "hostile"
     shutil.copytree(two_databases["root"] / "a", folder)
     (folder / "thumbnails").mkdir()
@@ -316,9 +316,7 @@ def hostile_copy(two_databases: dict, tmp_path: Path) -> Path:
         ids = [row[0] for row in connection.execute("SELECT id FROM detections ORDER BY id")]
         for row_id, path in zip(ids, [str(secret), "../secret.txt", "thumbnails/link.jpg"], strict=False):
             connection.execute("UPDATE detections SET thumbnail_path = ? WHERE id = ?", (path, row_id))
-        for table in ("videos", "tracks", "detections"):
-            connection.execute(f"UPDATE {table} SET camera_id = ?", (HOSTILE_CAMERA,))
-        connection.execute("UPDATE tracks SET identity_id = ?", (HOSTILE_IDENTITY,))
+        connection.execute("UPDATE videos SET path = ?", (f"/videos/{HOSTILE_TEXT}.mp4",))
     return folder
 
 
@@ -337,12 +335,14 @@ def test_rows_cannot_read_files_outside_the_data_folder_or_inject_markup(
     assert "VE9QLVNFQ1JFV" not in html_text and "TOP-SECRET" not in html_text  # base64 of the secret, or itself
     assert "<img src=x" not in html_text and "&lt;img src=x onerror=alert(1)&gt;" in html_text
     assert "\x1b" not in html_text and "\x07" not in html_text
-    assert "\x1b" not in out and "[bold]id" in out  # shown literally, not as markup or escape codes
+    assert "\x1b" not in out + err and "\x07" not in out + err
     code, out, _ = run_cli(
         ["search", str(query), "--db", url, "--detections", "--json", *UNTRAINED], capsys, monkeypatch
     )
     hits = [hit for person in json.loads(out)["persons"] for hit in person["results"]]
     assert len(hits) == 3 and all(hit["thumbnail"] is None for hit in hits)
+    assert all(hit["video_path"] == f"/videos/{HOSTILE_TEXT}.mp4" for hit in hits)  # data, kept as it is
+    assert "\x1b" not in out  # JSON escapes it
     # A row naming a file inside the data folder that is not a thumbnail: not embedded either.
     with sqlite3.connect(hostile_copy / "reid.db") as connection:
         connection.execute("UPDATE detections SET thumbnail_path = 'tracks.faiss'")
@@ -355,6 +355,143 @@ def test_rows_cannot_read_files_outside_the_data_folder_or_inject_markup(
         code, out, err = run_cli([*command, "--db", url], capsys, monkeypatch)
         assert code == 0, err
         assert "\x1b" not in out + err and "\x07" not in out + err
+    # The same text in INTEGER columns (SQLite keeps it) is a damaged row: the one line saying so
+    # shows it escaped, never as markup or escape codes.
+    with sqlite3.connect(hostile_copy / "reid.db") as connection:
+        connection.execute("UPDATE tracks SET identity_id = ?", (HOSTILE_TEXT,))
+        connection.execute("UPDATE detections SET camera_id = ?", (HOSTILE_TEXT,))
+    for command in (["search", str(query), "--detections", "--report", str(report), *UNTRAINED], ["identities"]):
+        code, out, err = run_cli([*command, "--db", url], capsys, monkeypatch)
+        assert "damaged row" in err and "Traceback" not in err
+        assert "\x1b" not in out + err and "\x07" not in out + err and "<img src=x" not in out
+    assert "<img src=x" not in report.read_text() and "\x1b" not in report.read_text()
+
+
+# Rows edited by hand: SQLite keeps text in an INTEGER or REAL column (PostgreSQL refuses it, so
+# these run on SQLite only). Each damage: the SQL that makes it, the column the one line must name,
+# then what stats, identities and search do: "ok" (not read, or nothing to say), "skip" (exit 0,
+# the row left out with one warning line naming it) or "error" (one error line naming it).
+DAMAGES = {
+    "detection timestamp": (
+        "UPDATE detections SET timestamp_s = 'noon' WHERE id = :detection", "detections.timestamp_s",
+        "ok", "ok", "skip",
+    ),
+    "detection box": ("UPDATE detections SET x1 = 'left' WHERE id = :detection", "detections.x1", "ok", "ok", "skip"),
+    "detection score": (
+        "UPDATE detections SET score = 'high' WHERE id = :detection", "detections.score", "ok", "ok", "skip",
+    ),
+    "track camera": (
+        "UPDATE tracks SET camera_id = 'three' WHERE id = :track", "tracks.camera_id", "error", "error", "skip",
+    ),
+    "video start time": ("UPDATE videos SET start_time = 'yesterday'", "videos.start_time", "error", "error", "skip"),
+    "track vector": (
+        "UPDATE tracks SET embedding = x'00ff' WHERE id = :track", "embedding has 2 bytes", "ok", "error", "ok",
+    ),
+    "track of a deleted video": ("UPDATE tracks SET video_id = 999 WHERE id = :track", None, "ok", "ok", "ok"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cached_models() -> tuple[object, object]:
+    """The models of ``--weights untrained`` (and the default detector), built once for the module."""
+    from reid_app.embed import Embedder
+    from reid_app.ingest import load_detector
+
+    return Embedder("untrained", device="cpu"), load_detector(None, "cpu")
+
+
+def use_cached_models(monkeypatch: pytest.MonkeyPatch, models: tuple[object, object]) -> None:
+    """``reid-app search`` with the module's models instead of building them again (seconds each):
+    everything else of the command runs as it is."""
+    import reid_app.commands.search as search_command
+
+    monkeypatch.setattr(search_command, "load_embedder", lambda config: models[0])
+    monkeypatch.setattr(search_command, "load_detector", lambda *args, **kwargs: models[1])
+
+
+def assert_outcome(outcome: str, code: int, err: str, where: str | None) -> None:
+    assert "Traceback" not in err, err
+    if outcome == "error":
+        assert_one_error_line(code, err, "damaged row", where or "")
+        return
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "damaged row" in line]
+    if outcome == "skip":
+        assert len(warnings) == 1 and warnings[0].startswith("warning: ") and where in warnings[0], err
+    else:
+        assert warnings == [], err
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_values_in_rows_never_crash_a_read(
+    damage: str, two_databases: dict, cached_models, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """stats, identities, search (with its HTML report) and the readers of the server and the
+    report skip a damaged row with one warning line or stop with one error line: no traceback,
+    nothing written by what stopped."""
+    from reid_app.errors import ReidAppError
+    from reid_app.identities import stored_identities
+    from reid_app.overview import NotFound, collect_stats, detection_detail, list_tracks, track_detail
+    from reid_app.overview import thumbnail_bytes as server_thumbnail
+
+    statement, where, *outcomes = DAMAGES[damage]
+    folder = tmp_path / "db"
+    shutil.copytree(two_databases["root"] / "a", folder)
+    url = db_url(folder)
+    query = stored_thumbnail(folder, tmp_path / "query.jpg")  # the crop of the damaged row
+    with sqlite3.connect(folder / "reid.db") as connection:
+        detection, track = connection.execute(
+            "SELECT id, track_id FROM detections ORDER BY id LIMIT 1"
+        ).fetchone()
+        all_detections = {row[0] for row in connection.execute("SELECT id FROM detections")}
+        connection.execute(statement, {"detection": detection, "track": track})
+    before = table_rows(url)
+    use_cached_models(monkeypatch, cached_models)
+    where_args = ["--db", url, "--data-dir", str(folder)]
+    report = tmp_path / "report.html"
+    search = ["search", str(query), "--detections", "--json", "--threshold", "-1", "--report", str(report)]
+
+    code, _, err = run_cli(["stats", *where_args], capsys, monkeypatch)
+    assert_outcome(outcomes[0], code, err, where)
+    code, out, err = run_cli([*search, *where_args, *UNTRAINED], capsys, monkeypatch)
+    assert_outcome(outcomes[2], code, err, where)
+    hits = {hit["detection_id"] for hit in json.loads(out)["persons"][0]["results"]}
+    if damage == "video start time":  # every crop is of that video
+        assert hits == set()
+    elif outcomes[2] == "skip" or damage == "track of a deleted video":
+        assert hits == all_detections - {detection}
+    else:
+        assert hits == all_detections
+    assert report.read_text().count("<figure>") == len(hits)
+    assert table_rows(url) == before
+    code, _, err = run_cli(["identities", *where_args], capsys, monkeypatch)
+    assert_outcome(outcomes[1], code, err, where)
+    if outcomes[1] == "error":
+        assert table_rows(url) == before
+
+    # What the server and the report read by id: a result, or one line (a 500 or 404 answer).
+    config = AppConfig(db_url=url, data_dir=folder)
+    db = Database(config)
+    readers = {
+        "stats": lambda: collect_stats(config, db),
+        "tracks": lambda: list_tracks(db),
+        "track": lambda: track_detail(db, track),
+        "detection": lambda: detection_detail(db, detection),
+        "thumbnail": lambda: server_thumbnail(config, db, detection),
+        "identities": lambda: stored_identities(db),
+    }
+    failed = {}
+    for name, read in readers.items():
+        try:
+            read()
+        except (ReidAppError, NotFound) as exc:
+            failed[name] = str(exc)
+    db.dispose()
+    assert all("\n" not in message for message in failed.values())
+    if where is not None and "." in where:  # a column the readers load
+        assert any(where in message for message in failed.values()), failed
+    if outcomes[0] == "error":
+        assert where in failed["stats"]
 
 
 # -- 4. a failed first ingest does not tie the database to its model ---------------------------------------

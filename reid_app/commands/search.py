@@ -68,6 +68,7 @@ def search_command(
     result = run_search(
         config, image, options, embedder=embedder, detector=load_detector(detector, device), db=database
     )
+    warn(result.skipped_warning())
     if report is not None:
         path = write_report(report, result, query_image)
         print(f"report written to {path}", file=sys.stderr)

@@ -39,7 +39,7 @@ from reid_app.safetext import plain
 from reid_app.search import MAX_TOP_K, SearchOptions, model_dict, run_search
 from reid_app.server.security import GuardMiddleware
 from reid_app.server.state import ServerState
-from reid_app.store import as_utc, check_model_identity, require_nonempty
+from reid_app.store import DamagedValueError, as_utc, check_model_identity, require_nonempty
 
 logger = logging.getLogger("reid_app.server")
 
@@ -89,6 +89,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ReidAppError)
     async def reid_error(_request: Request, exc: ReidAppError) -> JSONResponse:
         return _error(400, str(exc))
+
+    @app.exception_handler(DamagedValueError)
+    async def damaged_row(_request: Request, exc: DamagedValueError) -> JSONResponse:
+        # Not the request's fault: the stored data's. Its one line names the column to fix.
+        logger.warning("request failed: %s", exc)
+        return _error(500, str(exc))
 
     @app.exception_handler(NotFound)
     async def not_found(_request: Request, exc: NotFound) -> JSONResponse:
@@ -191,8 +197,10 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
                     indexes=state.indexes,
                 )
             except ReidAppError as exc:  # its message may name the temporary file: name the upload
-                raise ReidAppError(str(exc).replace(str(path), _upload_name(image))) from None
+                raise type(exc)(str(exc).replace(str(path), _upload_name(image))) from None
         result.query_image = _upload_name(image)
+        if result.skipped:
+            logger.warning("search: %s", result.skipped_warning())
         return result.to_json_dict()
 
     @app.get(f"{API}/cameras", tags=["cameras"])
