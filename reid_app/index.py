@@ -12,7 +12,8 @@ Files, per host and per database: ``<index folder>/faiss/<database uuid>/<kind>.
 ``--data-dir`` for a server database: every search host has its own, and two databases sharing a
 folder never touch each other's files. Both files are written to a temporary file and moved into
 place, under an exclusive ``fcntl`` lock on ``<kind>.faiss.lock``, so two processes of one host
-never clobber each other.
+never clobber each other; the temporary files of a process killed while saving are deleted by the
+next sync.
 
 Catching up (:meth:`IndexManager.sync`, run by every command that opens an index): the sidecar
 records ``synced_id``, the highest row id the index has been brought up to, and
@@ -31,6 +32,7 @@ for the other index type (:func:`reid_app.ivf.desired_type`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -257,6 +259,7 @@ class IndexManager:
         return gallery, report
 
     def _sync_locked(self, kind: str, info: DatabaseInfo) -> tuple[GalleryIndex, SyncReport]:
+        self._remove_unfinished_saves(kind)
         dim = int(info.model_dim or 0)
         reader = _VectorReader(self.db, INDEX_KINDS[kind], dim)
         report = SyncReport(kind=kind)
@@ -293,6 +296,16 @@ class IndexManager:
         if report.changed or report.reason:
             self._save(gallery)
         return gallery, report
+
+    def _remove_unfinished_saves(self, kind: str) -> None:
+        """Delete the temporary files of a save of the ``kind`` index that was killed before moving
+        them into place (each as big as the index). Every save runs under the lock held now, so
+        none of them is being written."""
+        index_path, _, _ = index_paths(self.index_dir, kind)
+        # .tracks.faiss.<random>.tmp and .tracks.faiss.json.<random>.tmp (reid_app.locks).
+        for leftover in self.index_dir.glob(f".{index_path.name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
     def _build(self, kind: str, reader: _VectorReader, info: DatabaseInfo) -> GalleryIndex:
         """A new index of every stored row. The log position is read before the ids, so deletions
