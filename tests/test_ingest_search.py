@@ -9,12 +9,17 @@ frame per second of the first seconds of a clip to stay fast.
 
 from __future__ import annotations
 
+import gc
+import io
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -153,6 +158,7 @@ def assert_db_and_index_agree(folder: Path) -> None:
     assert not list(folder.glob("thumbnails/*/camera_*"))  # nothing written to the data folder
     # And opening it finds nothing to repair.
     assert not any(report.changed for report in IndexManager(db, config).sync_all())
+    db.dispose()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -780,3 +786,273 @@ def test_prune_and_forget_refuse_bad_values_in_one_line(
     code, out, err = run_cli([*args, "--db", db_url(gallery), "--data-dir", str(gallery)], capsys, monkeypatch)
     assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert table_counts(gallery) == before
+
+
+# --------------------------------------------------------------------------- prune and forget killed part-way
+
+
+def run_in_child(args: list[str], kill_point: str | None = None, kill_after_s: float | None = None) -> str:
+    """Run ``reid-app ARGS`` in a forked child of this process (everything is imported already, so
+    it starts at once) and SIGKILL it: when it reaches ``kill_point`` (it kills itself there), or
+    ``kill_after_s`` seconds after its start. Returns "killed" or "finished" (it ended first)."""
+    gc.collect()  # SQLite connections of this process that nothing refers to: closed before the fork
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99  # an exception other than SystemExit
+        try:
+            faiss.omp_set_num_threads(1)  # no OpenMP thread pool of the parent to rely on after fork
+            sys.stdout = sys.stderr = io.StringIO()
+            sys.argv = ["reid-app", *args]
+            if kill_point is not None:
+                KILL_POINTS[kill_point]()
+            try:
+                cli.app()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            os._exit(code)
+    deadline = started + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline or (kill_after_s is not None and time.monotonic() - started >= kill_after_s):
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            break
+        time.sleep(0.0005)
+    assert time.monotonic() < deadline, f"reid-app {' '.join(args)} hung"
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return "killed"
+    assert os.WEXITSTATUS(status) == 0, f"reid-app {' '.join(args)} failed (exit code {os.WEXITSTATUS(status)})"
+    return "finished"
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _die_after(owner: object, name: str) -> None:
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):  # noqa: ANN202
+        original(*args, **kwargs)
+        _die()
+
+    setattr(owner, name, wrapper)
+
+
+def _die_at_call(owner: object, name: str, number: int = 1) -> None:
+    original, calls = getattr(owner, name), []
+
+    def wrapper(*args, **kwargs):  # noqa: ANN202
+        calls.append(1)
+        if len(calls) == number:
+            _die()
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+def _kill_points() -> dict[str, Callable[[], None]]:
+    import reid_app.index
+    import reid_app.retention
+
+    return {
+        # In the one transaction: rows deleted, not committed.
+        "rows deleted, not committed": lambda: _die_after(reid_app.retention, "delete_tracks"),
+        # Committed; this host's index files, cached thumbnails and older files not touched yet.
+        "committed, nothing local done": lambda: _die_at_call(reid_app.retention, "finish_file_deletions"),
+        "tracks index synced, detections index not": lambda: _die_at_call(IndexManager, "sync", 2),
+        # Inside an index save: the index file replaced, its sidecar not yet.
+        "index file replaced, sidecar not": lambda: _die_at_call(reid_app.index, "atomic_write_bytes"),
+        # Inside an index save: the new index written to its temporary file, not moved into place.
+        "index written, not moved into place": lambda: _die_at_call(os, "replace"),
+    }
+
+
+KILL_POINTS = _kill_points()
+
+
+@dataclass
+class Selected:
+    """The rows a prune or forget selects (ids before it runs)."""
+
+    videos: set[int]
+    tracks: set[int]
+    detections: set[int]
+
+    def left(self, folder: Path) -> dict[str, int]:
+        """How many of them are still stored, per table (thumbnails: rows of the selected crops)."""
+        counts = {}
+        for table, column, ids in (
+            ("videos", "id", self.videos),
+            ("tracks", "id", self.tracks),
+            ("detections", "id", self.detections),
+            ("thumbnails", "detection_id", self.detections),
+        ):
+            stored = {row[0] for row in sql(folder, f"SELECT {column} FROM {table}")}
+            counts[table] = len(stored & ids)
+        return counts
+
+    def everything(self) -> dict[str, int]:
+        return {
+            "videos": len(self.videos),
+            "tracks": len(self.tracks),
+            "detections": len(self.detections),
+            "thumbnails": len(self.detections),
+        }
+
+
+def select_camera(folder: Path, camera: int) -> Selected:
+    return Selected(
+        videos=row_ids(folder, "videos", camera),
+        tracks=row_ids(folder, "tracks", camera),
+        detections=row_ids(folder, "detections", camera),
+    )
+
+
+def search_all(folder: Path, query: Path, models) -> dict[str, set[int]]:
+    """Track and crop ids every search returns (everything, whatever its score): the index of each
+    kind is synced with the database first, as any search does."""
+    embedder, detector = models
+    config = AppConfig(db_url=db_url(folder), data_dir=folder, weights="untrained", device="cpu")
+    db = Database(config)
+    found = {}
+    for level in ("tracks", "detections"):
+        options = SearchOptions(top_k=10_000, threshold=-1.0, level=level)
+        hits = run_search(config, query, options, embedder=embedder, detector=detector, db=db).persons[0].hits
+        found[level] = {hit.track_id if level == "tracks" else hit.detection_id for hit in hits}
+    db.dispose()  # no connection of this process left open when the next run is forked from it
+    return found
+
+
+def assert_all_or_nothing(folder: Path, selected: Selected, query: Path, models) -> bool:
+    """Either every selected row is still stored and every search finds it, or none is and no
+    search returns it (nor keeps its vector or cached thumbnail). Returns whether they are gone."""
+    left = selected.left(folder)
+    assert left in (selected.everything(), dict.fromkeys(left, 0)), f"half-deleted: {left}"
+    gone = left["tracks"] == 0
+    found = search_all(folder, query, models)
+    if gone:
+        assert not found["tracks"] & selected.tracks and not found["detections"] & selected.detections
+        for detection_id in selected.detections:
+            assert not list(folder.glob(f"thumbnails/*/cache/{detection_id}.jpg"))
+    else:
+        assert found["tracks"] >= selected.tracks and found["detections"] >= selected.detections
+    assert_db_and_index_agree(folder)  # no vector of a removed row left in either index
+    return gone
+
+
+def final_state(folder: Path) -> dict[str, object]:
+    """What a finished run leaves: every row (the deletion log without its ids and times), the ids
+    of each index file and the files of the data folder."""
+    tables = ("videos", "tracks", "detections", "thumbnails", "ingest_claims", "pending_file_deletions")
+    rows: dict[str, object] = {table: sql(folder, f"SELECT * FROM {table} ORDER BY 1") for table in tables}
+    rows["deletions"] = sorted(
+        (kind, count, bytes(ids)) for kind, count, ids in sql(folder, "SELECT kind, row_count, row_ids FROM deletions")
+    )
+    config = AppConfig(db_url=db_url(folder), data_dir=folder)
+    db = Database(config)
+    index_dir = IndexManager(db, config).index_dir
+    db.dispose()
+    indexes = {kind: index_ids(faiss.read_index(str(index_paths(index_dir, kind)[0]))).tolist() for kind in INDEX_KINDS}
+    files = sorted(
+        str(path.relative_to(folder))
+        for path in folder.rglob("*")
+        if path.is_file() and not path.name.startswith("reid.db") and path.name != ".db_url"
+    )
+    return {"rows": rows, "indexes": indexes, "files": files}
+
+
+def prepared_copy(source: Path, target: Path, camera: int, models, request: pytest.FixtureRequest):
+    """A copy of ``source`` searched once (its indexes synced, every thumbnail cached on this
+    host), the rows of ``camera`` and a query crop of one of them."""
+    folder = copy_gallery(source, target, request)
+    selected = select_camera(folder, camera)
+    query = target / "query.jpg"
+    (jpeg,) = sql(folder, "SELECT jpeg FROM thumbnails WHERE detection_id = :d", d=min(selected.detections))[0]
+    query.write_bytes(bytes(jpeg))
+    assert search_all(folder, query, models)["detections"] >= selected.detections
+    assert list(folder.glob("thumbnails/*/cache/*.jpg"))
+    return folder, selected, query
+
+
+@pytest.fixture(scope="module")
+def pruned_reference(two_camera_gallery: Path, models, tmp_path_factory, request: pytest.FixtureRequest) -> dict:
+    """The state an uninterrupted ``prune --camera 2`` leaves (then searched like the others)."""
+    folder, selected, query = prepared_copy(
+        two_camera_gallery, tmp_path_factory.mktemp("pruned_reference"), 2, models, request
+    )
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(sys, "argv", ["reid-app", *prune_args(folder)])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.app()
+    assert exit_info.value.code in (0, None)
+    assert selected.left(folder) == dict.fromkeys(selected.everything(), 0)
+    search_all(folder, query, models)
+    return final_state(folder)
+
+
+def prune_args(folder: Path) -> list[str]:
+    return ["prune", "--older-than", "1s", "--camera", "2", "--db", db_url(folder), "--data-dir", str(folder)]
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_prune_killed_part_way_leaves_all_or_nothing_and_a_rerun_finishes(
+    point: str, two_camera_gallery: Path, pruned_reference: dict, models, tmp_path: Path, capsys, monkeypatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    """``prune --camera 2`` SIGKILLed at a point of its work: the camera's videos, tracks, crops,
+    thumbnails and vectors are all still there (and found by search) or all gone (and returned by
+    no search); a re-run then says what it removed and leaves what an uninterrupted run leaves."""
+    folder, selected, query = prepared_copy(two_camera_gallery, tmp_path / "db", 2, models, request)
+    assert run_in_child(prune_args(folder), kill_point=point) == "killed"
+    gone = assert_all_or_nothing(folder, selected, query, models)
+    assert gone == (point != "rows deleted, not committed")
+    code, out, err = run_cli(prune_args(folder), capsys, monkeypatch)
+    assert code == 0, err
+    removed = 0 if gone else len(selected.tracks)
+    assert f"removed {removed} tracks" in out and ("removed 1 video rows" in out) == (not gone), out
+    assert assert_all_or_nothing(folder, selected, query, models)
+    assert final_state(folder) == pruned_reference
+
+
+def test_forget_killed_again_and_again_then_finished(
+    gallery: Path, models, tmp_path: Path, capsys, monkeypatch, request: pytest.FixtureRequest
+) -> None:
+    """``forget --track`` started over and over, each run SIGKILLed later into its work than the
+    last (wherever that falls: opening the database, in or after the transaction, in an index
+    save), until one finishes: after every kill all of the track is there or none of it, and the
+    end is what one uninterrupted run leaves."""
+    (track_id,) = sql(gallery, "SELECT max(id) FROM tracks")[0]
+
+    def forget(folder: Path) -> list[str]:
+        return ["forget", "--track", str(track_id), "--db", db_url(folder), "--data-dir", str(folder)]
+
+    # The uninterrupted run, in a child as the others: how long it takes, and what it leaves.
+    reference, _, reference_query = prepared_copy(gallery, tmp_path / "reference", 1, models, request)
+    started = time.monotonic()
+    assert run_in_child(forget(reference)) == "finished"
+    duration = time.monotonic() - started
+    search_all(reference, reference_query, models)
+
+    folder, _, query = prepared_copy(gallery, tmp_path / "db", 1, models, request)
+    crops = {row[0] for row in sql(folder, "SELECT id FROM detections WHERE track_id = :t", t=track_id)}
+    selected = Selected(videos=set(), tracks={track_id}, detections=crops)
+    kills = []
+    for fraction in (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95, None):  # None: let it finish
+        ended = run_in_child(forget(folder), kill_after_s=None if fraction is None else fraction * duration)
+        gone = assert_all_or_nothing(folder, selected, query, models)
+        if ended == "finished":
+            break
+        kills.append(gone)
+    # At least the first kill fell before the end (later runs have less left to do: they may finish
+    # before their kill). The deterministic points are in the test above.
+    assert gone and kills, kills
+    code, out, err = run_cli(forget(folder), capsys, monkeypatch)
+    assert code == 0 and "removed 0 tracks" in out, err
+    assert final_state(folder) == final_state(reference)
