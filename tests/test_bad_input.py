@@ -1025,13 +1025,7 @@ def broken_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 CHECKPOINT_DAMAGES = ["no state_dict", "text size", "negative size", "huge size", "one number"]
 
 
-# Every damage on SQLite; on PostgreSQL one is enough: the checkpoint is refused the same way, only
-# the database left untouched differs.
-@pytest.mark.parametrize(
-    ("damage", "stored"),
-    [(damage, "sqlite") for damage in CHECKPOINT_DAMAGES] + [("no state_dict", "postgresql")],
-    indirect=["stored"],
-)
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGES)
 def test_unusable_checkpoint_is_one_line(
     damage: str,
     broken_checkpoints: dict,
@@ -1045,6 +1039,8 @@ def test_unusable_checkpoint_is_one_line(
     """Ingest into a new database and search a stored one with a damaged checkpoint: one line, the
     new database not made, the stored one as it was (export and visualize open no database: they
     run on SQLite's turn only)."""
+    if stored.backend == "postgresql" and damage != CHECKPOINT_DAMAGES[0]:
+        pytest.skip("on PostgreSQL one damage shows the database left as it was (each is refused the same way)")
     weights = broken_checkpoints[damage]
     fragment = "holds no weights" if damage == "no state_dict" else "input_size"
     fresh = tmp_path / "fresh"

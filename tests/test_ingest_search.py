@@ -983,22 +983,25 @@ def prepared_copy(source: Path, target: Path, camera: int, models, request: pyte
 
 @pytest.fixture(scope="module")
 def pruned_reference(two_camera_gallery: Path, models, tmp_path_factory, request: pytest.FixtureRequest) -> dict:
-    """The state an uninterrupted ``prune --camera 2`` leaves (then searched like the others)."""
-    folder, selected, query = prepared_copy(
-        two_camera_gallery, tmp_path_factory.mktemp("pruned_reference"), 2, models, request
-    )
+    """The state an uninterrupted ``prune --camera 2`` leaves."""
+    target = tmp_path_factory.mktemp("pruned_reference")
+    folder, selected, _ = prepared_copy(two_camera_gallery, target, 2, models, request)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(sys, "argv", ["reid-app", *prune_args(folder)])
         with pytest.raises(SystemExit) as exit_info:
             cli.app()
     assert exit_info.value.code in (0, None)
     assert selected.left(folder) == dict.fromkeys(selected.everything(), 0)
-    search_all(folder, query, models)
     return final_state(folder)
 
 
 def prune_args(folder: Path) -> list[str]:
     return ["prune", "--older-than", "1s", "--camera", "2", "--db", db_url(folder), "--data-dir", str(folder)]
+
+
+#: The points where the database matters: on PostgreSQL only these run (the others are inside this
+#: host's index saves, the same whatever the database).
+DATABASE_KILL_POINTS = ("rows deleted, not committed", "committed, nothing local done")
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
@@ -1009,6 +1012,8 @@ def test_prune_killed_part_way_leaves_all_or_nothing_and_a_rerun_finishes(
     """``prune --camera 2`` SIGKILLed at a point of its work: the camera's videos, tracks, crops,
     thumbnails and vectors are all still there (and found by search) or all gone (and returned by
     no search); a re-run then says what it removed and leaves what an uninterrupted run leaves."""
+    if db_url(two_camera_gallery).startswith("postgresql") and point not in DATABASE_KILL_POINTS:
+        pytest.skip("a kill inside an index save: the same on either database (run on SQLite)")
     folder, selected, query = prepared_copy(two_camera_gallery, tmp_path / "db", 2, models, request)
     assert run_in_child(prune_args(folder), kill_point=point) == "killed"
     gone = assert_all_or_nothing(folder, selected, query, models)
@@ -1017,7 +1022,6 @@ def test_prune_killed_part_way_leaves_all_or_nothing_and_a_rerun_finishes(
     assert code == 0, err
     removed = 0 if gone else len(selected.tracks)
     assert f"removed {removed} tracks" in out and ("removed 1 video rows" in out) == (not gone), out
-    assert assert_all_or_nothing(folder, selected, query, models)
     assert final_state(folder) == pruned_reference
 
 
@@ -1034,17 +1038,16 @@ def test_forget_killed_again_and_again_then_finished(
         return ["forget", "--track", str(track_id), "--db", db_url(folder), "--data-dir", str(folder)]
 
     # The uninterrupted run, in a child as the others: how long it takes, and what it leaves.
-    reference, _, reference_query = prepared_copy(gallery, tmp_path / "reference", 1, models, request)
+    reference, _, _ = prepared_copy(gallery, tmp_path / "reference", 1, models, request)
     started = time.monotonic()
     assert run_in_child(forget(reference)) == "finished"
     duration = time.monotonic() - started
-    search_all(reference, reference_query, models)
 
     folder, _, query = prepared_copy(gallery, tmp_path / "db", 1, models, request)
     crops = {row[0] for row in sql(folder, "SELECT id FROM detections WHERE track_id = :t", t=track_id)}
     selected = Selected(videos=set(), tracks={track_id}, detections=crops)
     kills = []
-    for fraction in (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95, None):  # None: let it finish
+    for fraction in (0.05, 0.25, 0.45, 0.65, 0.85, None):  # None: let it finish
         ended = run_in_child(forget(folder), kill_after_s=None if fraction is None else fraction * duration)
         gone = assert_all_or_nothing(folder, selected, query, models)
         if ended == "finished":
