@@ -112,12 +112,13 @@ def state(databases: dict[str, object]) -> dict[str, object]:
 
 # -- the same ingested video on SQLite and on PostgreSQL -------------------------------------------------------
 #
-# The cases below whose outcome depends on the database (what it stores, what it refuses, what a
-# read finds) run on both backends through ``stored``. The others stay on SQLite alone, to keep the
-# suite fast, because no database semantics are involved: they are refused before any database is
-# opened (weights files, images, paths, command-line values) or are about SQLite files themselves
-# (file permissions, a full disk, triggers standing in for a failing disk, text in typed columns,
-# which PostgreSQL does not accept).
+# The cases whose outcome depends on the database (what it stores, what it refuses, what a read
+# finds, what a failed write leaves) run on both backends: through ``stored``, or the ``backend``
+# fixture for a fresh database. The others stay on SQLite alone, to keep the suite fast, because no
+# database semantics are involved: they are refused before any database is opened (weights files,
+# images, paths, command-line values, index files) or are about SQLite files themselves (file
+# permissions, a full disk, files sharing a data folder, text in typed columns, which PostgreSQL
+# does not accept).
 
 
 @dataclass
@@ -497,11 +498,46 @@ def test_damaged_values_in_rows_never_crash_a_read(
 # -- 4. a failed first ingest does not tie the database to its model ---------------------------------------
 
 
-def model_fields(folder: Path) -> tuple:
-    with sqlite3.connect(folder / "reid.db") as connection:
-        return connection.execute(
-            "SELECT model_name, model_weights_sha256, model_dim, model_is_trained FROM database_info"
-        ).fetchone()
+def model_fields(url: str) -> tuple:
+    return sql_rows(url, "SELECT model_name, model_weights_sha256, model_dim, model_is_trained FROM database_info")[0]
+
+
+#: Triggers standing in for a failing disk: SQLite's, and PostgreSQL's (through one function).
+FAILING_WRITES = {
+    "sqlite": {
+        "no_thumbnails": "CREATE TRIGGER no_thumbnails BEFORE INSERT ON thumbnails "
+        "BEGIN SELECT RAISE(ABORT, 'disk is full'); END",
+        "no_completion": "CREATE TRIGGER no_completion BEFORE UPDATE OF status ON videos "
+        "WHEN NEW.status = 'complete' BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END",
+    },
+    "postgresql": {
+        "no_thumbnails": "CREATE TRIGGER no_thumbnails BEFORE INSERT ON thumbnails FOR EACH ROW "
+        "EXECUTE FUNCTION fail_write('disk is full')",
+        "no_completion": "CREATE TRIGGER no_completion BEFORE UPDATE OF status ON videos FOR EACH ROW "
+        "WHEN (NEW.status = 'complete') EXECUTE FUNCTION fail_write('disk I/O error')",
+    },
+}
+PG_FAIL_FUNCTION = (
+    "CREATE FUNCTION fail_write() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN RAISE EXCEPTION '%%', TG_ARGV[0]; END $$"  # %% : psycopg's escape of %
+)
+
+
+def sql_execute(url: str, *statements: str) -> None:
+    """Run statements in one transaction, on either backend (as written: no bound parameters)."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            for statement in statements:
+                connection.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+
+
+def set_trigger(url: str, backend: str, name: str, on: bool) -> None:
+    table = "thumbnails" if name == "no_thumbnails" else "videos"
+    drop = f"DROP TRIGGER {name}" + (f" ON {table}" if backend == "postgresql" else "")
+    sql_execute(url, FAILING_WRITES[backend][name] if on else drop)
 
 
 @pytest.fixture(scope="module")
@@ -514,41 +550,35 @@ def other_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_failed_first_ingest_does_not_lock_the_database_to_its_model(
-    video: Path, other_weights: Path, tmp_path: Path, capsys, monkeypatch
+    backend: str, fresh_db_url: str, video: Path, other_weights: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    folder = tmp_path / "db"
+    url, data = fresh_db_url, tmp_path
+    Database(AppConfig(db_url=url, data_dir=data), create=True).ensure_info()
+    if backend == "postgresql":
+        sql_execute(url, PG_FAIL_FUNCTION)
     # Fails before committing anything: its first transaction cannot store the thumbnails.
-    Database(AppConfig(db_url=db_url(folder)), create=True).ensure_info()
-    with sqlite3.connect(folder / "reid.db") as connection:
-        connection.execute(
-            "CREATE TRIGGER no_thumbnails BEFORE INSERT ON thumbnails BEGIN SELECT RAISE(ABORT, 'disk is full'); END"
-        )
-    first = ["ingest", str(video), "--camera", "1", "--db", db_url(folder), *FAST_INGEST]
-    code, _, err = run_cli(first, capsys, monkeypatch)
+    set_trigger(url, backend, "no_thumbnails", on=True)
+    where = ["--db", url, "--data-dir", str(data)]
+    code, _, err = run_cli(["ingest", str(video), "--camera", "1", *where, *FAST_INGEST], capsys, monkeypatch)
     assert_one_error_line(code, err, "disk is full")
-    assert model_fields(folder) == (None, None, None, None)
-    with sqlite3.connect(folder / "reid.db") as connection:
-        connection.execute("DROP TRIGGER no_thumbnails")
+    assert model_fields(url) == (None, None, None, None)
+    set_trigger(url, backend, "no_thumbnails", on=False)
     # Fails in its last transaction, after earlier batches were committed (and then removed).
-    with sqlite3.connect(folder / "reid.db") as connection:
-        connection.execute(
-            "CREATE TRIGGER no_completion BEFORE UPDATE OF status ON videos WHEN NEW.status = 'complete' "
-            "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"
-        )
-    args = ["ingest", str(video), "--camera", "1", "--db", db_url(folder), *FAST_INGEST, "--batch-frames", "1"]
+    set_trigger(url, backend, "no_completion", on=True)
+    args = ["ingest", str(video), "--camera", "1", *where, *FAST_INGEST, "--batch-frames", "1"]
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert_one_error_line(code, err, "disk I/O error")
-    assert model_fields(folder) == (None, None, None, None)
-    with sqlite3.connect(folder / "reid.db") as connection:
-        connection.execute("DROP TRIGGER no_completion")
-        assert connection.execute("SELECT count(*) FROM tracks").fetchone()[0] == 0
+    assert model_fields(url) == (None, None, None, None)
+    set_trigger(url, backend, "no_completion", on=False)
+    assert sql_rows(url, "SELECT count(*) FROM tracks") == [(0,)]
+    assert sql_rows(url, "SELECT count(*) FROM videos") == [(0,)]
     # Other weights are welcome: nothing of the failed runs' model was kept.
     other = ["--weights", str(other_weights)]
     code, _, err = run_cli(
-        ["ingest", str(video), "--camera", "1", "--db", db_url(folder), *FAST_INGEST[:-2], *other], capsys, monkeypatch
+        ["ingest", str(video), "--camera", "1", *where, *FAST_INGEST[:-2], *other], capsys, monkeypatch
     )
     assert code == 0, err
-    assert model_fields(folder)[:1] == ("other_fanet.pt",)
+    assert model_fields(url)[:1] == ("other_fanet.pt",)
 
 
 # -- 5. inputs too large to process -------------------------------------------------------------------------
