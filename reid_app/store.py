@@ -34,6 +34,7 @@ line naming the column (:class:`DamagedValueError`), not a traceback wherever th
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -161,7 +162,7 @@ class StoredFloat(_Checked):
     expected = "a finite number"
 
     def accepts(self, value: object) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class StoredDateTime(_Checked):
