@@ -770,8 +770,11 @@ def test_search_skips_rows_deleted_after_the_index_sync(
     deleting: list[bool] = []
 
     def delete_first_looked_up_row(conn, cursor, statement, parameters, context, executemany) -> None:
-        # The row read of one hit: "... FROM tracks WHERE tracks.id = ?" (SQLite) or "= %(pk_1)s" (psycopg).
-        if deleted or deleting or f"FROM {table}" not in statement or f"WHERE {table}.id = " not in statement:
+        # The read of the hits' rows: "... FROM tracks WHERE tracks.id IN (?, ?)" (SQLite) or
+        # "IN (%(id_1_1)s, ...)" (psycopg), or "= ?" for one row. Its first id is deleted.
+        if deleted or deleting or f"FROM {table}" not in statement:
+            return
+        if f"WHERE {table}.id IN (" not in statement and f"WHERE {table}.id = " not in statement:
             return
         row_id = int(parameters[0] if isinstance(parameters, tuple | list) else next(iter(parameters.values())))
         deleting.append(True)
