@@ -125,16 +125,15 @@ def main() -> None:
         """New bytes for every request (±1 grey level noise on a random crop), made ahead of the
         run: encoding uploads is the clients' work, not the server's, and must not take its CPU."""
         rng = np.random.default_rng(args.seed * 1000 + number)
-        made = []
-        for _ in range(FRESH_UPLOADS_PER_CLIENT):
+
+        def one() -> bytes:
             image = images[int(rng.integers(len(images)))]
             noisy = np.clip(image.astype(np.int16) + rng.integers(-1, 2, image.shape), 0, 255).astype(np.uint8)
-            made.append(cv2.imencode(".png", noisy)[1].tobytes())
-        yield from made
+            return cv2.imencode(".png", noisy)[1].tobytes()
+
+        yield from [one() for _ in range(FRESH_UPLOADS_PER_CLIENT)]
         while True:  # a client that outran its stock makes more as it goes
-            image = images[int(rng.integers(len(images)))]
-            noisy = np.clip(image.astype(np.int16) + rng.integers(-1, 2, image.shape), 0, 255).astype(np.uint8)
-            yield cv2.imencode(".png", noisy)[1].tobytes()
+            yield one()
 
     fresh = {n: fresh_uploads(n) for n in range(args.clients)}
     if args.mode == "fresh":
