@@ -130,6 +130,10 @@ class PersonDetector(Protocol):
         self, image_bgr: np.ndarray, confidence: float | None = None, imgsz: int | None = None
     ) -> list[Detection]: ...
 
+    def detect_many(
+        self, images_bgr: list[np.ndarray], confidence: float | None = None, imgsz: int | None = None
+    ) -> list[list[Detection]]: ...
+
 
 def resolve_device(device: str) -> str:
     """``auto`` → the first CUDA GPU when there is one, else the CPU; anything else is passed through."""
@@ -192,16 +196,19 @@ class YoloPersonDetector:
         except Exception as exc:
             raise ReidAppError(f"cannot load detector weights {weights!r}: {_one_line(exc)}") from exc
         self.person_class = _person_class(self.model.names, self.name)
+        from ultralytics.data.augment import LetterBox
+
+        self._letterbox_type = LetterBox if hasattr(LetterBox, "get_params") else None
 
     def _predict(
         self,
-        image_bgr: np.ndarray,
+        images_bgr: np.ndarray | list[np.ndarray],
         classes: list[int] | None,
         confidence: float | None = None,
-        imgsz: int | None = None,
-    ) -> Any:
+        imgsz: int | tuple[int, int] | None = None,
+    ) -> list[Any]:
         return self.model.predict(
-            image_bgr,
+            images_bgr,
             conf=self.config.confidence if confidence is None else confidence,
             iou=self.config.iou,
             imgsz=self.config.imgsz if imgsz is None else imgsz,
@@ -210,22 +217,72 @@ class YoloPersonDetector:
             verbose=False,
             # FP16 on a GPU ("quantize" replaced the deprecated "half" in Ultralytics 8.4).
             **({"quantize": 16} if self.device.startswith("cuda") else {}),
-        )[0]
+        )
 
-    def detect(
-        self, image_bgr: np.ndarray, confidence: float | None = None, imgsz: int | None = None
-    ) -> list[Detection]:
-        """Person boxes; ``confidence`` and ``imgsz`` override the configured ones for this call."""
-        config = self.config if confidence is None else replace(self.config, confidence=confidence)
-        boxes = self._predict(image_bgr, classes=[self.person_class], confidence=config.confidence, imgsz=imgsz).boxes
+    def _person_boxes(self, result: Any, config: DetectorConfig, image_shape: tuple[int, ...]) -> list[Detection]:
+        boxes = result.boxes
         if boxes is None or len(boxes) == 0:
             return []
         return keep_boxes(
             boxes.xyxy.cpu().numpy().astype(np.float64),
             boxes.conf.cpu().numpy().astype(np.float64),
             config,
-            image_bgr.shape,
+            image_shape,
         )
+
+    def detect(
+        self, image_bgr: np.ndarray, confidence: float | None = None, imgsz: int | None = None
+    ) -> list[Detection]:
+        """Person boxes; ``confidence`` and ``imgsz`` override the configured ones for this call."""
+        config = self.config if confidence is None else replace(self.config, confidence=confidence)
+        result = self._predict(image_bgr, classes=[self.person_class], confidence=config.confidence, imgsz=imgsz)[0]
+        return self._person_boxes(result, config, image_bgr.shape)
+
+    def detect_many(
+        self, images_bgr: list[np.ndarray], confidence: float | None = None, imgsz: int | None = None
+    ) -> list[list[Detection]]:
+        """:meth:`detect` of each image, in as few model calls as give the same boxes.
+
+        Alone, an image is letterboxed to the smallest stride-multiple canvas around it; a batch
+        of differently shaped images would be padded to one ``imgsz`` square instead, which
+        changes the boxes and costs more. So images are grouped by the canvas each would get
+        alone, and a group is predicted as one batch on exactly that canvas."""
+        config = self.config if confidence is None else replace(self.config, confidence=confidence)
+        size = self.config.imgsz if imgsz is None else imgsz
+        groups: dict[tuple[int, int] | int, list[int]] = {}
+        for position, image in enumerate(images_bgr):
+            canvas = self._batch_canvas(image, size)
+            groups.setdefault(canvas if canvas is not None else -1 - position, []).append(position)
+        found: list[list[Detection]] = [[] for _ in images_bgr]
+        for canvas, members in groups.items():
+            if not isinstance(canvas, tuple) or len(members) == 1:
+                for position in members:
+                    found[position] = self.detect(images_bgr[position], confidence=confidence, imgsz=imgsz)
+                continue
+            batch = [images_bgr[position] for position in members]
+            results = self._predict(batch, classes=[self.person_class], confidence=config.confidence, imgsz=canvas)
+            for position, result in zip(members, results, strict=True):
+                found[position] = self._person_boxes(result, config, images_bgr[position].shape)
+        return found
+
+    def _batch_canvas(self, image: np.ndarray, imgsz: int) -> tuple[int, int] | None:
+        """The (height, width) canvas an image gets when predicted alone, if a batch predicted on
+        that canvas letterboxes it identically; None when it must run alone."""
+        predictor = getattr(self.model, "predictor", None)
+        backend = getattr(predictor, "model", None)
+        letterbox_type = self._letterbox_type
+        rect = getattr(getattr(predictor, "args", None), "rect", False)
+        if letterbox_type is None or not rect or getattr(backend, "format", None) != "pt":
+            return None  # exported models always use a square canvas; older Ultralytics: no get_params
+        stride = int(backend.stride)
+        alone = letterbox_type(imgsz, auto=True, stride=stride).get_params({"img": image})
+        canvas = (
+            alone["new_unpad"][1] + alone["top"] + alone["bottom"],
+            alone["new_unpad"][0] + alone["left"] + alone["right"],
+        )
+        batched = letterbox_type(canvas, auto=False, stride=stride).get_params({"img": image})
+        fields = ("new_unpad", "top", "bottom", "left", "right")
+        return canvas if all(alone[f] == batched[f] for f in fields) else None
 
 
 class HogPersonDetector:
@@ -267,6 +324,12 @@ class HogPersonDetector:
         boxes = rects[keep].copy()
         boxes[:, 2:] += boxes[:, :2]  # xywh → xyxy
         return keep_boxes(boxes / scale, scores[keep], config, image_bgr.shape)
+
+    def detect_many(
+        self, images_bgr: list[np.ndarray], confidence: float | None = None, imgsz: int | None = None
+    ) -> list[list[Detection]]:
+        """:meth:`detect` of each image (HOG scans one image at a time)."""
+        return [self.detect(image, confidence=confidence, imgsz=imgsz) for image in images_bgr]
 
 
 def hog_available() -> bool:

@@ -11,7 +11,7 @@ thumbnail (:mod:`reid_app.thumbnails`).
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 from sqlalchemy import func, select
@@ -20,9 +20,11 @@ from reid_app.config import AppConfig
 from reid_app.index import INDEX_KINDS, INDEX_TYPE_IVF, IndexManager
 from reid_app.search import model_dict
 from reid_app.store import Database, Detection, Track, Video, as_utc, require_nonempty
+from reid_app.thumbnails import JPEG_MAGIC
 from reid_app.thumbnails import thumbnail_bytes as stored_thumbnail_bytes
 
-JPEG_MAGIC = b"\xff\xd8\xff"
+_Row = TypeVar("_Row", Track, Detection)
+
 #: Most rows one listing returns (``limit``); paging goes on with ``offset``.
 MAX_PAGE = 1000
 FRAME_JPEG_QUALITY = 85
@@ -177,23 +179,26 @@ def list_tracks(
 def track_detail(db: Database, track_id: int) -> dict[str, Any]:
     """One track with all its stored crops (the "track's other crops" of a search hit)."""
     with db.read() as session:
-        track = session.get(Track, track_id)
-        video = session.get(Video, track.video_id) if track is not None else None
-        if track is None or video is None:
-            raise NotFound(f"no track with id {track_id}")
+        track, video = _row_and_its_video(session, Track, track_id, "track")
         detections = list(
             session.scalars(select(Detection).where(Detection.track_id == track_id).order_by(Detection.frame_index))
         )
     return track_dict(track, video, detections)
 
 
+def _row_and_its_video(session: Any, table: type[_Row], row_id: int, what: str) -> tuple[_Row, Video]:
+    """A track or detection row and its video; NotFound when either is missing (a row whose
+    video was deleted is as gone as the video)."""
+    row = session.get(table, row_id)
+    video = session.get(Video, row.video_id) if row is not None else None
+    if row is None or video is None:
+        raise NotFound(f"no {what} with id {row_id}")
+    return row, video
+
+
 def _detection_and_video(db: Database, detection_id: int) -> tuple[Detection, Video]:
     with db.read() as session:
-        detection = session.get(Detection, detection_id)
-        video = session.get(Video, detection.video_id) if detection is not None else None
-    if detection is None or video is None:
-        raise NotFound(f"no detection with id {detection_id}")
-    return detection, video
+        return _row_and_its_video(session, Detection, detection_id, "detection")
 
 
 def detection_detail(db: Database, detection_id: int) -> dict[str, Any]:

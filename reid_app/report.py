@@ -20,10 +20,9 @@ import numpy as np
 from reid_app.errors import ReidAppError
 from reid_app.safetext import plain
 from reid_app.search import SearchResult
-from reid_app.thumbnails import read_thumbnail_file
+from reid_app.thumbnails import JPEG_MAGIC, read_thumbnail_file
 
 THUMB_HEIGHT = 160
-JPEG_MAGIC = b"\xff\xd8\xff"
 QUERY_MAX_SIDE = 480
 
 _STYLE = """

@@ -29,6 +29,9 @@ from reid_app.store import Database, Detection, Thumbnail
 
 #: Stored thumbnails are JPEGs of at most 256 px a side: tens of KB. Anything bigger is not one.
 MAX_THUMBNAIL_BYTES = 4 << 20
+#: How every JPEG file starts (SOI marker + the next marker's 0xFF): what is sent or shown as a
+#: thumbnail must start so.
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def confined_thumbnail(data_dir: Path, stored: object) -> str | None:

@@ -77,6 +77,36 @@ def test_yolo_finds_the_four_people_on_the_bus_photo(yolo: PersonDetector, bus: 
     assert detections[0].score > 0.8 and detections[-1].score < 0.6  # the half-visible man is the weakest
 
 
+def test_detect_many_batches_images_of_one_canvas_and_finds_the_boxes_of_single_calls(
+    yolo: PersonDetector, bus: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The four people of the bus photo cropped with some context, two crops mirrored, and the
+    # whole photo. Alone at 256 px, crops 1, 2 and crop 1's mirror get a 256x96 canvas, crop 0 and
+    # its mirror 256x128, crop 3 256x64 and the photo 256x192.
+    crops = [
+        np.ascontiguousarray(bus[max(0, y1 - 20) : y2 + 20, max(0, x1 - 10) : x2 + 10])
+        for x1, y1, x2, y2 in BUS_PEOPLE
+    ]
+    images = [*crops, bus, *(np.ascontiguousarray(crops[n][:, ::-1]) for n in (0, 1))]
+    single = [yolo.detect(image, imgsz=256) for image in images]
+    model_calls: list[int] = []
+    predict = yolo.model.predict
+
+    def counted_predict(source, **kwargs):
+        model_calls.append(len(source) if isinstance(source, list) else 1)
+        return predict(source, **kwargs)
+
+    monkeypatch.setattr(yolo.model, "predict", counted_predict)
+    many = yolo.detect_many(images, imgsz=256)
+    assert sorted(model_calls) == [1, 1, 2, 3]  # batches of two and three, two images alone
+    assert [len(found) for found in many] == [len(found) for found in single]
+    assert all(len(found) >= 1 for found in single[:3])
+    for batched, alone in zip(many, single, strict=True):
+        for a, b in zip(batched, alone, strict=True):
+            np.testing.assert_allclose(a.bbox, b.bbox, atol=0.5)
+            assert a.score == pytest.approx(b.score, abs=2e-3)
+
+
 def test_confidence_and_minimum_size_filters(bus: np.ndarray) -> None:
     confident = build_detector(DetectorConfig(weights=str(POSER), confidence=0.6)).detect(bus)
     assert len(confident) == 3  # the half-visible man at the left edge (0.46) goes

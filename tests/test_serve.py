@@ -456,48 +456,80 @@ def test_api_fuzz_never_answers_with_a_server_error(served: str) -> None:
     print(f"{len(calls)} fuzzed requests over {len(operations)} operations; statuses {sorted({c for _, c in calls})}")
 
 
+def call_while_busy(model, call, requests: list) -> dict[int, object]:
+    """``call(request)`` for each request on its own thread while another call holds ``model``
+    (a _BatchingModel), so that all of them queue up; what each got, by position (an exception
+    when it raised)."""
+    results: dict[int, object] = {}
+
+    def one(number: int, request) -> None:
+        try:
+            results[number] = call(request)
+        except Exception as exc:  # noqa: BLE001 - the tests inspect what each request got
+            results[number] = exc
+
+    with model._lock:  # a search is using the model: the next requests queue up
+        threads = [threading.Thread(target=one, args=(n, r)) for n, r in enumerate(requests)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(model._waiting) < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
 def test_requests_waiting_for_the_embedder_are_embedded_in_one_batch(models) -> None:
-    from reid_app.server.state import SharedEmbedder
+    from reid_app.server.state import MAX_BATCH, SharedEmbedder
 
     embedder, _ = models
     shared = SharedEmbedder(embedder)
     frame = cv2.imread(str(REPO / "sample_videos/query_cam1_red_jacket.jpg"))
-    crops = [np.ascontiguousarray(frame[:, i : i + frame.shape[1] - 6]) for i in range(4)]  # 4 different crops
+    crops = [np.ascontiguousarray(frame[:, i : i + frame.shape[1] - 6]) for i in range(MAX_BATCH)]  # all different
     broken = np.zeros((0, 5, 3), np.uint8)  # no pixels: the embedder refuses it
-    results: dict[int, object] = {}
-
-    def search(number: int, crop: np.ndarray) -> None:
-        try:
-            results[number] = shared.embed([crop])
-        except Exception as exc:  # noqa: BLE001 - the test inspects what each request got
-            results[number] = exc
-
-    with shared._lock:  # a search is using the model: the next requests queue up
-        threads = [threading.Thread(target=search, args=(n, c)) for n, c in enumerate([*crops, broken])]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 30
-        while len(shared._waiting) < len(threads) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    for thread in threads:
-        thread.join(60)
-    # All five waited together; the broken crop made that batch fail, so each was embedded alone
-    # and only the broken one's request failed.
-    assert shared.batches == [5]
-    assert isinstance(results[4], Exception) and "cannot embed" in str(results[4])
-    for number, crop in enumerate(crops):
+    results = call_while_busy(shared._model, lambda crop: shared.embed([crop]), [*crops[1:], broken])
+    # All waited together; the broken crop made that batch fail, so each was embedded alone and
+    # only the broken one's request failed.
+    assert shared.batches == [MAX_BATCH]
+    assert isinstance(results[MAX_BATCH - 1], Exception) and "cannot embed" in str(results[MAX_BATCH - 1])
+    for number, crop in enumerate(crops[1:]):
         np.testing.assert_allclose(results[number], embedder.embed([crop]), atol=1e-5)
 
     # Without a broken crop the queued requests share one model call.
     shared = SharedEmbedder(embedder)
-    with shared._lock:
-        threads = [threading.Thread(target=search, args=(10 + n, c)) for n, c in enumerate(crops)]
-        for thread in threads:
-            thread.start()
-        while len(shared._waiting) < len(threads) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    for thread in threads:
-        thread.join(60)
-    assert shared.batches == [4]
+    results = call_while_busy(shared._model, lambda crop: shared.embed([crop]), crops)
+    assert shared.batches == [MAX_BATCH]
     for number, crop in enumerate(crops):
-        np.testing.assert_allclose(results[10 + number], embedder.embed([crop]), atol=1e-5)
+        np.testing.assert_allclose(results[number], embedder.embed([crop]), atol=1e-5)
+
+
+def test_requests_waiting_for_the_detector_are_detected_in_one_batch(models) -> None:
+    from reid_app.search import query_imgsz
+    from reid_app.server.state import MAX_BATCH, SharedDetector
+
+    _, detector = models
+    shared = SharedDetector(detector)
+    frame = cv2.imread(str(REPO / "sample_videos/query_cam1_red_jacket.jpg"))
+    # Different uploads of the demo query (shifted by a pixel each) and one with no pixels.
+    images = [np.ascontiguousarray(frame[:, i : i + frame.shape[1] - 6]) for i in range(MAX_BATCH - 1)]
+    broken = np.zeros((0, 5, 3), np.uint8)
+    results = call_while_busy(
+        shared._model, lambda image: shared.detect(image, imgsz=query_imgsz(image.shape)), [*images, broken]
+    )
+    assert shared.batches == [MAX_BATCH]
+    assert isinstance(results[MAX_BATCH - 1], Exception)
+    for number, image in enumerate(images):
+        alone = detector.detect(image, imgsz=query_imgsz(image.shape))
+        assert len(alone) >= 1 and len(results[number]) == len(alone)
+        for a, b in zip(results[number], alone, strict=True):
+            np.testing.assert_allclose(a.bbox, b.bbox, atol=0.5)
+
+
+def test_a_batch_holds_at_most_max_batch_requests_and_each_gets_its_own_result() -> None:
+    from reid_app.server.state import _BatchingModel
+
+    model = _BatchingModel(lambda numbers: [n * n for n in numbers], max_batch=3)
+    results = call_while_busy(model, model, list(range(7)))
+    assert results == {n: n * n for n in range(7)}
+    assert sorted(model.batches) == [1, 3, 3]

@@ -105,6 +105,30 @@ def test_loss_goes_down_on_repeated_batches(tiny_market_root: Path, tmp_path: Pa
     assert camera[-1] < 0.5 * camera[0], camera
 
 
+def test_cpu_bf16_trains_in_bfloat16_and_keeps_float32_weights(tiny_market_root: Path, tmp_path: Path) -> None:
+    """--cpu-bf16: the forward pass runs under bfloat16 autocast, the weights and the optimiser stay
+    float32, and the objective still falls on a repeated batch."""
+    from reid_app.commands.fanet_cmds import build_train_config  # noqa: PLC0415
+
+    base = tiny_config(
+        tiny_market_root, tmp_path / "run",
+        solver=SolverConfig(base_lr=0.1, warmup_start_lr=0.1, warmup_epochs=0, milestones=()),
+    )
+    assert base.solver.cpu_bf16 is False  # off unless asked for
+    config = build_train_config(base, cpu_bf16=True)
+    assert TrainConfig.from_dict(config.to_dict()).solver.cpu_bf16 is True
+    trainer = Trainer(config, show_progress=False)
+    seen: list[torch.dtype] = []
+    hook = trainer.model.low_level.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    batch = next(iter(trainer.train_loader))
+    totals = [float(trainer.train_step(batch)["total"].detach()) for _ in range(12)]
+    hook.remove()
+    assert set(seen) == {torch.bfloat16}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    assert all(math.isfinite(v) for v in totals)
+    assert totals[-1] < 0.5 * totals[0], totals
+
+
 def test_training_run_writes_files_and_resumes_exactly(tiny_market_root: Path, tmp_path: Path) -> None:
     """2 epochs in one go == 1 epoch, then resume from last.pt for the 2nd: same losses, same weights."""
     solver = SolverConfig(epochs=2, base_lr=0.05, warmup_start_lr=0.005, warmup_epochs=2)

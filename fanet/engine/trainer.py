@@ -333,6 +333,8 @@ class Trainer:
         self.device = self.context.device
         self.console = console or Console(stderr=True)
         self.use_amp = config.solver.amp and self.device.type == "cuda"
+        self.use_cpu_bf16 = config.solver.cpu_bf16 and self.device.type == "cpu"
+        self.autocast_dtype = torch.bfloat16 if self.use_cpu_bf16 else torch.float16
         # The log is written by the main process only; the others stay quiet.
         self.quiet = not self.context.is_main
         self._setup()
@@ -574,7 +576,7 @@ class Trainer:
         images = batch["image"].to(self.device, non_blocking=True)
         pids = batch["pid"].to(self.device, non_blocking=True)
         camids = batch["camid"].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.use_amp or self.use_cpu_bf16):
             output = self.train_model(images)
             terms = self.criterion(output, pids, camids)
         self.optimizer.zero_grad(set_to_none=True)

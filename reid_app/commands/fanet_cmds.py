@@ -82,6 +82,7 @@ def build_train_config(
     max_iters_per_epoch: int | None = None,
     seed: int | None = None,
     amp: bool | None = None,
+    cpu_bf16: bool | None = None,
 ) -> Any:
     """``base`` (a TrainConfig) with every flag that was given applied to it."""
     from fanet.config import DataConfig, FANetConfig, LossConfig, SolverConfig, TALVariant  # noqa: PLC0415
@@ -122,6 +123,7 @@ def build_train_config(
             ("epochs", epochs),
             ("base_lr", lr),
             ("amp", amp),
+            ("cpu_bf16", cpu_bf16),
             ("optimizer", optimizer),
             ("warmup_epochs", warmup_epochs),
             ("pretrained_lr_mult", pretrained_lr_mult),
@@ -234,6 +236,11 @@ def train_command(
     max_iters_per_epoch: Annotated[int | None, typer.Option(help="Cap on steps per epoch (smoke tests).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = None,
+    cpu_bf16: Annotated[
+        bool | None,
+        typer.Option("--cpu-bf16/--no-cpu-bf16",
+                     help="bfloat16 autocast when training on the CPU (fast on CPUs with native bf16)."),
+    ] = None,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across GPUs (torchrun).")] = False,
 ) -> None:
     """Train FA-Net (Sec. IV-B settings unless overridden). Multi-GPU: torchrun ... -m reid_app train."""
@@ -294,6 +301,7 @@ def train_command(
             max_iters_per_epoch=max_iters_per_epoch,
             seed=seed,
             amp=amp,
+            cpu_bf16=cpu_bf16,
         )
         result = Trainer(config, resume=resume, sync_bn=sync_bn or None).train()
     if result.final_inference_checkpoint is not None:

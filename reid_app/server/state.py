@@ -6,10 +6,13 @@ safe to share as they are:
 * the detector: an Ultralytics predictor keeps per-call state (it is documented as not
   thread-safe), so calls are serialised by a lock;
 * the embedder: PyTorch inference is thread-safe, but two forward passes at once on a small CPU
-  only fight over the same cores; one lock keeps each call as fast as it can be. Requests that
-  queue for it are embedded together: whoever gets the lock embeds the crops of every request
-  waiting at that moment in one batch (one forward pass of 16 crops costs far less than 16 of
-  one), and the others find their vectors ready when their turn comes;
+  only fight over the same cores; one lock keeps each call as fast as it can be;
+
+Requests that queue for either model run together (:class:`_BatchingModel`): whoever gets the
+lock runs every request waiting at that moment as one batch (a forward pass of 8 images costs
+far less than 8 of one), and the others find their results ready when their turn comes. The
+detector batches only images that it would letterbox identically alone, so a batch finds the
+boxes single calls find;
 * the FAISS index: :meth:`IndexManager.sync` adds the vectors other processes (ingests) stored
   since the last request to the loaded index *in place*, which must not happen while another
   thread searches that same index. Sync and search therefore hold one lock (a flat search of
@@ -39,6 +42,8 @@ from reid_app.config import AppConfig
 from reid_app.index import GalleryIndex, IndexManager, SyncReport
 from reid_app.store import Database
 
+#: Most requests one model call serves (the rest wait for the next): bounds the memory of a batch.
+MAX_BATCH = 4
 #: Distinct query images whose model results are kept (a few MB at most: boxes and 15 KB vectors).
 CACHE_ENTRIES = 256
 
@@ -94,26 +99,102 @@ def _key(*parts: Any) -> bytes:
     return digest.digest()
 
 
+@dataclass
+class _Job:
+    request: Any
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class _BatchingModel:
+    """Serialises calls to a model and runs the requests that queued meanwhile as one batch.
+
+    Whoever gets the lock takes its own request and the others waiting at that moment (up to
+    ``max_batch`` in all, oldest first) and hands them to ``run_batch`` (a list of requests → a
+    list of results); the others find their result ready when their turn comes. When a batch
+    fails, each of its requests runs alone, so only the request that broke it fails."""
+
+    def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch: int = MAX_BATCH) -> None:
+        self._run_batch, self._lock, self._max_batch = run_batch, FairLock(), max_batch
+        self._waiting: list[_Job] = []
+        self._waiting_lock = threading.Lock()
+        self.batches: list[int] = []  # requests per model call, most recent last (for tests/benchmarks)
+
+    def __call__(self, request: Any) -> Any:
+        job = _Job(request)
+        with self._waiting_lock:
+            self._waiting.append(job)
+        with self._lock:
+            if not job.done:  # nobody ran it while this waited
+                with self._waiting_lock:
+                    self._waiting.remove(job)
+                    jobs = [job, *self._waiting[: self._max_batch - 1]]
+                    del self._waiting[: self._max_batch - 1]
+                self._run(jobs)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _run(self, jobs: list[_Job]) -> None:
+        self.batches = [*self.batches[-99:], len(jobs)]
+        try:
+            results = self._run_batch([job.request for job in jobs])
+        except Exception as exc:
+            if len(jobs) == 1:
+                jobs[0].error, jobs[0].done = exc, True
+                return
+            results = None
+        if results is not None:
+            for job, result in zip(jobs, results, strict=True):
+                job.result, job.done = result, True
+            return
+        for job in jobs:
+            try:
+                job.result = self._run_batch([job.request])[0]
+            except Exception as exc:
+                job.error = exc
+            job.done = True
+
+
+@dataclass(frozen=True)
+class _DetectRequest:
+    image_bgr: np.ndarray
+    confidence: float | None
+    imgsz: int | None
+
+
 class SharedDetector:
-    """The person detector behind a lock and a result cache; otherwise the detector itself."""
+    """The person detector behind a lock, batching across requests, and a result cache;
+    otherwise the detector itself."""
 
     def __init__(self, detector: Any, cache_entries: int = CACHE_ENTRIES) -> None:
-        self._detector, self._lock, self._cache = detector, FairLock(), _LRU(cache_entries)
+        self._detector, self._cache = detector, _LRU(cache_entries)
+        self._model = _BatchingModel(self._detect_requests)
         self.name = detector.name
 
+    @property
+    def batches(self) -> list[int]:
+        return self._model.batches
+
     def detect(self, image_bgr: np.ndarray, confidence: float | None = None, imgsz: int | None = None) -> list[Any]:
-        def run() -> list[Any]:
-            with self._lock:
-                return self._detector.detect(image_bgr, confidence=confidence, imgsz=imgsz)
+        key = _key("detect", confidence, imgsz, image_bgr)
+        return list(self._cache.get_or_compute(key, lambda: self._model(_DetectRequest(image_bgr, confidence, imgsz))))
 
-        return list(self._cache.get_or_compute(_key("detect", confidence, imgsz, image_bgr), run))
-
-
-@dataclass
-class _EmbedJob:
-    crops: list[np.ndarray]
-    vectors: np.ndarray | None = None
-    error: BaseException | None = None
+    def _detect_requests(self, requests: list[_DetectRequest]) -> list[list[Any]]:
+        # The detector batches images of one confidence and input size (it groups them further
+        # by the canvas each gets, so that a batch finds exactly the boxes of single calls).
+        groups: dict[tuple[float | None, int | None], list[int]] = {}
+        for position, request in enumerate(requests):
+            groups.setdefault((request.confidence, request.imgsz), []).append(position)
+        found: list[list[Any]] = [[] for _ in requests]
+        for (confidence, imgsz), members in groups.items():
+            images = [requests[position].image_bgr for position in members]
+            for position, boxes in zip(
+                members, self._detector.detect_many(images, confidence=confidence, imgsz=imgsz), strict=True
+            ):
+                found[position] = boxes
+        return found
 
 
 class SharedEmbedder:
@@ -121,48 +202,23 @@ class SharedEmbedder:
     attributes pass through."""
 
     def __init__(self, embedder: Any, cache_entries: int = CACHE_ENTRIES) -> None:
-        self._embedder, self._lock, self._cache = embedder, FairLock(), _LRU(cache_entries)
-        self._waiting: list[_EmbedJob] = []
-        self._waiting_lock = threading.Lock()
-        self.batches: list[int] = []  # requests per model call, most recent last (for tests/benchmarks)
+        self._embedder, self._cache = embedder, _LRU(cache_entries)
+        self._model = _BatchingModel(self._embed_requests)
+
+    @property
+    def batches(self) -> list[int]:
+        return self._model.batches
 
     def __getattr__(self, name: str) -> Any:  # model_name, weights_sha256, dim, warning, ...
         return getattr(self._embedder, name)
 
     def embed(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
-        return self._cache.get_or_compute(_key("embed", *crops_bgr), lambda: self._embed_batched(crops_bgr)).copy()
+        return self._cache.get_or_compute(_key("embed", *crops_bgr), lambda: self._model(list(crops_bgr))).copy()
 
-    def _embed_batched(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
-        job = _EmbedJob(list(crops_bgr))
-        with self._waiting_lock:
-            self._waiting.append(job)
-        with self._lock:
-            if job.vectors is None and job.error is None:  # nobody embedded it while this waited
-                with self._waiting_lock:
-                    jobs, self._waiting = self._waiting, []
-                self._run(jobs)
-        if job.error is not None:
-            raise job.error
-        return job.vectors
-
-    def _run(self, jobs: list[_EmbedJob]) -> None:
-        self.batches = [*self.batches[-99:], len(jobs)]
-        try:
-            vectors = self._embedder.embed([crop for job in jobs for crop in job.crops])
-        except Exception:
-            if len(jobs) == 1:
-                raise
-            # One request's crops broke the batch: embed each alone, so only that request fails.
-            for job in jobs:
-                try:
-                    job.vectors = self._embedder.embed(job.crops)
-                except Exception as exc:
-                    job.error = exc
-            return
-        start = 0
-        for job in jobs:
-            job.vectors = vectors[start : start + len(job.crops)]
-            start += len(job.crops)
+    def _embed_requests(self, requests: list[list[np.ndarray]]) -> list[np.ndarray]:
+        vectors = self._embedder.embed([crop for crops in requests for crop in crops])
+        starts = np.cumsum([0, *(len(crops) for crops in requests)])
+        return [vectors[start:end] for start, end in zip(starts[:-1], starts[1:], strict=True)]
 
 
 @dataclass
