@@ -61,9 +61,12 @@ def batch_hard_triplet_loss(features: Tensor, labels: Tensor, margin: float) -> 
 
     Normalising first makes the distances those a cosine search ranks by. Anchors without a
     positive or without a negative in the batch are left out (a PK batch has both)."""
-    features = functional.normalize(features.float(), dim=1)
-    # Squared distance of unit vectors is 2 - 2 cos; the clamp keeps sqrt's gradient finite.
-    distances = (2.0 - 2.0 * features @ features.t()).clamp_min(1e-12).sqrt()
+    # In float32 even under autocast: hard mining compares distances to within the margin, and a
+    # float16/bfloat16 product is off by ~1e-3.
+    with torch.autocast(features.device.type, enabled=False):
+        features = functional.normalize(features.float(), dim=1)
+        # Squared distance of unit vectors is 2 - 2 cos; the clamp keeps sqrt's gradient finite.
+        distances = (2.0 - 2.0 * features @ features.t()).clamp_min(1e-12).sqrt()
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     positive = same & ~eye

@@ -273,9 +273,13 @@ class YoloPersonDetector:
         letterbox_type = self._letterbox_type
         rect = getattr(getattr(predictor, "args", None), "rect", False)
         if letterbox_type is None or not rect or getattr(backend, "format", None) != "pt":
-            return None  # exported models always use a square canvas; older Ultralytics: no get_params
+            return None  # exports may pad to a fixed square; older Ultralytics: no get_params
+        from ultralytics.utils.checks import check_imgsz
+
         stride = int(backend.stride)
-        alone = letterbox_type(imgsz, auto=True, stride=stride).get_params({"img": image})
+        # The predictor rounds imgsz to a stride multiple first (check_imgsz); so must this.
+        size = tuple(check_imgsz(imgsz, stride=stride, min_dim=2))
+        alone = letterbox_type(size, auto=True, stride=stride).get_params({"img": image})
         canvas = (
             alone["new_unpad"][1] + alone["top"] + alone["bottom"],
             alone["new_unpad"][0] + alone["left"] + alone["right"],

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import cv2
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from reid_app.config import AppConfig
 from reid_app.index import INDEX_KINDS, INDEX_TYPE_IVF, IndexManager
@@ -186,7 +187,7 @@ def track_detail(db: Database, track_id: int) -> dict[str, Any]:
     return track_dict(track, video, detections)
 
 
-def _row_and_its_video(session: Any, table: type[_Row], row_id: int, what: str) -> tuple[_Row, Video]:
+def _row_and_its_video(session: Session, table: type[_Row], row_id: int, what: str) -> tuple[_Row, Video]:
     """A track or detection row and its video; NotFound when either is missing (a row whose
     video was deleted is as gone as the video)."""
     row = session.get(table, row_id)

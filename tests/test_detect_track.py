@@ -106,6 +106,15 @@ def test_detect_many_batches_images_of_one_canvas_and_finds_the_boxes_of_single_
             np.testing.assert_allclose(a.bbox, b.bbox, atol=0.5)
             assert a.score == pytest.approx(b.score, abs=2e-3)
 
+    # A size that is not a stride multiple is rounded up by Ultralytics (650 -> 672) before the
+    # canvas is chosen; the batch must use that same canvas.
+    wide = [cv2.resize(bus, (1000, 462)), cv2.resize(bus, (1000, 460))]
+    single = [yolo.detect(image, imgsz=650) for image in wide]
+    for batched, alone in zip(yolo.detect_many(wide, imgsz=650), single, strict=True):
+        assert len(batched) == len(alone) >= 1
+        for a, b in zip(batched, alone, strict=True):
+            np.testing.assert_allclose(a.bbox, b.bbox, atol=0.5)
+
 
 def test_confidence_and_minimum_size_filters(bus: np.ndarray) -> None:
     confident = build_detector(DetectorConfig(weights=str(POSER), confidence=0.6)).detect(bus)

@@ -98,3 +98,14 @@ def test_loss_settings_come_from_flags_and_survive_the_run_config() -> None:
     with pytest.raises(ReidAppError, match="label_smoothing"):
         build_train_config(TrainConfig(), label_smoothing=1.5)
     assert dataclasses.replace(config, loss=LossConfig()).loss.triplet_weight == 0.0
+
+
+def test_batch_hard_triplet_is_computed_in_float32_under_autocast() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(16, 3840)
+    labels = torch.arange(4).repeat_interleave(4)
+    exact = batch_hard_triplet_loss(features, labels, margin=0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = batch_hard_triplet_loss(features, labels, margin=0.3)
+    assert under_autocast.dtype == torch.float32
+    assert float(under_autocast) == pytest.approx(float(exact), abs=1e-6)

@@ -533,3 +533,14 @@ def test_a_batch_holds_at_most_max_batch_requests_and_each_gets_its_own_result()
     results = call_while_busy(model, model, list(range(7)))
     assert results == {n: n * n for n in range(7)}
     assert sorted(model.batches) == [1, 3, 3]
+
+
+def test_a_batch_that_returns_too_few_results_is_run_request_by_request() -> None:
+    from reid_app.server.state import _BatchingModel
+
+    # A model call that answers only the first request of a batch: each request must still get
+    # its own answer (run alone), never another's, never an error from the queue.
+    model = _BatchingModel(lambda numbers: [n * n for n in numbers][:1], max_batch=3)
+    results = call_while_busy(model, model, list(range(3)))
+    assert results == {n: n * n for n in range(3)}
+    assert model.batches == [3]

@@ -7,16 +7,16 @@ safe to share as they are:
   thread-safe), so calls are serialised by a lock;
 * the embedder: PyTorch inference is thread-safe, but two forward passes at once on a small CPU
   only fight over the same cores; one lock keeps each call as fast as it can be;
-
-Requests that queue for either model run together (:class:`_BatchingModel`): whoever gets the
-lock runs every request waiting at that moment as one batch (a forward pass of 8 images costs
-far less than 8 of one), and the others find their results ready when their turn comes. The
-detector batches only images that it would letterbox identically alone, so a batch finds the
-boxes single calls find;
 * the FAISS index: :meth:`IndexManager.sync` adds the vectors other processes (ingests) stored
   since the last request to the loaded index *in place*, which must not happen while another
   thread searches that same index. Sync and search therefore hold one lock (a flat search of
   a demo-sized gallery takes microseconds; an IVF one milliseconds).
+
+Requests that queue for either model run together (:class:`_BatchingModel`): whoever gets the
+lock runs the requests waiting at that moment as one batch (up to :data:`MAX_BATCH`; a forward
+pass of 4 images costs far less than 4 of one), and the others find their results ready when
+their turn comes. The detector batches only images that it would letterbox identically alone, so
+a batch finds the boxes single calls find (up to float rounding: ~1e-4 in a score).
 
 The locks are granted in arrival order (:class:`FairLock`): with ``threading.Lock`` a waiting
 request can lose the lock to later arrivals again and again, and under 16 concurrent clients some
@@ -24,7 +24,8 @@ searches waited over a minute while others were served in seconds (benchmarks/RE
 
 Model results are cached by content (an LRU keyed by the image's bytes): an operator who changes
 top-k, cameras or threshold on the same photo re-runs only the index search, not the detector
-and embedder. Both models are deterministic, so a cached answer is the answer.
+and embedder. Both models are deterministic (a batch changes a score by float rounding only), so a
+cached answer is the answer.
 """
 
 from __future__ import annotations
@@ -140,21 +141,26 @@ class _BatchingModel:
         self.batches = [*self.batches[-99:], len(jobs)]
         try:
             results = self._run_batch([job.request for job in jobs])
+            if len(results) != len(jobs):
+                raise RuntimeError(f"a model batch returned {len(results)} results for {len(jobs)} requests")
+            for job, result in zip(jobs, results, strict=True):
+                job.result, job.done = result, True
         except Exception as exc:
             if len(jobs) == 1:
                 jobs[0].error, jobs[0].done = exc, True
                 return
-            results = None
-        if results is not None:
-            for job, result in zip(jobs, results, strict=True):
-                job.result, job.done = result, True
-            return
-        for job in jobs:
-            try:
-                job.result = self._run_batch([job.request])[0]
-            except Exception as exc:
-                job.error = exc
-            job.done = True
+            for job in jobs:
+                try:
+                    job.result = self._run_batch([job.request])[0]
+                except Exception as alone:
+                    job.error = alone
+                job.done = True
+        finally:
+            # Whatever escaped (an interrupt): no request of this batch may wait for a result
+            # nobody will write, nor look for itself in the queue it has left.
+            for job in jobs:
+                if not job.done:
+                    job.error, job.done = RuntimeError("the model call was interrupted"), True
 
 
 @dataclass(frozen=True)
