@@ -3,6 +3,8 @@ SGD step on random 0-1 images, the trainer's settings (two lr groups, AMP on CUD
 
     .venv/bin/python benchmarks/train_speed.py --device cpu --height 128 --width 64 --batch-p 4 --batch-k 2
     .venv/bin/python benchmarks/train_speed.py --device cuda            # the paper's 384x128, 16x8
+    .venv/bin/python benchmarks/train_speed.py --device cpu --backbone mobilenetv2 --height 256 \
+        --width 128 --batch-p 16 --batch-k 4 --threads 2 --cpu-bf16     # the trainer's --cpu-bf16
 
 Weights are random (speed does not depend on them); camera and person labels are random too.
 """
@@ -22,7 +24,7 @@ from fanet.config import SolverConfig, Variant
 def step_rate(variant: str, device: torch.device, args: argparse.Namespace) -> float:
     torch.manual_seed(0)
     num_classes, num_cameras = 751, 6  # Market-1501's training set
-    config = FANetConfig.variant(variant)
+    config = FANetConfig.variant(variant, backbone=args.backbone)
     model = FANet(config, num_classes=num_classes, num_cameras=num_cameras).to(device).train()
     criterion = FANetLoss(config)
     solver = SolverConfig()
@@ -32,6 +34,7 @@ def step_rate(variant: str, device: torch.device, args: argparse.Namespace) -> f
         lr=solver.base_lr, momentum=solver.momentum, weight_decay=solver.weight_decay,
     )
     amp = device.type == "cuda"
+    cpu_bf16 = args.cpu_bf16 and device.type == "cpu"
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     batch = args.batch_p * args.batch_k
     images = torch.rand(batch, 3, args.height, args.width, device=device)
@@ -42,7 +45,7 @@ def step_rate(variant: str, device: torch.device, args: argparse.Namespace) -> f
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16 if cpu_bf16 else torch.float16, enabled=amp or cpu_bf16):
             loss = criterion(model(images), pids, camids)["total"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -67,12 +70,15 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--backbone", default="resnet50", choices=["resnet50", "mobilenetv2"])
+    parser.add_argument("--cpu-bf16", action="store_true", help="bfloat16 autocast on the CPU (train --cpu-bf16)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"{device}, input {args.height}x{args.width}, batch {args.batch_p}x{args.batch_k}, "
-          f"median of {args.iters} steps, AMP {'on' if device.type == 'cuda' else 'off'}")
+          f"median of {args.iters} steps, {args.backbone}, "
+          f"AMP {'float16' if device.type == 'cuda' else 'bfloat16' if args.cpu_bf16 else 'off'}")
     for variant in args.variants:
         print(f"  {variant:<14} {step_rate(variant, device, args):8.1f} img/s")
 
