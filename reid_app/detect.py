@@ -197,8 +197,10 @@ class YoloPersonDetector:
             raise ReidAppError(f"cannot load detector weights {weights!r}: {_one_line(exc)}") from exc
         self.person_class = _person_class(self.model.names, self.name)
         from ultralytics.data.augment import LetterBox
+        from ultralytics.utils.checks import check_imgsz
 
         self._letterbox_type = LetterBox if hasattr(LetterBox, "get_params") else None
+        self._check_imgsz = check_imgsz
 
     def _predict(
         self,
@@ -274,11 +276,9 @@ class YoloPersonDetector:
         rect = getattr(getattr(predictor, "args", None), "rect", False)
         if letterbox_type is None or not rect or getattr(backend, "format", None) != "pt":
             return None  # exports may pad to a fixed square; older Ultralytics: no get_params
-        from ultralytics.utils.checks import check_imgsz
-
         stride = int(backend.stride)
         # The predictor rounds imgsz to a stride multiple first (check_imgsz); so must this.
-        size = tuple(check_imgsz(imgsz, stride=stride, min_dim=2))
+        size = tuple(self._check_imgsz(imgsz, stride=stride, min_dim=2))
         alone = letterbox_type(size, auto=True, stride=stride).get_params({"img": image})
         canvas = (
             alone["new_unpad"][1] + alone["top"] + alone["bottom"],
