@@ -318,9 +318,7 @@ def _rows_of_one(
     """The track, crop and video of one index row, read alone (None where gone)."""
     if level == "tracks":
         track = session.get(Track, row_id)
-        detection = session.scalars(
-            select(Detection).where(Detection.track_id == row_id).order_by(Detection.score.desc(), Detection.id)
-        ).first()
+        detection = _best_detections(session, [row_id]).get(row_id)
     else:
         detection = session.get(Detection, row_id)
         track = session.get(Track, detection.track_id) if detection is not None else None
