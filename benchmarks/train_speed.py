@@ -26,6 +26,8 @@ def step_rate(variant: str, device: torch.device, args: argparse.Namespace) -> f
     num_classes, num_cameras = 751, 6  # Market-1501's training set
     config = FANetConfig.variant(variant, backbone=args.backbone)
     model = FANet(config, num_classes=num_classes, num_cameras=num_cameras).to(device).train()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     criterion = FANetLoss(config)
     solver = SolverConfig()
     optimizer = torch.optim.SGD(
@@ -37,7 +39,7 @@ def step_rate(variant: str, device: torch.device, args: argparse.Namespace) -> f
     cpu_bf16 = args.cpu_bf16 and device.type == "cpu"
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     batch = args.batch_p * args.batch_k
-    images = torch.rand(batch, 3, args.height, args.width, device=device)
+    images = torch.rand(batch, 3, args.height, args.width, device=device).contiguous(memory_format=memory_format)
     pids = torch.arange(args.batch_p, device=device).repeat_interleave(args.batch_k)
     camids = torch.randint(0, num_cameras, (batch,), device=device)
     rates = []
@@ -72,13 +74,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--backbone", default="resnet50", choices=["resnet50", "mobilenetv2"])
     parser.add_argument("--cpu-bf16", action="store_true", help="bfloat16 autocast on the CPU (train --cpu-bf16)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC model and images (train --channels-last)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"{device}, input {args.height}x{args.width}, batch {args.batch_p}x{args.batch_k}, "
           f"median of {args.iters} steps, {args.backbone}, "
-          f"AMP {'float16' if device.type == 'cuda' else 'bfloat16' if args.cpu_bf16 else 'off'}")
+          f"AMP {'float16' if device.type == 'cuda' else 'bfloat16' if args.cpu_bf16 else 'off'}"
+          f"{', channels_last' if args.channels_last else ''}")
     for variant in args.variants:
         print(f"  {variant:<14} {step_rate(variant, device, args):8.1f} img/s")
 

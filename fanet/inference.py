@@ -33,34 +33,52 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+#: Images per forward pass on the CPU (the mirrors included). Measured with the shipped
+#: MobileNetV2 FA-Net on 2 cores: passes of 32 run 1.4-1.7x faster than passes of 128 (the
+#: activations of a larger pass no longer fit the caches); with channels-last input, 2.2x (128x64)
+#: to 2.7x (256x128) faster than the NCHW passes of 128 used before.
+CPU_FORWARD_IMAGES = 32
+#: Images per forward pass on a GPU, the mirrors included.
+CUDA_FORWARD_IMAGES = 128
+
+
+def default_batch_size(device: torch.device, flip: bool = True) -> int:
+    """Images embedded per forward pass on ``device`` (halved when each is run with its mirror)."""
+    per_pass = CUDA_FORWARD_IMAGES if device.type == "cuda" else CPU_FORWARD_IMAGES
+    return per_pass // 2 if flip else per_pass
+
+
 @torch.no_grad()
 def embed_images(
     model: nn.Module,
     images: Tensor,
     *,
     flip: bool = True,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     amp: bool | None = None,
 ) -> Tensor:
     """Features of 0-1 RGB ``images`` (N, 3, H, W): the mean of the image's and its horizontal
     mirror's features when ``flip`` (Sec. IV-B), l2-normalised so a dot product is the cosine
-    similarity. ``amp`` defaults to on for CUDA models. Returns float32 on the CPU."""
+    similarity. ``batch_size`` images go through the model at a time (None:
+    :func:`default_batch_size`). ``amp`` defaults to on for CUDA models. Returns float32 on the CPU."""
     was_training = model.training
     model.eval()
     device = _device_of(model)
+    batch_size = batch_size or default_batch_size(device, flip)
     use_amp = device.type == "cuda" if amp is None else amp and device.type == "cuda"
+    # oneDNN's convolutions run 1.1-2x faster on NHWC input (the model's weights follow the input's
+    # layout), with the same features to ~1e-6; GPUs keep the layout they were tested with.
+    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     outputs = []
     try:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device, non_blocking=True)
+            # One forward pass over the images and their mirrors: in eval mode the batch rows are
+            # independent, and one call of twice the size is cheaper than two.
+            model_input = torch.cat([batch, batch.flip(-1)]) if flip else batch
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                if flip:
-                    # One forward pass over the images and their mirrors: in eval mode the batch
-                    # rows are independent, and one call of twice the size is cheaper than two.
-                    both = model(torch.cat([batch, batch.flip(-1)])).float()
-                    features = both[: len(batch)] + both[len(batch) :]
-                else:
-                    features = model(batch).float()
+                output = model(model_input.contiguous(memory_format=memory_format)).float()
+            features = output[: len(batch)] + output[len(batch) :] if flip else output
             outputs.append(functional.normalize(features, dim=1).cpu())
     finally:
         model.train(was_training)

@@ -117,7 +117,7 @@ class Embedder:
                 images = preprocess_bgr(crops_bgr[start : start + self.batch_size], height=height, width=width)
             except ValueError as exc:
                 raise ReidAppError(f"cannot embed crop batch starting at {start}: {exc}") from None
-            features = embed_images(self.model, images, flip=True, batch_size=self.batch_size)
+            features = embed_images(self.model, images, flip=True)
             chunks.append(features.numpy().astype(np.float32, copy=False))
         return np.concatenate(chunks)
 

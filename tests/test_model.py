@@ -23,6 +23,7 @@ from fanet import (
 )
 from fanet.checkpoint import checkpoint_input_size, state_dict_sha256
 from fanet.config import Backbone, TALVariant, Variant
+from fanet.inference import CPU_FORWARD_IMAGES, CUDA_FORWARD_IMAGES, default_batch_size
 from fanet.losses import spatial_l2_normalise
 from fanet.model import PyramidPooling, TargetEnhancementModule
 
@@ -259,14 +260,26 @@ def test_untrained_model_is_deterministic() -> None:
     assert state_dict_sha256(untrained_inference_model(0)) != state_dict_sha256(untrained_inference_model(1))
 
 
-def test_embed_images_averages_flip_and_normalises() -> None:
-    model = FANet(FANetConfig(), num_classes=0).eval()
+@pytest.mark.parametrize("backbone", ["resnet50", "mobilenetv2"])
+def test_embed_images_averages_flip_and_normalises(backbone: str) -> None:
+    model = FANet(FANetConfig(backbone=backbone), num_classes=0).eval()
     images = torch.rand(3, 3, *SMALL)
-    features = embed_images(model, images, flip=True, batch_size=2)
     with torch.no_grad():
+        # the plain NCHW forward: embed_images' channels-last CPU passes must give the same features
         expected = torch.nn.functional.normalize(model(images) + model(images.flip(-1)), dim=1)
-    torch.testing.assert_close(features, expected)
+    for batch_size in (2, None):
+        features = embed_images(model, images, flip=True, batch_size=batch_size)
+        torch.testing.assert_close(features, expected)
     assert torch.allclose(features.norm(dim=1), torch.ones(3))
+    unflipped = embed_images(model, images, flip=False)
+    torch.testing.assert_close(unflipped, torch.nn.functional.normalize(model(images).detach(), dim=1))
+
+
+def test_default_batch_size_counts_the_mirrors() -> None:
+    cpu = torch.device("cpu")
+    assert default_batch_size(cpu, flip=False) == CPU_FORWARD_IMAGES
+    assert default_batch_size(cpu, flip=True) == CPU_FORWARD_IMAGES // 2
+    assert default_batch_size(torch.device("cuda"), flip=True) == CUDA_FORWARD_IMAGES // 2
 
 
 def test_preprocess_bgr_converts_to_rgb_0_1() -> None:

@@ -54,7 +54,7 @@ class EvaluationResult:
 
 
 def extract_features(
-    model: nn.Module, loader: Iterable[Any], *, flip: bool = True, batch_size: int = 64
+    model: nn.Module, loader: Iterable[Any], *, flip: bool = True, batch_size: int | None = None
 ) -> ExtractedFeatures:
     """Features, pids and camids of every image of ``loader`` (batches as the data loaders
     yield them: dicts with ``image``, ``pid``, ``camid``)."""
