@@ -38,7 +38,7 @@ class AppConfig:
     sample_fps: float | None = 2.0  # frames per second fed to the detector; None = every frame
     crops_per_track: int = 4  # best crops kept (and embedded) per track
     commit_every_frames: int = 24  # sampled frames per database transaction during ingest
-    embed_batch_size: int = 32
+    embed_batch_size: int = 32  # crops preprocessed at a time; forward passes are sized per device by fanet
     #: A gallery of at least this many vectors is searched through an IVF index instead of an
     #: exact flat one (see reid_app.index).
     ivf_threshold: int = 50_000

@@ -54,7 +54,9 @@ class Embedder:
     ``weights``: a path to an FA-Net checkpoint, None for the shipped ``fanet_mobilenetv2_cuhk03.pt`` in the weights
     folders (``$REID_WEIGHTS_DIR``, then ``weights/``), or ``"untrained"`` for a seeded
     random-init model (pipeline demos only). ``input_size`` is (height, width); None takes it
-    from the checkpoint's metadata, else 384×128 (the paper's size).
+    from the checkpoint's metadata, else 384×128 (the paper's size). ``batch_size`` crops are
+    resized at a time (bounding memory); the forward passes are sized by
+    :func:`fanet.inference.embed_images` for the device.
     """
 
     def __init__(
