@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--backbone", default="resnet50", choices=["resnet50", "mobilenetv2"])
     parser.add_argument("--cpu-bf16", action="store_true", help="bfloat16 autocast on the CPU (train --cpu-bf16)")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC model and images (train --channels-last)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="NHWC model and images (no gain under --cpu-bf16, so the trainer has no such switch)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
