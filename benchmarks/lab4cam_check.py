@@ -34,7 +34,8 @@ TILE_HEIGHT, TILE_WIDTH = 192, 96
 def reid_app(*args: str) -> str:
     result = subprocess.run([sys.executable, "-m", "reid_app.cli", *args], cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"reid-app {args[0]} failed: {result.stderr.strip().splitlines()[-1:]}")
+        last_line = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        sys.exit(f"reid-app {args[0]} failed: {last_line}")
     return result.stdout
 
 
