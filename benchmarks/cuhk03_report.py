@@ -28,6 +28,7 @@ from fanet.data.transforms import resize_rgb
 from fanet.engine.evaluator import build_test_data, extract_features
 from fanet.evaluation import evaluate_features
 from fanet.weights import sha256_file
+from reid_app.config import AppConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 OSNET = SHARED / "weights" / "osnet_x0_25_msmt17.onnx"
@@ -75,6 +76,21 @@ def score_distribution(query: np.ndarray, gallery: np.ndarray, dataset) -> dict[
     out["keep_95pct_true_matches"] = float(np.percentile(positive, 5))
     strict = float(np.percentile(negative, 99.9))
     out["false_match_rate_0.1pct"] = {"threshold": strict, "tpr": float((positive >= strict).mean())}
+    # What the app's current defaults do on these pairs, and a few round similarities beside them,
+    # so a new checkpoint shows at once whether the defaults still fit it.
+    defaults = AppConfig()
+    at = {
+        "search_threshold": defaults.search_threshold,
+        "identity_similarity": 1.0 - defaults.identity_threshold,
+    } | {f"similarity_{t:.2f}": t for t in (0.25, 0.35, 0.5, 0.55, 0.6, 0.65, 0.7)}
+    out["rates_at"] = {
+        name: {
+            "similarity": round(t, 4),
+            "same_person_pass": float((positive >= t).mean()),
+            "different_person_pass": float((negative >= t).mean()),
+        }
+        for name, t in at.items()
+    }
     return out
 
 

@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/reid_speed.py [--threads 2] [--height 256 --width 128]
 
-``--height/--width`` run the same network on another input size (what a model trained at that
-size would cost; the shipped one is trained at 128x64).
+The input size is the checkpoint's own (256x128 for the shipped model); ``--height/--width`` run
+the same network at another size (what a model trained at that size would cost).
 
 Random pixels (speed does not depend on content), 64 images a round, the mean over 5 rounds
 after one warm-up round. FA-Net runs through :func:`fanet.embed_images`, the app's and the
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fanet.checkpoint import load_inference_model
+from fanet.checkpoint import checkpoint_input_size, load_inference_model, read_checkpoint
 from fanet.inference import embed_images
 from fanet.weights import REPO_WEIGHTS_DIR
 
@@ -39,13 +39,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights", default=str(REPO_WEIGHTS_DIR / "fanet_mobilenetv2_cuhk03.pt"))
-    parser.add_argument("--height", type=int, default=128)
-    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--height", type=int, help="default: the checkpoint's input height")
+    parser.add_argument("--width", type=int, help="default: the checkpoint's input width")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_inference_model(args.weights).eval()
-    fanet_batch = torch.rand(64, 3, args.height, args.width)
-    size = f"{args.height}x{args.width}"
+    own_height, own_width = checkpoint_input_size(read_checkpoint(args.weights))
+    height, width = args.height or own_height, args.width or own_width
+    fanet_batch = torch.rand(64, 3, height, width)
+    size = f"{height}x{width}"
     for flip, label in ((False, "one pass"), (True, "flip-averaged, as the app embeds")):
         fanet_speed = images_per_second(lambda flip=flip: embed_images(model, fanet_batch, flip=flip), 64)
         print(f"FA-Net (MobileNetV2, {size}, PyTorch, {label}): {fanet_speed:.0f} img/s on {args.threads} threads")

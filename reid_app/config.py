@@ -49,7 +49,7 @@ class AppConfig:
     #: identities merge tracks: both calibrated for the shipped model on the CUHK03 test split
     #: (benchmarks/cuhk03_report.py; figures in weights/README.md).
     search_threshold: float = 0.3
-    identity_threshold: float = 0.3
+    identity_threshold: float = 0.35
     lock_timeout_s: float = 120.0  # waiting for the index file lock
     busy_timeout_s: float = 60.0  # SQLite busy timeout
     #: How long a killed ingest host keeps its video claimed before another host takes it over;
