@@ -251,6 +251,9 @@ def test_identities_read_and_recompute(client: TestClient, demo_gallery: Path) -
     tracks = client.get("/api/v1/tracks", params={"identity": some["identity_id"]}).json()["tracks"]
     assert sorted(t["track_id"] for t in tracks) == sorted(some["track_ids"])
     assert client.post("/api/v1/identities", params={"threshold": 3}).status_code == 422
+    # Without a threshold the calibrated default applies, the one the status tells the page.
+    assert client.post("/api/v1/identities").json()["threshold"] == AppConfig.identity_threshold
+    assert client.get("/api/v1/status").json()["defaults"]["identity_threshold"] == AppConfig.identity_threshold
 
 
 def test_the_index_picks_up_a_new_camera_without_a_restart(
@@ -383,7 +386,7 @@ def test_the_page_in_a_real_browser(served: str, tmp_path: Path) -> None:
     browser_path = chromium_path()
     if browser_path is None:
         pytest.skip("no Chromium binary found (install Debian's chromium: apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
@@ -394,6 +397,9 @@ def test_the_page_in_a_real_browser(served: str, tmp_path: Path) -> None:
             page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
             page.goto(served + "/")
             page.wait_for_selector("#camera-filter input")  # the cameras overview answered
+            # The form starts from the server's calibrated defaults, not from numbers of its own.
+            expect(page.locator("#threshold")).to_have_value(str(AppConfig.search_threshold))
+            expect(page.locator("#identity-threshold")).to_have_value(str(AppConfig.identity_threshold))
             page.set_input_files("#image-input", str(DEMO_QUERY))
             page.wait_for_selector("#results figure", timeout=120_000)
             page.wait_for_selector("#timeline svg .bar-group", timeout=60_000)

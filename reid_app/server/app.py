@@ -156,7 +156,12 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
             "detector": state.detector.name,
             "warning": warning,
             "matches_are_meaningful": warning is None,
-            "defaults": {"top_k": 10, "threshold": state.config.search_threshold, "max_top_k": MAX_TOP_K},
+            "defaults": {
+                "top_k": 10,
+                "threshold": state.config.search_threshold,
+                "max_top_k": MAX_TOP_K,
+                "identity_threshold": state.config.identity_threshold,
+            },
             "max_upload_bytes": state.max_upload_bytes,
         }
 

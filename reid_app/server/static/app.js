@@ -50,6 +50,7 @@ async function loadStatus() {
   const model = status.embedder;
   $("model-line").textContent = `model ${model.name} (${model.trained ? "trained" : "UNTRAINED"}) · detector ${status.detector}`;
   $("threshold").value = status.defaults.threshold;
+  $("identity-threshold").value = status.defaults.identity_threshold;
   setWarning(status.warning);
 }
 
