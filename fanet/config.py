@@ -43,6 +43,12 @@ class DatasetName(StrEnum):
     MSMT17 = "msmt17"
     CUHK03 = "cuhk03"
     FOLDER = "folder"
+    # The PETA re-ID subsets that are not domain-generalisation test sets (training only).
+    PETA = "peta"
+
+
+#: Joins several training sources in ``--dataset`` (``cuhk03+peta``).
+SOURCE_SEPARATOR = "+"
 
 
 class Backbone(StrEnum):
@@ -50,6 +56,7 @@ class Backbone(StrEnum):
 
     RESNET50 = "resnet50"
     MOBILENETV2 = "mobilenetv2"
+    OSNET = "osnet"  # OSNet x0.5 already trained for re-ID (Intel OMZ 0267 weights)
 
 
 @dataclass
@@ -130,6 +137,11 @@ class FANetConfig:
 @dataclass
 class DataConfig:
     dataset: DatasetName = DatasetName.MARKET1501
+    # More training sources after ``dataset`` (each read from ``root``); evaluation uses ``dataset``.
+    extra_sources: tuple[DatasetName, ...] = ()
+    # Images one identity gives an epoch at most (a fresh camera-diverse draw each epoch; None = all),
+    # so sets cut from video tracks (tens of frames a person) do not drown sets with a few per person.
+    max_per_identity: int | None = None
     root: str = "data"
     height: int = 384
     width: int = 128
@@ -144,12 +156,41 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.dataset = DatasetName(self.dataset)
+        self.extra_sources = tuple(DatasetName(d) for d in self.extra_sources)
+        sources = self.sources
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"a training source is named twice: {self.source_label}")
+        if self.max_per_identity is not None and self.max_per_identity < 1:
+            raise ValueError(f"max_per_identity must be >= 1, got {self.max_per_identity}")
         if self.test_dataset is not None:
             self.test_dataset = DatasetName(self.test_dataset)
 
     @property
     def batch_size(self) -> int:
         return self.num_identities * self.num_instances
+
+    @property
+    def sources(self) -> tuple[DatasetName, ...]:
+        return (self.dataset, *self.extra_sources)
+
+    @property
+    def source_label(self) -> str:
+        """``cuhk03+peta``: the sources as ``--dataset`` takes them."""
+        return SOURCE_SEPARATOR.join(d.value for d in self.sources)
+
+
+def parse_sources(text: str) -> tuple[DatasetName, tuple[DatasetName, ...]]:
+    """``cuhk03+peta`` -> (CUHK03, (PETA,)); raises on an unknown name."""
+    names = [part.strip() for part in text.split(SOURCE_SEPARATOR)]
+    try:
+        sources = [DatasetName(name) for name in names]
+    except ValueError:
+        unknown = next(n for n in names if n not in {d.value for d in DatasetName})
+        raise ValueError(
+            f"unknown dataset {unknown!r} in {text!r}; choose from {', '.join(d.value for d in DatasetName)}, "
+            f"several joined by '{SOURCE_SEPARATOR}'"
+        ) from None
+    return sources[0], tuple(sources[1:])
 
 
 class OptimizerName(StrEnum):
@@ -191,12 +232,18 @@ class LossConfig:
     # Weight of a batch-hard triplet loss on the l2-normalised inference feature (0 = off, the paper).
     triplet_weight: float = 0.0
     triplet_margin: float = 0.3
+    # Weight of the relational distillation term from a teacher model (0 = off, the paper); the
+    # teacher itself is handed to the trainer (TrainConfig.teacher names its file).
+    distill_weight: float = 0.0
+    distill_temperature: float = 0.1  # softmax temperature over a batch's cosine similarities
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.triplet_weight < 0 or self.triplet_margin < 0:
             raise ValueError("triplet_weight and triplet_margin must be >= 0")
+        if self.distill_weight < 0 or self.distill_temperature <= 0:
+            raise ValueError("distill_weight must be >= 0 and distill_temperature > 0")
 
 
 @dataclass
@@ -211,6 +258,9 @@ class TrainConfig:
     # A FA-Net training checkpoint whose weights start this run (a second stage with a fresh
     # optimiser and schedule); the ImageNet file is then not needed.
     init_from: str | None = None
+    # A trained re-ID model (OpenVINO IR or ONNX) to distil from; read by the caller (reid_app),
+    # which hands the trainer a callable, so fanet stays pure PyTorch.
+    teacher: str | None = None
     eval_period: int = 10  # epochs; 0 disables periodic evaluation
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

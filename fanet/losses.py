@@ -4,8 +4,9 @@ L_f and L_b are softmax (cross-entropy) losses of the person classifiers and the
 classifiers, averaged over the HPP stripes so the backbone's gradient scale does not depend on
 the number of stripes (the paper does not say; this keeps the Table I rows comparable).
 
-:class:`~fanet.config.LossConfig` can add label smoothing to L_f and a batch-hard triplet term on
-the inference feature; both are off by default (the paper's objective).
+:class:`~fanet.config.LossConfig` can add label smoothing to L_f, a batch-hard triplet term on
+the inference feature and a relational distillation term from a teacher re-ID model; all are off
+by default (the paper's objective).
 """
 
 from __future__ import annotations
@@ -49,10 +50,24 @@ def target_attention_loss(
     return (foreground_map * (1.0 - foreground_mask) + background_map * foreground_mask).mean()
 
 
+#: Camera id of an image whose camera is not recorded (a source without cameras): no camera loss.
+UNKNOWN_CAMERA = -1
+
+
 def _mean_cross_entropy(logits: list[Tensor], targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
     return torch.stack(
         [functional.cross_entropy(x, targets, label_smoothing=label_smoothing) for x in logits]
     ).mean()
+
+
+def camera_id_loss(logits: list[Tensor], camera_ids: Tensor) -> Tensor:
+    """L_b over the images whose camera is known; zero (with a gradient path) when none is."""
+    known = camera_ids != UNKNOWN_CAMERA
+    if bool(known.all()):
+        return _mean_cross_entropy(logits, camera_ids)
+    if not bool(known.any()):
+        return torch.stack([x.sum() for x in logits]).sum() * 0.0
+    return _mean_cross_entropy([x[known] for x in logits], camera_ids[known])
 
 
 def batch_hard_triplet_loss(features: Tensor, labels: Tensor, margin: float) -> Tensor:
@@ -80,6 +95,31 @@ def batch_hard_triplet_loss(features: Tensor, labels: Tensor, margin: float) -> 
     return hinge[usable].mean()
 
 
+def relational_distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Relational knowledge distillation on a batch: for each image, the distribution of its cosine
+    similarities to the other images of the batch (softmax at ``temperature``) under the teacher is
+    the target of the student's (KL divergence, mean over images).
+
+    Why relational: it asks the student to rank the batch as the teacher does, which is what
+    retrieval uses, and it needs no projection between the two feature spaces (FA-Net's 3840-d
+    feature, the teacher's 256-d one). Teacher features carry no gradient."""
+    with torch.autocast(student.device.type, enabled=False):
+        student = functional.normalize(student.float(), dim=1)
+        teacher = functional.normalize(teacher.detach().float(), dim=1)
+        count = student.shape[0]
+        if count < 2:
+            return student.sum() * 0.0
+        off_diagonal = ~torch.eye(count, dtype=torch.bool, device=student.device)
+        student_logits = (student @ student.t())[off_diagonal].view(count, count - 1) / temperature
+        teacher_logits = (teacher @ teacher.t())[off_diagonal].view(count, count - 1) / temperature
+        return functional.kl_div(
+            functional.log_softmax(student_logits, dim=1),
+            functional.log_softmax(teacher_logits, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+
+
 class FANetLoss:
     """Computes every term of Eq. 6 for one batch; returns them by name ("total" is the sum)."""
 
@@ -87,11 +127,17 @@ class FANetLoss:
         self.config = config
         self.loss = loss if loss is not None else LossConfig()
 
-    def __call__(self, output: FANetOutput, person_ids: Tensor, camera_ids: Tensor) -> dict[str, Tensor]:
+    def __call__(
+        self,
+        output: FANetOutput,
+        person_ids: Tensor,
+        camera_ids: Tensor,
+        teacher_features: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         person_loss = _mean_cross_entropy(output.person_logits, person_ids, self.loss.label_smoothing)
         terms = {"person_id": person_loss}
         if output.camera_logits:
-            camera_loss = _mean_cross_entropy(output.camera_logits, camera_ids)
+            camera_loss = camera_id_loss(output.camera_logits, camera_ids)
             terms["camera_id"] = camera_loss
             total = 0.5 * (person_loss + camera_loss)
             if self.config.tal is not TALVariant.NONE:
@@ -107,5 +153,12 @@ class FANetLoss:
                 raise ValueError("the triplet loss needs the batch's inference features")
             terms["triplet"] = batch_hard_triplet_loss(output.features, person_ids, self.loss.triplet_margin)
             total = total + self.loss.triplet_weight * terms["triplet"]
+        if self.loss.distill_weight > 0:
+            if teacher_features is None or output.features is None:
+                raise ValueError("the distillation term needs the teacher's and the batch's features")
+            terms["distillation"] = relational_distillation_loss(
+                output.features, teacher_features, self.loss.distill_temperature
+            )
+            total = total + self.loss.distill_weight * terms["distillation"]
         terms["total"] = total
         return terms

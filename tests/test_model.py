@@ -47,7 +47,10 @@ def _grad_norm(module: torch.nn.Module | None) -> float:
     return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
 
 
-BACKBONE_CHANNELS = {"resnet50": 2048, "mobilenetv2": 1280}
+BACKBONE_CHANNELS = {"resnet50": 2048, "mobilenetv2": 1280, "osnet": 256}
+# Output stride with the last down-sampling removed (last stride 1): ResNet50 and MobileNetV2 go
+# from 32 to 16; OSNet, natively 16, to 8 (its last_stride=2 keeps the paper's 16).
+OUTPUT_STRIDE = {"resnet50": 16, "mobilenetv2": 16, "osnet": 8}
 
 
 @pytest.mark.parametrize("backbone", list(Backbone))
@@ -61,7 +64,8 @@ def test_variant_shapes_and_gradients(variant: Variant, backbone: Backbone) -> N
     stripes = 15 if config.use_hpp else 1
     assert len(output.person_logits) == stripes
     assert all(logits.shape == (4, NUM_CLASSES) for logits in output.person_logits)
-    assert output.foreground_map.shape == (4, channels, 4, 2)  # stride 16: last stride 1
+    stride = OUTPUT_STRIDE[backbone.value]
+    assert output.foreground_map.shape == (4, channels, SMALL[0] // stride, SMALL[1] // stride)
     assert len(output.camera_logits) == (stripes if config.use_background else 0)
     assert (output.foreground_mask is not None) == config.use_tem
 
@@ -119,8 +123,12 @@ def test_branches_share_no_weights_and_person_loss_skips_background() -> None:
 def test_last_stride_one_gives_24x8_maps_at_paper_resolution(backbone: Backbone) -> None:
     model = FANet(FANetConfig(backbone=backbone), num_classes=0).eval()
     maps = model.attention_maps(torch.rand(1, 3, 384, 128))
-    assert maps["F"].shape == (1, 1, 24, 8)
-    assert maps["Z"].shape == (1, 1, 24, 8)
+    stride = OUTPUT_STRIDE[backbone.value]
+    assert maps["F"].shape == (1, 1, 384 // stride, 128 // stride)
+    assert maps["Z"].shape == (1, 1, 384 // stride, 128 // stride)
+    if backbone is Backbone.OSNET:  # last stride 2 keeps OSNet's own stride 16: the paper's 24x8
+        model = FANet(FANetConfig(backbone=backbone, last_stride=2), num_classes=0).eval()
+        assert model.attention_maps(torch.rand(1, 3, 384, 128))["F"].shape == (1, 1, 24, 8)
     assert float(maps["Z"].min()) > 0 and float(maps["Z"].max()) < 1
 
 
@@ -260,7 +268,7 @@ def test_untrained_model_is_deterministic() -> None:
     assert state_dict_sha256(untrained_inference_model(0)) != state_dict_sha256(untrained_inference_model(1))
 
 
-@pytest.mark.parametrize("backbone", ["resnet50", "mobilenetv2"])
+@pytest.mark.parametrize("backbone", ["resnet50", "mobilenetv2", "osnet"])
 def test_embed_images_averages_flip_and_normalises(backbone: str) -> None:
     model = FANet(FANetConfig(backbone=backbone), num_classes=0).eval()
     images = torch.rand(3, 3, *SMALL)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from fanet.backbones.base import BackboneParts, BackboneSpec
 from fanet.backbones.mobilenetv2 import MOBILENETV2
+from fanet.backbones.osnet import OSNET
 from fanet.backbones.resnet50 import RESNET50
 
-BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (RESNET50, MOBILENETV2)}
+BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (RESNET50, MOBILENETV2, OSNET)}
 
 
 def get_backbone(name: str) -> BackboneSpec:

@@ -100,19 +100,27 @@ class ReIDDataset:
 # Shared helpers
 
 
-def relabel_train(samples: Sequence[Sample]) -> tuple[list[Sample], int, int]:
+def relabel_train(
+    samples: Sequence[Sample], keep_unknown_cameras: bool = False
+) -> tuple[list[Sample], int, int]:
     """Map training pids to ``0..N-1`` and camids to ``0..C-1`` (both in sorted order).
 
-    Returns the relabelled samples, N and C; C is 0 when any camid is unknown (-1).
+    Returns the relabelled samples, N and C. By default C is 0 when any camid is unknown (-1): a
+    single dataset either has cameras or not. With ``keep_unknown_cameras`` (several sources, some
+    without cameras) the known camids are numbered and the unknown ones stay -1, which the camera
+    loss skips.
     """
     pid_map = {pid: label for label, pid in enumerate(sorted({s.pid for s in samples}))}
     camids = {s.camid for s in samples}
-    if UNKNOWN_CAMERA in camids:
+    known = sorted(camids - {UNKNOWN_CAMERA})
+    if UNKNOWN_CAMERA in camids and not keep_unknown_cameras:
         cam_map = {camid: UNKNOWN_CAMERA for camid in camids}
+        num_cams = 0
     else:
-        cam_map = {camid: label for label, camid in enumerate(sorted(camids))}
+        cam_map = {camid: label for label, camid in enumerate(known)}
+        cam_map[UNKNOWN_CAMERA] = UNKNOWN_CAMERA
+        num_cams = len(known)
     relabelled = [Sample(s.path, pid_map[s.pid], cam_map[s.camid]) for s in samples]
-    num_cams = 0 if UNKNOWN_CAMERA in camids else len(cam_map)
     return relabelled, len(pid_map), num_cams
 
 
@@ -441,6 +449,15 @@ _READERS: dict[DatasetName, Callable[..., ReIDDataset]] = {
 }
 
 
+def _read_peta(root: str | Path) -> ReIDDataset:
+    from fanet.data.peta import read_peta_train  # noqa: PLC0415 (peta imports this module)
+
+    return read_peta_train(root)
+
+
+_READERS[DatasetName.PETA] = _read_peta
+
+
 def build_dataset(name: DatasetName | str, root: str | Path, **options: object) -> ReIDDataset:
     """Read dataset ``name`` from ``root`` (see the module docstring for the layouts).
 
@@ -453,3 +470,29 @@ def build_dataset(name: DatasetName | str, root: str | Path, **options: object) 
     dataset = _READERS[dataset_name](root, **options)
     logger.info("%s", dataset.summary())
     return dataset
+
+
+def combine_sources(datasets: Sequence[ReIDDataset]) -> ReIDDataset:
+    """Several training sets as one: identities and cameras kept apart per source (each source's
+    labels are offset past the previous sources'), images without a camera stay -1. The query and
+    gallery are the first source's, so training evaluates on it."""
+    if not datasets:
+        raise ValueError("combine_sources needs at least one dataset")
+    if len(datasets) == 1:
+        return datasets[0]
+    train: list[Sample] = []
+    pid_offset = cam_offset = 0
+    for dataset in datasets:
+        train.extend(
+            Sample(
+                s.path,
+                s.pid + pid_offset,
+                UNKNOWN_CAMERA if s.camid == UNKNOWN_CAMERA or not dataset.has_cameras else s.camid + cam_offset,
+            )
+            for s in dataset.train
+        )
+        pid_offset += dataset.num_train_pids
+        cam_offset += dataset.num_train_cams
+    first = datasets[0]
+    name = "+".join(d.name for d in datasets)
+    return ReIDDataset(name, first.root, train, first.query, first.gallery, pid_offset, cam_offset)

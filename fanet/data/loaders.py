@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fanet.config import DataConfig
-from fanet.data.datasets import ReIDDataset, build_dataset
+from fanet.data.datasets import ReIDDataset, build_dataset, combine_sources
 from fanet.data.sampler import PKSampler
 from fanet.data.transforms import (
     ReIDImageDataset,
@@ -65,6 +65,7 @@ def build_train_loader(
         dataset.train,
         num_identities=data_config.num_identities,
         num_instances=data_config.num_instances,
+        max_per_identity=data_config.max_per_identity,
         seed=seed,
         rank=rank,
         world_size=world_size,
@@ -95,10 +96,16 @@ def build_test_loaders(
     )
 
 
+def build_training_set(data_config: DataConfig) -> ReIDDataset:
+    """The training set: ``dataset`` alone, or it and the ``extra_sources`` combined (ids and
+    cameras kept apart per source); query/gallery are ``dataset``'s."""
+    return combine_sources([build_dataset(name, data_config.root) for name in data_config.sources])
+
+
 def load_datasets(data_config: DataConfig) -> tuple[ReIDDataset, ReIDDataset]:
     """(training dataset, test dataset) from the config; the test dataset is a different one
     only for cross-dataset evaluation (``test_dataset``/``test_root`` set, Table III)."""
-    train = build_dataset(data_config.dataset, data_config.root)
+    train = build_training_set(data_config)
     test_name = data_config.test_dataset or data_config.dataset
     test_root = data_config.test_root or data_config.root
     if test_name == data_config.dataset and test_root == data_config.root:

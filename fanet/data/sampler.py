@@ -14,6 +14,10 @@ The number of batches is fixed, ``ceil((total chunks // P) / world_size)`` per r
 random draw can strand chunks of a few identities at the end, and the missing batches are then
 filled with fresh camera-diverse chunks of P random identities.
 
+``max_per_identity`` caps the images an identity gives one epoch (a prefix of its camera-diverse
+order, so a fresh draw each epoch): sets cut from video tracks, tens of frames per person, then do
+not fill most batches of a multi-source epoch.
+
 ``len(sampler)`` is (batches per replica) x P x K: the sampler yields a flat stream of dataset
 indices, to be cut into batches of P x K by the DataLoader (each P x K is one replica's batch).
 """
@@ -56,6 +60,7 @@ class PKSampler(Sampler[int]):
         samples: Sequence[_Labelled],
         num_identities: int = 16,
         num_instances: int = 8,
+        max_per_identity: int | None = None,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -78,14 +83,22 @@ class PKSampler(Sampler[int]):
                 f"PK sampling needs at least P={num_identities} identities, the training set has "
                 f"{len(self._by_identity)}; lower the number of identities per batch"
             )
+        if max_per_identity is not None and max_per_identity < num_instances:
+            raise ValueError(f"max_per_identity ({max_per_identity}) must be >= K={num_instances}")
         self.num_identities = num_identities
         self.num_instances = num_instances
+        self.max_per_identity = max_per_identity
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        total_chunks = sum(max(1, sum(map(len, cams.values())) // num_instances) for cams in self._by_identity.values())
+        total_chunks = sum(max(1, self._epoch_images(cams) // num_instances) for cams in self._by_identity.values())
         self.batches_per_replica = math.ceil((total_chunks // num_identities) / world_size)
+
+    def _epoch_images(self, cameras: dict[int, list[int]]) -> int:
+        """How many of an identity's images one epoch uses (all, or at most ``max_per_identity``)."""
+        count = sum(map(len, cameras.values()))
+        return count if self.max_per_identity is None else min(count, self.max_per_identity)
 
     @property
     def batch_size(self) -> int:
@@ -109,7 +122,9 @@ class PKSampler(Sampler[int]):
         k = self.num_instances
         chunks: dict[int, list[list[int]]] = {}
         for pid, cameras in self._by_identity.items():
-            order = self._camera_diverse_order(cameras, rng)
+            # The round-robin order is camera-diverse in every prefix, so a capped identity still
+            # shows as many of its cameras as it can; the shuffle draws a new subset each epoch.
+            order = self._camera_diverse_order(cameras, rng)[: max(self._epoch_images(cameras), k)]
             chunks[pid] = [order[i : i + k] for i in range(0, len(order) - k + 1, k)]
 
         target = self.batches_per_replica * self.world_size

@@ -26,6 +26,7 @@ import pickle
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ from fanet.checkpoint import (
     save_inference_checkpoint,
 )
 from fanet.config import (
+    Backbone,
+    DatasetName,
     FANetConfig,
     OptimizerName,
     TALVariant,
@@ -73,11 +76,11 @@ RESULTS_FILE = "results.csv"
 # The scheduler settings a resumed run takes from its config rather than from the checkpoint.
 SCHEDULE_FIELDS = ("base_lr", "warmup_start_lr", "warmup_epochs", "milestones", "gamma", "base_lrs")
 
-LOSS_TERMS = ("total", "person_id", "camera_id", "target_attention", "triplet")
+LOSS_TERMS = ("total", "person_id", "camera_id", "target_attention", "triplet", "distillation")
 RESULTS_COLUMNS = (
     "epoch", "init", "lr", "pretrained_lr",
     "loss", "person_id_loss", "camera_id_loss", "target_attention_loss", "triplet_loss",
-    "mAP", "R1", "R5", "R10", "R20", "time_s",
+    "distillation_loss", "mAP", "R1", "R5", "R10", "R20", "time_s",
 )  # fmt: skip
 
 
@@ -119,7 +122,10 @@ def disable_background_branch(config: FANetConfig) -> FANetConfig:
 def init_label(config: TrainConfig) -> str:
     if config.init_from is not None:
         return "checkpoint"
-    return "random" if config.random_init else "imagenet"
+    if config.random_init:
+        return "random"
+    # What the backbone's weights were trained for: ImageNet, or re-ID already (OSNet from 0267).
+    return "reid" if config.model.backbone is Backbone.OSNET else "imagenet"
 
 
 def seed_everything(seed: int) -> None:
@@ -273,7 +279,8 @@ class EpochResult:
             "time_s": f"{self.seconds:.3f}",
         }
         names = {"total": "loss", "person_id": "person_id_loss", "camera_id": "camera_id_loss",
-                 "target_attention": "target_attention_loss", "triplet": "triplet_loss"}
+                 "target_attention": "target_attention_loss", "triplet": "triplet_loss",
+                 "distillation": "distillation_loss"}
         for term, column in names.items():
             row[column] = repr(self.losses[term]) if term in self.losses else ""
         for key in ("mAP", "R1", "R5", "R10", "R20"):
@@ -314,6 +321,7 @@ class Trainer:
         sync_bn: bool | None = None,
         show_progress: bool = True,
         console: Console | None = None,
+        teacher: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.resume_payload: dict[str, Any] | None = None
         if resume is not None:
@@ -325,6 +333,10 @@ class Trainer:
         elif config is None:
             raise ValueError("Trainer needs a config or a checkpoint to resume")
         self.config = config = dataclasses.replace(config)
+        if config.loss.distill_weight > 0 and teacher is None:
+            raise ValueError("a distillation weight is set but no teacher model was given")
+        # Maps a batch of 0-1 RGB images (on the CPU) to the teacher's features (N, D).
+        self.teacher = teacher if config.loss.distill_weight > 0 else None
         if sync_bn is not None:
             config.sync_bn = sync_bn
         self.sync_bn = config.sync_bn
@@ -351,16 +363,23 @@ class Trainer:
             self.console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
 
     def _setup(self) -> None:
-        from fanet.data import build_dataset, build_train_loader  # noqa: PLC0415 (heavy, optional)
+        from fanet.data import build_train_loader  # noqa: PLC0415 (heavy, optional)
+        from fanet.data.loaders import build_training_set  # noqa: PLC0415
 
         config = self.config
         imagenet_file = resolve_imagenet_weights(config)
-        self.dataset = build_dataset(config.data.dataset, config.data.root)
+        test_name = config.data.test_dataset or config.data.dataset
+        if config.eval_period > 0 and test_name is DatasetName.PETA:
+            raise ValueError(
+                "peta is a training source without a query/gallery split: name a dataset with one first "
+                "(--dataset cuhk03+peta), or pass --test-dataset, or --eval-period 0"
+            )
+        self.dataset = build_training_set(config.data)
         self.num_classes = self.dataset.num_train_pids
         self.num_cameras = self.dataset.num_train_cams
         if config.model.use_background and self.num_cameras == 0:
             self.warn(
-                f"dataset {config.data.dataset.value} at {config.data.root} has no camera IDs: the "
+                f"dataset {config.data.source_label} at {config.data.root} has no camera IDs: the "
                 f"background (camera-ID) branch, the interaction and the target attention loss are "
                 f"switched off (only the foreground branch is trained)"
             )
@@ -402,7 +421,10 @@ class Trainer:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             else:
                 self.warn("SyncBatchNorm needs CUDA; training with per-process BatchNorm")
-        self.model = model.to(self.device)
+        # oneDNN runs the CPU convolutions (the depthwise ones of OSNet/MobileNetV2 most of all)
+        # faster on NHWC tensors; the weights follow the input's layout. GPUs keep theirs.
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
         self.criterion = FANetLoss(config.model, config.loss)
         self.optimizer = self._build_optimizer(self.model)
         self.scheduler = WarmupMultiStepLR.from_config(self.optimizer, config.solver)
@@ -518,7 +540,7 @@ class Trainer:
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
             self._truncate_results(self.start_epoch)
         self.log(
-            f"training FA-Net on {config.data.dataset.value} ({self.num_classes} ids, {self.num_cameras} "
+            f"training FA-Net on {config.data.source_label} ({self.num_classes} ids, {self.num_cameras} "
             f"cameras) for {config.solver.epochs} epochs on {self.device} x{self.context.world_size}, "
             f"init={init_label(config)}, run folder {self.run_dir}"
         )
@@ -573,12 +595,16 @@ class Trainer:
         """One SGD step on a loader batch (a dict with ``image``, ``pid``, ``camid``); returns the
         loss terms of the batch (before the step)."""
         self.train_model.train()
-        images = batch["image"].to(self.device, non_blocking=True)
+        teacher_features = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_features = self.teacher(batch["image"]).to(self.device, non_blocking=True)
+        images = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         pids = batch["pid"].to(self.device, non_blocking=True)
         camids = batch["camid"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.use_amp or self.use_cpu_bf16):
             output = self.train_model(images)
-            terms = self.criterion(output, pids, camids)
+            terms = self.criterion(output, pids, camids, teacher_features)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["total"]).backward()
         self.scaler.step(self.optimizer)
@@ -670,7 +696,7 @@ class Trainer:
         return {
             "init": init_label(self.config),
             "epochs_trained": epoch + 1,
-            "dataset": self.config.data.dataset.value,
+            "dataset": self.config.data.source_label,
             "best_map": self.best_map,
             "input_size": [self.config.data.height, self.config.data.width],
         }

@@ -1,0 +1,140 @@
+"""The OSNet backbone and its re-ID weights from Intel's 0267 ONNX file (../shared).
+
+The checks that matter: every tensor of the file is accounted for (loaded by name, or one of the
+head tensors FA-Net replaces), and the backbone is the file's network: with the file's own head
+put back on top it gives OpenVINO's embeddings of real person crops.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fanet import FANet, FANetConfig
+from fanet.backbones.osnet import (
+    UNUSED_PREFIXES,
+    OSNetHighLevel,
+    OSNetLowLevel,
+    build,
+    load_0267_weights,
+    read_onnx_initializers,
+)
+from fanet.config import TrainConfig
+from fanet.engine.trainer import PretrainedWeightsError, resolve_imagenet_weights
+
+OMZ = Path("weights/openvino_omz_person_reid/intel")
+FILE_0267 = OMZ / "person-reidentification-retail-0287/person-reidentification-retail-0267.onnx"
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def file_0267(shared_dir: Path) -> Path:
+    return shared_dir / FILE_0267
+
+
+@pytest.fixture(scope="module")
+def viper_crops(shared_dir: Path) -> np.ndarray:
+    """Eight real VIPeR crops (four people, both cameras), BGR uint8 at 256x128."""
+    files = sorted((shared_dir / "data/peta_reid/images/VIPeR").glob("*.png"))[:8]
+    return np.stack([cv2.resize(cv2.imread(str(path)), (128, 256)) for path in files])
+
+
+def test_every_tensor_of_0267_is_loaded_or_a_replaced_head_tensor(file_0267: Path) -> None:
+    tensors = read_onnx_initializers(file_0267)
+    parts = build(2, file_0267)
+    loaded = {f"{k}": v for k, v in parts.low_level.state_dict().items()}
+    loaded.update(parts.high_level.state_dict())
+    used = {k for k in tensors if not k.startswith(UNUSED_PREFIXES)}
+    assert used == set(loaded)  # nothing of the backbone left out, nothing of ours left random
+    assert {k.split(".")[0] for k in set(tensors) - used} == {"global_avgpool", "fc", "classifier"}
+    assert len(tensors) == 562 and len(used) == 551
+    for key in used - {"in_first.weight", "in_first.bias", "conv1.conv.weight"}:
+        torch.testing.assert_close(loaded[key], tensors[key], msg=key)
+    # The file's network takes BGR; ours takes RGB, so the input channels are reversed.
+    torch.testing.assert_close(loaded["conv1.conv.weight"], tensors["conv1.conv.weight"].flip(1))
+    torch.testing.assert_close(loaded["in_first.weight"], tensors["in_first.weight"].flip(0))
+
+
+def test_backbone_with_the_files_head_reproduces_openvino_on_real_crops(file_0267: Path, viper_crops) -> None:
+    ov = pytest.importorskip("openvino")
+    tensors = read_onnx_initializers(file_0267)
+    parts = build(2, file_0267)
+    # The 0267 head, rebuilt here from the tensors FA-Net does not use: a 16x8 depthwise pooling,
+    # fc 256->256, BatchNorm1d, PReLU.
+    pooling = nn.Conv2d(256, 256, (16, 8), groups=256)
+    fc, norm, prelu = nn.Linear(256, 256), nn.BatchNorm1d(256), nn.PReLU()
+    state = {
+        pooling: {"weight": "global_avgpool.weight", "bias": "global_avgpool.bias"},
+        fc: {"weight": "fc.0.weight", "bias": "fc.0.bias"},
+        norm: {n: f"fc.1.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")},
+        prelu: {"weight": "fc.2.weight"},
+    }
+    for module, names in state.items():
+        module.load_state_dict({name: tensors[key] for name, key in names.items()})
+    network = nn.Sequential(parts.low_level, parts.high_level, pooling, nn.Flatten(), fc, norm, prelu).eval()
+
+    bgr = torch.from_numpy(viper_crops).permute(0, 3, 1, 2).float()
+    rgb01 = bgr.flip(1) / 255.0
+    with torch.no_grad():
+        ours = network((rgb01 - IMAGENET_MEAN) / IMAGENET_STD)  # FA-Net's own normalisation
+    core = ov.Core()
+    model = core.read_model(str(file_0267))
+    model.reshape([-1, 3, 256, 128])
+    reference = torch.from_numpy(core.compile_model(model, "CPU")(bgr.numpy())[0])
+    cosine = nn.functional.cosine_similarity(ours, reference)
+    assert float(cosine.min()) > 0.999, cosine
+    # ... and a swapped channel order is measurably not the same network.
+    with torch.no_grad():
+        swapped = network((bgr / 255.0 - IMAGENET_MEAN) / IMAGENET_STD)
+    assert float(nn.functional.cosine_similarity(swapped, reference).min()) < float(cosine.min())
+
+
+def test_fanet_on_osnet_loads_the_weights_into_both_branches(file_0267: Path) -> None:
+    config = FANetConfig(backbone="osnet", last_stride=2)
+    model = FANet(config, num_classes=3, num_cameras=2, imagenet_weights=file_0267)
+    tensors = read_onnx_initializers(file_0267)
+    for branch in (model.foreground_branch, model.background_branch):
+        torch.testing.assert_close(branch.conv4[1].gate.gn.weight, tensors["conv4.1.gate.gn.weight"])
+    torch.testing.assert_close(model.low_level.conv2[0].gate.fc1.weight, tensors["conv2.0.gate.fc1.weight"])
+    assert isinstance(model.foreground_branch.conv3[2][1], nn.AvgPool2d)
+    assert isinstance(build(1, None).high_level.conv3[2][1], nn.Identity)  # last stride 1: no pooling
+    # Backbone parameters are the "pretrained" group (their own learning rate), the head is new.
+    pretrained = {id(p) for p in model.pretrained_parameters()}
+    assert {id(p) for p in model.low_level.parameters()} <= pretrained
+    assert {id(p) for p in model.target_enhancement.parameters()}.isdisjoint(pretrained)
+
+
+def test_a_file_of_another_network_is_refused_with_a_clear_message(shared_dir: Path, tmp_path: Path) -> None:
+    # torchreid's OSNet x0.25 export: other names (BN folded into the convs), so nothing fits.
+    with pytest.raises(ValueError, match="fit no part of the OSNet backbone"):
+        load_0267_weights(OSNetLowLevel(), OSNetHighLevel(2), shared_dir / "weights/osnet_x0_25_msmt17.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all" * 10)
+    with pytest.raises(ValueError, match="not a readable ONNX file"):
+        load_0267_weights(OSNetLowLevel(), OSNetHighLevel(2), junk)
+    tensors = read_onnx_initializers(shared_dir / FILE_0267)
+    state = tmp_path / "state.pt"  # a .pt state dict with the file's names loads the same way
+    torch.save(tensors, state)
+    low, high = OSNetLowLevel(), OSNetHighLevel(2)
+    load_0267_weights(low, high, state)
+    torch.testing.assert_close(high.conv5.conv.weight, tensors["conv5.conv.weight"])
+    torch.save({**tensors, "conv5.conv.weight": tensors["conv5.conv.weight"][:128]}, state)  # x0.25-wide
+    with pytest.raises(ValueError, match=r"does not fit the OSNet x0.5 backbone \(high_level\)"):
+        load_0267_weights(low, high, state)
+    del tensors["conv4.1.gate.gn.bias"]
+    torch.save(tensors, state)
+    with pytest.raises(ValueError, match="does not fit.*Missing key"):
+        load_0267_weights(low, high, state)
+
+
+def test_training_without_the_0267_file_names_it_and_its_source(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("REID_WEIGHTS_DIR", str(tmp_path))
+    config = TrainConfig(model=FANetConfig(backbone="osnet"))
+    with pytest.raises(PretrainedWeightsError, match="person-reidentification-retail-0267.onnx.*Open Model Zoo"):
+        resolve_imagenet_weights(config)
