@@ -261,6 +261,9 @@ class TrainConfig:
     # A trained re-ID model (OpenVINO IR or ONNX) to distil from; read by the caller (reid_app),
     # which hands the trainer a callable, so fanet stays pure PyTorch.
     teacher: str | None = None
+    # Evaluate the domain-generalisation protocol too (peta_reid/dg_splits.json under this folder)
+    # at every evaluation: the figure that says how the model does on cameras it never saw.
+    dg_root: str | None = None
     eval_period: int = 10  # epochs; 0 disables periodic evaluation
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

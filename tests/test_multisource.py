@@ -132,8 +132,9 @@ def test_train_command_distils_from_an_openvino_teacher_on_two_sources(
             "train", "--dataset", "cuhk03+peta", "--data-root", str(data_root), "--backbone", "osnet",
             "--last-stride", "2", "--pretrained", str(shared_dir / "weights/openvino_omz_person_reid/intel/"
             "person-reidentification-retail-0287/person-reidentification-retail-0267.onnx"),
-            "--variant", "fanet", "--height", "128", "--width", "64", "--batch-p", "4", "--batch-k", "2",
-            "--epochs", "1", "--max-iters-per-epoch", "2", "--eval-period", "0", "--workers", "0",
+            "--variant", "fanet", "--height", "64", "--width", "32", "--batch-p", "4", "--batch-k", "2",
+            "--epochs", "1", "--max-iters-per-epoch", "2", "--eval-period", "1", "--workers", "0",
+            "--dg-root", str(data_root),
             "--optimizer", "adam", "--lr", "0.00035", "--max-per-identity", "8",
             "--teacher", str(shared_dir / TEACHER_0288), "--output", str(run),
         ],
@@ -146,6 +147,9 @@ def test_train_command_distils_from_an_openvino_teacher_on_two_sources(
     rows = list(csv.DictReader((run / "results.csv").open()))
     assert rows[0]["init"] == "reid" and float(rows[0]["distillation_loss"]) > 0
     assert float(rows[0]["camera_id_loss"]) > 0
+    # The evaluation ran both protocols: CUHK03's split and the DG sets (cameras never trained on).
+    assert 0 < float(rows[0]["R1"]) <= 1 and 0 < float(rows[0]["DG_R1"]) <= 1 and 0 < float(rows[0]["DG_mAP"]) <= 1
+    assert "DG protocol: mean R1" in result.output
 
 
 def test_train_command_refuses_unknown_sources_and_a_peta_only_run_with_evaluation(

@@ -60,6 +60,7 @@ from fanet.config import (
     model_config_to_dict,
 )
 from fanet.engine import distributed
+from fanet.engine.distillation import TEACHER_CACHE_FILE, TeacherFeatures
 from fanet.engine.distributed import DistContext
 from fanet.engine.scheduler import WarmupMultiStepLR
 from fanet.losses import FANetLoss
@@ -80,7 +81,7 @@ LOSS_TERMS = ("total", "person_id", "camera_id", "target_attention", "triplet", 
 RESULTS_COLUMNS = (
     "epoch", "init", "lr", "pretrained_lr",
     "loss", "person_id_loss", "camera_id_loss", "target_attention_loss", "triplet_loss",
-    "distillation_loss", "mAP", "R1", "R5", "R10", "R20", "time_s",
+    "distillation_loss", "mAP", "R1", "R5", "R10", "R20", "DG_R1", "DG_mAP", "time_s",
 )  # fmt: skip
 
 
@@ -283,7 +284,7 @@ class EpochResult:
                  "distillation": "distillation_loss"}
         for term, column in names.items():
             row[column] = repr(self.losses[term]) if term in self.losses else ""
-        for key in ("mAP", "R1", "R5", "R10", "R20"):
+        for key in ("mAP", "R1", "R5", "R10", "R20", "DG_R1", "DG_mAP"):
             row[key] = repr(self.metrics[key]) if key in self.metrics else ""
         return row
 
@@ -335,8 +336,10 @@ class Trainer:
         self.config = config = dataclasses.replace(config)
         if config.loss.distill_weight > 0 and teacher is None:
             raise ValueError("a distillation weight is set but no teacher model was given")
-        # Maps a batch of 0-1 RGB images (on the CPU) to the teacher's features (N, D).
+        # Maps a batch of 0-1 RGB images (on the CPU) to the teacher's features (N, D); it embeds
+        # the training images once (TeacherFeatures) when training starts.
         self.teacher = teacher if config.loss.distill_weight > 0 else None
+        self.teacher_features: TeacherFeatures | None = None
         if sync_bn is not None:
             config.sync_bn = sync_bn
         self.sync_bn = config.sync_bn
@@ -374,6 +377,10 @@ class Trainer:
                 "peta is a training source without a query/gallery split: name a dataset with one first "
                 "(--dataset cuhk03+peta), or pass --test-dataset, or --eval-period 0"
             )
+        if config.dg_root is not None:
+            from fanet.data.peta import read_dg_splits  # noqa: PLC0415
+
+            read_dg_splits(config.dg_root)  # a wrong folder fails now, not at the first evaluation
         self.dataset = build_training_set(config.data)
         self.num_classes = self.dataset.num_train_pids
         self.num_cameras = self.dataset.num_train_cams
@@ -545,6 +552,13 @@ class Trainer:
             f"init={init_label(config)}, run folder {self.run_dir}"
         )
         iterations = self.iterations_per_epoch()
+        if self.teacher is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # every replica reads the cache from it
+            self.teacher_features = TeacherFeatures.load_or_compute(
+                self.teacher, Path(config.teacher or "teacher").name, self.dataset.train,
+                config.data.height, config.data.width, self.run_dir / TEACHER_CACHE_FILE,
+                workers=config.data.workers, log=self.log,
+            )  # fmt: skip
         try:
             for epoch in range(self.start_epoch, config.solver.epochs):
                 result = self._train_epoch(epoch, iterations)
@@ -596,9 +610,8 @@ class Trainer:
         loss terms of the batch (before the step)."""
         self.train_model.train()
         teacher_features = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_features = self.teacher(batch["image"]).to(self.device, non_blocking=True)
+        if self.teacher_features is not None:
+            teacher_features = self.teacher_features(batch["index"]).to(self.device, non_blocking=True)
         images = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         pids = batch["pid"].to(self.device, non_blocking=True)
         camids = batch["camid"].to(self.device, non_blocking=True)
@@ -639,14 +652,29 @@ class Trainer:
             finally:
                 self.model.train()
         metrics = result.metrics() if result is not None else {}
+        if self.context.is_main and self.config.dg_root is not None:
+            metrics.update(self._evaluate_dg())
         return distributed.broadcast_object(metrics, self.context)
 
+    def _evaluate_dg(self) -> dict[str, float]:
+        """The domain-generalisation protocol's mean R1/mAP (cameras the run never saw)."""
+        from fanet.evaluation.dg import evaluate_dg, fanet_embedder  # noqa: PLC0415
+
+        try:
+            embed = fanet_embedder(self.model, self.config.data.height, self.config.data.width)
+            result = evaluate_dg(embed, self.config.dg_root)
+        finally:
+            self.model.train()
+        return {"DG_R1": result.mean_rank1, "DG_mAP": result.mean_mAP}
+
     def _log_metrics(self, metrics: dict[str, float]) -> None:
-        if metrics:
+        if "mAP" in metrics:
             self.log(
                 f"  mAP {metrics['mAP']:.2%}  R1 {metrics['R1']:.2%}  R5 {metrics['R5']:.2%}  "
                 f"R10 {metrics['R10']:.2%}" + ("  (random init)" if self.config.random_init else "")
             )
+        if "DG_R1" in metrics:
+            self.log(f"  DG protocol: mean R1 {metrics['DG_R1']:.2%}  mean mAP {metrics['DG_mAP']:.2%}")
 
     # ---------------------------------------------------------------- checkpoints and logs
 

