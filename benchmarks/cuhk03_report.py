@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from calibration import pair_score_summary  # benchmarks/ is the script's folder, so on the path
 from PIL import Image
 
 from fanet.checkpoint import checkpoint_input_size, load_inference_model, read_checkpoint
@@ -28,7 +29,6 @@ from fanet.data.transforms import resize_rgb
 from fanet.engine.evaluator import build_test_data, extract_features
 from fanet.evaluation import evaluate_features
 from fanet.weights import sha256_file
-from reid_app.config import AppConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 OSNET = SHARED / "weights" / "osnet_x0_25_msmt17.onnx"
@@ -55,43 +55,7 @@ def score_distribution(query: np.ndarray, gallery: np.ndarray, dataset) -> dict[
     scores = query @ gallery.T
     same = (q_pids[:, None] == g_pids[None, :]) & (q_cams[:, None] != g_cams[None, :])
     different = q_pids[:, None] != g_pids[None, :]
-    positive, negative = scores[same], scores[different]
-    percentiles = (1, 5, 10, 25, 50, 75, 90, 95, 99)
-    out: dict[str, object] = {
-        "same_person": {f"p{p}": float(np.percentile(positive, p)) for p in percentiles} | {"n": int(positive.size)},
-        "different_person": {f"p{p}": float(np.percentile(negative, p)) for p in percentiles}
-        | {"p99.9": float(np.percentile(negative, 99.9)), "n": int(negative.size)},
-    }
-    # Thresholds: the score keeping 95 % of true matches (search), and the one that lets 0.1 % of
-    # different-person pairs through (merging tracks into identities must be precise).
-    grid = np.linspace(-1, 1, 2001)
-    tpr = np.array([(positive >= t).mean() for t in grid])
-    fpr = np.array([(negative >= t).mean() for t in grid])
-    best = int(np.argmax(tpr - fpr))
-    out["equal_error_rate_point"] = {
-        "threshold": float(grid[int(np.argmin(np.abs((1 - tpr) - fpr)))]),
-        "rate": float(fpr[int(np.argmin(np.abs((1 - tpr) - fpr)))]),
-    }
-    out["youden_best"] = {"threshold": float(grid[best]), "tpr": float(tpr[best]), "fpr": float(fpr[best])}
-    out["keep_95pct_true_matches"] = float(np.percentile(positive, 5))
-    strict = float(np.percentile(negative, 99.9))
-    out["false_match_rate_0.1pct"] = {"threshold": strict, "tpr": float((positive >= strict).mean())}
-    # What the app's current defaults do on these pairs, and a few round similarities beside them,
-    # so a new checkpoint shows at once whether the defaults still fit it.
-    defaults = AppConfig()
-    at = {
-        "search_threshold": defaults.search_threshold,
-        "identity_similarity": 1.0 - defaults.identity_threshold,
-    } | {f"similarity_{t:.2f}": t for t in (0.25, 0.35, 0.5, 0.55, 0.6, 0.65, 0.7)}
-    out["rates_at"] = {
-        name: {
-            "similarity": round(t, 4),
-            "same_person_pass": float((positive >= t).mean()),
-            "different_person_pass": float((negative >= t).mean()),
-        }
-        for name, t in at.items()
-    }
-    return out
+    return pair_score_summary(scores[same], scores[different])
 
 
 def app_features(weights: str, samples) -> tuple[np.ndarray, float]:

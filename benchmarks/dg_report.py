@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from calibration import pair_score_summary, print_summary  # benchmarks/ is the script's folder, so on the path
 
 from fanet.checkpoint import checkpoint_input_size, model_from_checkpoint, read_checkpoint
-from fanet.data.peta import find_peta_folder, read_dg_splits
+from fanet.data.peta import find_peta_folder, read_dg_splits, read_peta_labels
 from fanet.evaluation.dg import DGResult, PathEmbedder, evaluate_dg, fanet_embedder, load_images
 from fanet.weights import sha256_file
 from reid_app.external_model import ExternalReIDModel
@@ -54,6 +55,38 @@ def peer_embedder(model: ExternalReIDModel) -> PathEmbedder:
     return embed
 
 
+class CachingEmbedder:
+    """Keeps every feature it computes, by path, so the calibration reuses the evaluation's."""
+
+    def __init__(self, embed: PathEmbedder) -> None:
+        self.embed = embed
+        self.features: dict[str, np.ndarray] = {}
+
+    def __call__(self, paths: list[str]) -> np.ndarray:
+        features = self.embed(paths)
+        self.features.update(zip(paths, features, strict=True))
+        return features
+
+
+def dg_pair_scores(features: dict[str, np.ndarray], peta_root: str, splits) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine scores of every query-gallery pair of every split and set: same person (always seen
+    by another camera or at another time here) and different people."""
+    labels = read_peta_labels(peta_root)
+    positive, negative = [], []
+    for split in splits:
+        for subset in split.values():
+            query, gallery = subset["query"], subset["gallery"]
+            q = np.stack([features[labels[f].path] for f in query])
+            g = np.stack([features[labels[f].path] for f in gallery])
+            q = q / np.linalg.norm(q, axis=1, keepdims=True)
+            g = g / np.linalg.norm(g, axis=1, keepdims=True)
+            same = np.array([labels[f].pid for f in query])[:, None] == np.array([labels[f].pid for f in gallery])
+            scores = q @ g.T
+            positive.append(scores[same])
+            negative.append(scores[~same])
+    return np.concatenate(positive), np.concatenate(negative)
+
+
 def run(name: str, embed: PathEmbedder, peta_root: str, splits, extra: dict[str, object]) -> DGResult:
     result = evaluate_dg(embed, peta_root, splits)
     result.extra.update(extra)
@@ -77,6 +110,8 @@ def main() -> None:
     parser.add_argument("--ov-precision", default="f32", choices=("f32", "bf16", "default"),
                         help="OpenVINO inference precision of the OMZ peers (default: its own, bf16 on CPUs with it)")
     parser.add_argument("--json", help="also write every figure (per split too) to this JSON file")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="also print the FA-Net checkpoints' same/different-person score distributions")
     args = parser.parse_args()
     if not args.weights and args.skip_peers:
         parser.error("nothing to evaluate: give --weights or drop --skip-peers")
@@ -99,8 +134,13 @@ def main() -> None:
             "weights": weights, "sha256": sha256_file(weights), "input_size": [height, width],
             "flip": not args.no_flip, "meta": payload.get("meta", {}),
         }
-        embed = fanet_embedder(model, height, width, flip=not args.no_flip)
-        rows.append((name, run(name, embed, args.peta_root, splits, extra)))
+        embed = CachingEmbedder(fanet_embedder(model, height, width, flip=not args.no_flip))
+        result = run(name, embed, args.peta_root, splits, extra)
+        rows.append((name, result))
+        if args.calibrate:
+            summary = pair_score_summary(*dg_pair_scores(embed.features, args.peta_root, splits))
+            print_summary(f"{name} on the DG sets", summary)
+            result.extra["scores"] = summary
 
     if not args.skip_peers:
         for name, path in PEERS:
