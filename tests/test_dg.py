@@ -15,7 +15,7 @@ import numpy as np
 import openvino as ov
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli, tiny_peta_root, trimmed
 from torch.utils.data import DataLoader
 
 from fanet.checkpoint import load_inference_model
@@ -61,19 +61,6 @@ def tiny_split(peta: Path, labels):
 @pytest.fixture(scope="module")
 def tiny_result(peta: Path, tiny_split, shipped_model):
     return evaluate_dg(fanet_embedder(shipped_model, 256, 128), peta, [tiny_split])
-
-
-def trimmed(split, labels, queries: int, distractors: int):
-    """``split`` cut to its first ``queries`` queries, their gallery matches and ``distractors`` other
-    gallery images per set: a small but still valid DG split."""
-    out = {}
-    for name in DG_TEST_SUBSETS:
-        query = list(split[name]["query"][:queries])
-        pids = {labels[f].pid for f in query}
-        gallery = [f for f in split[name]["gallery"] if labels[f].pid in pids]
-        gallery += [f for f in split[name]["gallery"] if labels[f].pid not in pids][:distractors]
-        out[name] = {"query": query, "gallery": gallery}
-    return out
 
 
 def hashed_embedder(labels, noise: float = 1.5):
@@ -195,18 +182,8 @@ def test_shipped_fanet_on_a_trimmed_split(tiny_result) -> None:
     assert 0.25 < tiny_result.mean_rank1 < 0.95 and 0.3 < tiny_result.mean_mAP < 0.95
 
 
-def _tiny_peta(tmp_path: Path, peta: Path, split) -> Path:
-    """A peta_reid folder in tmp: the real images and labels.csv (linked, not copied) and one split."""
-    folder = tmp_path / "data" / "peta_reid"
-    folder.mkdir(parents=True)
-    (folder / "images").symlink_to(peta / "images")
-    (folder / "labels.csv").symlink_to(peta / "labels.csv")
-    (folder / "dg_splits.json").write_text(json.dumps({"protocol": "test", "seed": 0, "splits": [split]}))
-    return folder
-
-
 def test_cli_evaluate_dg(tmp_path: Path, peta: Path, tiny_split, tiny_result, capsys, monkeypatch) -> None:
-    folder = _tiny_peta(tmp_path, peta, tiny_split)
+    folder = tiny_peta_root(tmp_path, peta, tiny_split)
     out_json = tmp_path / "dg.json"
     code, out, err = run_cli(
         ["eval", "--protocol", "dg", "--checkpoint", str(SHIPPED), "--data-root", str(folder.parent),
@@ -238,7 +215,7 @@ def test_cli_evaluate_dg(tmp_path: Path, peta: Path, tiny_split, tiny_result, ca
     ],
 )
 def test_cli_evaluate_dg_bad_input(case, message, tmp_path: Path, peta: Path, tiny_split, capsys, monkeypatch) -> None:
-    root = _tiny_peta(tmp_path, peta, tiny_split).parent
+    root = tiny_peta_root(tmp_path, peta, tiny_split).parent
     args = ["evaluate", "--checkpoint", str(SHIPPED), "--data-root", str(root), "--protocol", "dg"]
     if case == "missing folder":
         args[4] = str(tmp_path / "nowhere")

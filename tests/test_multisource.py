@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli, tiny_peta_root, trimmed
 from typer.testing import CliRunner
 
 from fanet.config import DataConfig, DatasetName, parse_sources
 from fanet.data.datasets import UNKNOWN_CAMERA, build_dataset
 from fanet.data.loaders import build_training_set
-from fanet.data.peta import DG_TEST_SUBSETS, read_peta_labels, read_peta_train
+from fanet.data.peta import DG_TEST_SUBSETS, read_dg_splits, read_peta_labels, read_peta_train
 from fanet.data.sampler import PKSampler
 from fanet.losses import camera_id_loss, relational_distillation_loss
 from reid_app.cli import typer_app as app
@@ -122,10 +122,14 @@ def test_relational_distillation_is_zero_for_the_teachers_geometry_and_pulls_tow
 
 
 def test_train_command_distils_from_an_openvino_teacher_on_two_sources(
-    shared_dir: Path, data_root: Path, tmp_path: Path
+    shared_dir: Path, data_root: Path, tmp_path: Path, tiny_folder_root: Path
 ) -> None:
     pytest.importorskip("openvino")
     run = tmp_path / "run"
+    # The evaluations stay small: a tiny test set, and one real DG split cut to 8 queries a set.
+    peta = data_root / "peta_reid"
+    labels = read_peta_labels(peta)
+    dg_root = tiny_peta_root(tmp_path, peta, trimmed(read_dg_splits(peta)[0], labels, queries=8, distractors=8))
     result = CliRunner().invoke(
         app,
         [
@@ -134,7 +138,7 @@ def test_train_command_distils_from_an_openvino_teacher_on_two_sources(
             "person-reidentification-retail-0287/person-reidentification-retail-0267.onnx"),
             "--variant", "fanet", "--height", "64", "--width", "32", "--batch-p", "4", "--batch-k", "2",
             "--epochs", "1", "--max-iters-per-epoch", "2", "--eval-period", "1", "--workers", "0",
-            "--dg-root", str(data_root),
+            "--test-dataset", "folder", "--test-root", str(tiny_folder_root), "--dg-root", str(dg_root.parent),
             "--optimizer", "adam", "--lr", "0.00035", "--max-per-identity", "8",
             "--teacher", str(shared_dir / TEACHER_0288), "--output", str(run),
         ],
@@ -147,9 +151,14 @@ def test_train_command_distils_from_an_openvino_teacher_on_two_sources(
     rows = list(csv.DictReader((run / "results.csv").open()))
     assert rows[0]["init"] == "reid" and float(rows[0]["distillation_loss"]) > 0
     assert float(rows[0]["camera_id_loss"]) > 0
-    # The evaluation ran both protocols: CUHK03's split and the DG sets (cameras never trained on).
+    # The evaluation ran both protocols: the test set's and the DG sets (cameras never trained on).
     assert 0 < float(rows[0]["R1"]) <= 1 and 0 < float(rows[0]["DG_R1"]) <= 1 and 0 < float(rows[0]["DG_mAP"]) <= 1
     assert "DG protocol: mean R1" in result.output
+    # The teacher embedded only the images the two steps used, once each, and cached them.
+    cache = torch.load(run / "teacher_features.pt", weights_only=True)
+    assert cache["teacher"].endswith("0288.xml") and len(cache["paths"]) == len(cache["known"]) > 16_000
+    assert 0 < int(cache["known"].sum()) <= 2 * 4 * 2 and cache["features"].shape[1] == 256
+    assert torch.allclose(cache["features"][cache["known"]].norm(dim=1), torch.ones(int(cache["known"].sum())))
 
 
 def test_train_command_refuses_unknown_sources_and_a_peta_only_run_with_evaluation(
@@ -163,3 +172,35 @@ def test_train_command_refuses_unknown_sources_and_a_peta_only_run_with_evaluati
         capsys, monkeypatch,
     )  # fmt: skip
     assert code != 0 and err.count("\n") == 1 and "without a query/gallery split" in err
+
+
+def test_teacher_features_are_computed_once_per_image_and_reused_on_resume(
+    shared_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("openvino")
+    from fanet.engine.distillation import TeacherFeatures
+    from reid_app.external_model import ExternalReIDModel
+
+    model = ExternalReIDModel(shared_dir / TEACHER_0288)
+    seen: list[int] = []
+
+    def teacher(images: torch.Tensor) -> torch.Tensor:
+        seen.append(len(images))
+        return model(images)
+
+    samples = build_dataset(DatasetName.CUHK03, data_root).train[:6]
+    cache = tmp_path / "teacher_features.pt"
+    features = TeacherFeatures(teacher, "0288", samples, 256, 128, cache)
+    first = features(torch.tensor([0, 1, 2, 2]))
+    second = features(torch.tensor([2, 3]))
+    assert seen == [3, 1]  # each image once, whatever the batches repeat
+    torch.testing.assert_close(first[2], second[0])
+    torch.testing.assert_close(first[0], model(torch.stack([features._clean_image(0)]))[0])
+    features.save()
+    seen.clear()
+    resumed = TeacherFeatures(teacher, "0288", samples, 256, 128, cache)
+    torch.testing.assert_close(resumed(torch.tensor([3, 0])), torch.stack([second[1], first[0]]))
+    assert seen == []
+    other_teacher = TeacherFeatures(teacher, "0277", samples, 256, 128, cache)
+    other_teacher(torch.tensor([0]))
+    assert seen == [1]  # another teacher's cache is not reused

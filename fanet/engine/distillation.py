@@ -1,18 +1,20 @@
-"""Teacher features for distillation, computed once per run and cached in the run folder.
+"""Teacher features for distillation: each training image embedded once, cached in the run folder.
 
 The teacher (any callable from 0-1 RGB images to features: ``reid_app`` hands in an OpenVINO or
-ONNX re-ID model, so ``fanet`` stays pure PyTorch) embeds every training image once, un-augmented
-at the training input size. The relational distillation term
-(:func:`fanet.losses.relational_distillation_loss`) then compares the student's features of the
+ONNX re-ID model, so ``fanet`` stays pure PyTorch) embeds a training image the first time a batch
+holds it, un-augmented at the training input size, and never again. The relational distillation
+term (:func:`fanet.losses.relational_distillation_loss`) compares the student's features of the
 augmented batch with the teacher's similarities of the same images.
 
 Why cached: a strong teacher costs more than the student's own training step on a CPU (Intel's
 0277 takes ~4-8 s for a 64-image batch on 2 cores, a step of the OSNet FA-Net ~4 s), and a run sees
 each image tens of times. Why un-augmented: the teacher's view of who resembles whom is the target,
-and it is best on clean images; the student learns to keep it under its augmentations.
+and it is best on clean images; the student learns to keep it under its augmentations. Why on first
+use rather than all up front: a short run (or a smoke test) pays only for the images it sees.
 
-The cache (``teacher_features.pt``) records the teacher's name and the image list; a resumed run
-reuses it only when both match, so a changed teacher or training set recomputes it.
+The cache (``teacher_features.pt``, written atomically after each epoch) records the teacher's name
+and the image list; a resumed run reuses it only when both match, so a changed teacher or training
+set starts afresh.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from fanet.checkpoint import save_atomically
 from fanet.data.datasets import Sample
-from fanet.data.transforms import ReIDImageDataset, ReIDTransform
+from fanet.data.transforms import resize_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -36,49 +38,67 @@ Teacher = Callable[[Tensor], Tensor]
 
 
 class TeacherFeatures:
-    """The teacher's feature of every training image, looked up by the batch's dataset indices."""
+    """The teacher's feature of every training image, looked up (or computed on first use) by the
+    batch's dataset indices."""
 
-    def __init__(self, features: Tensor) -> None:
-        self.features = features
-
-    def __call__(self, indices: Tensor) -> Tensor:
-        return self.features[indices.cpu()]
-
-    @classmethod
-    def load_or_compute(
-        cls,
+    def __init__(
+        self,
         teacher: Teacher,
         teacher_name: str,
         samples: Sequence[Sample],
         height: int,
         width: int,
         cache_file: Path,
-        *,
-        batch_size: int = 64,
-        workers: int = 0,
         log: Callable[[str], None] = logger.info,
-    ) -> TeacherFeatures:
-        """The cached features when ``cache_file`` holds this teacher's for these images, else
-        computed (and cached atomically, so an interrupted run never leaves half a file)."""
-        paths = [sample.path for sample in samples]
-        if cache_file.is_file():
-            try:
-                payload = torch.load(cache_file, map_location="cpu", weights_only=True)
-                if payload["teacher"] == teacher_name and payload["paths"] == paths:
-                    log(f"teacher features: {cache_file} ({len(paths)} images)")
-                    return cls(payload["features"])
-                log(f"teacher features in {cache_file} are another teacher's or image list's: recomputing")
-            except (OSError, RuntimeError, KeyError, TypeError) as exc:
-                log(f"teacher features in {cache_file} unreadable ({type(exc).__name__}): recomputing")
-        images = ReIDImageDataset(samples, ReIDTransform(height, width, flip_prob=0.0))
-        loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers)
-        log(f"teacher features: embedding {len(paths)} training images with {teacher_name} (once per run)")
-        chunks = []
-        with torch.no_grad():
-            for batch in loader:
-                chunks.append(teacher(batch["image"]).float().cpu())
-        features = torch.cat(chunks)
-        if features.shape[0] != len(paths):
-            raise ValueError(f"the teacher returned {features.shape[0]} features for {len(paths)} images")
-        save_atomically({"teacher": teacher_name, "paths": paths, "features": features}, cache_file)
-        return cls(features)
+    ) -> None:
+        self.teacher = teacher
+        self.teacher_name = teacher_name
+        self.paths = [sample.path for sample in samples]
+        self.height, self.width = height, width
+        self.cache_file = cache_file
+        self.features: Tensor | None = None  # (N, D), allocated at the first teacher call
+        self.known = torch.zeros(len(self.paths), dtype=torch.bool)
+        self._unsaved = False
+        self._load(log)
+
+    def _load(self, log: Callable[[str], None]) -> None:
+        if not self.cache_file.is_file():
+            return
+        try:
+            payload = torch.load(self.cache_file, map_location="cpu", weights_only=True)
+            if payload["teacher"] != self.teacher_name or payload["paths"] != self.paths:
+                log(f"teacher features in {self.cache_file} are another teacher's or image list's: starting afresh")
+                return
+            self.features = payload["features"]
+            # A cache written whole (no mask) knows every image.
+            self.known = payload.get("known", torch.ones(len(self.paths), dtype=torch.bool))
+        except (OSError, RuntimeError, KeyError, TypeError) as exc:
+            log(f"teacher features in {self.cache_file} unreadable ({type(exc).__name__}): starting afresh")
+            return
+        log(f"teacher features: {int(self.known.sum())} of {len(self.paths)} images cached in {self.cache_file}")
+
+    def __call__(self, indices: Tensor) -> Tensor:
+        indices = indices.cpu()
+        missing = torch.unique(indices[~self.known[indices]])
+        if len(missing):
+            images = torch.stack([self._clean_image(int(i)) for i in missing])
+            with torch.no_grad():
+                computed = self.teacher(images).float().cpu()
+            if self.features is None:
+                self.features = torch.zeros(len(self.paths), computed.shape[1])
+            self.features[missing] = computed
+            self.known[missing] = True
+            self._unsaved = True
+        assert self.features is not None
+        return self.features[indices]
+
+    def _clean_image(self, index: int) -> Tensor:
+        with Image.open(self.paths[index]) as image:
+            return resize_rgb(image, self.height, self.width)
+
+    def save(self) -> None:
+        """Write what is known so far (atomically), if anything new was computed."""
+        if self._unsaved and self.features is not None:
+            payload = {"teacher": self.teacher_name, "paths": self.paths}
+            save_atomically(payload | {"features": self.features, "known": self.known}, self.cache_file)
+            self._unsaved = False

@@ -553,11 +553,9 @@ class Trainer:
         )
         iterations = self.iterations_per_epoch()
         if self.teacher is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)  # every replica reads the cache from it
-            self.teacher_features = TeacherFeatures.load_or_compute(
+            self.teacher_features = TeacherFeatures(
                 self.teacher, Path(config.teacher or "teacher").name, self.dataset.train,
-                config.data.height, config.data.width, self.run_dir / TEACHER_CACHE_FILE,
-                workers=config.data.workers, log=self.log,
+                config.data.height, config.data.width, self.run_dir / TEACHER_CACHE_FILE, log=self.log,
             )  # fmt: skip
         try:
             for epoch in range(self.start_epoch, config.solver.epochs):
@@ -702,6 +700,8 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, result: EpochResult) -> None:
         self.scheduler.step()
+        if self.teacher_features is not None and self.context.is_main:
+            self.teacher_features.save()
         mean_ap = result.metrics.get("mAP")
         is_best = mean_ap is not None and (self.best_map is None or mean_ap > self.best_map)
         if is_best:
