@@ -60,12 +60,15 @@ def _first_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def describe_failure(exc: BaseException) -> str | None:
-    """One line for an environment failure, or None for anything else (a bug: keep its traceback)."""
+def describe_failure(exc: BaseException, *, with_paths: bool = True) -> str | None:
+    """One line for an environment failure, or None for anything else (a bug: keep its traceback).
+    ``with_paths=False``: without the file names, nor the driver's own message (a PostgreSQL error
+    names the server's host, port and user), for an answer to someone who is not the operator."""
     from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415 (kept out of the import of this module)
 
     if isinstance(exc, OSError):
-        where = " ".join(short_path(name) for name in (exc.filename, exc.filename2) if name is not None)
+        names = (exc.filename, exc.filename2) if with_paths else ()
+        where = " ".join(short_path(name) for name in names if name is not None)
         what = exc.strerror or type(exc).__name__
         hint = _OS_HINTS.get(exc.errno or 0, "")
         # The hint first: a long path must not push what to do out of the line.
@@ -74,6 +77,8 @@ def describe_failure(exc: BaseException) -> str | None:
         detail = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
         lowered = detail.lower()
         hint = next((text for fragment, text in _DATABASE_HINTS if fragment in lowered), "check --db")
+        if not with_paths:  # what to do is the operator's to know: the client learns what failed
+            return "the database cannot answer now: the server's log says why"
         return _first_line(f"database error: {detail} ({hint})")
     if isinstance(exc, OverflowError):
         return _first_line(

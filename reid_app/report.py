@@ -67,8 +67,10 @@ def esc(value: object) -> str:
 def _query_with_boxes(image: np.ndarray, result: SearchResult) -> np.ndarray:
     canvas = image.copy()
     thickness = max(2, round(max(image.shape[:2]) / 300))
-    for person in result.persons:
-        x1, y1, x2, y2 = (round(v) for v in person.bbox)
+    # The boxes as found in this image (a large query is decoded reduced; the JSON's boxes are
+    # in the uploaded image's pixels).
+    for person, query_person in zip(result.persons, result.query_persons, strict=True):
+        x1, y1, x2, y2 = (round(v) for v in query_person.bbox)
         cv2.rectangle(canvas, (x1, y1), (x2 - 1, y2 - 1), (255, 102, 0), thickness)
         cv2.putText(canvas, str(person.person), (x1 + 4, y1 + 24), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 102, 0), 2)
     return canvas

@@ -176,8 +176,9 @@ class SearchResult:
 
 
 def load_query_image(path: str | Path) -> np.ndarray:
-    """Read a query image (BGR); a missing, non-image or too large file is a one-line error."""
-    return read_image(path, "query image")
+    """Read a query image (BGR; a large one reduced: :func:`reid_app.images.read_image`); a missing,
+    non-image or too large file is a one-line error."""
+    return read_image(path, "query image").pixels
 
 
 def is_crop_like(image_shape: tuple[int, ...], largest_box_area: float | None) -> bool:
@@ -215,16 +216,22 @@ def crop_shows_person(image: np.ndarray, detector: Any) -> bool:
     return any(box.height >= CONTEXT_MIN_BOX_HEIGHT * crop_height for box in boxes)
 
 
-def select_query_persons(image: np.ndarray, detector: Any, all_persons: bool = False) -> list[QueryPerson]:
-    """The person(s) of the query image to search for (the rule in the module docstring)."""
+def select_query_persons(
+    image: np.ndarray, detector: Any, all_persons: bool = False, shown_size: tuple[int, int] | None = None
+) -> list[QueryPerson]:
+    """The person(s) of the query image to search for (the rule in the module docstring).
+    ``shown_size``: (width, height) of the upright file to name in a message, when ``image`` was
+    decoded reduced."""
     height, width = image.shape[:2]
     boxes = sorted(detector.detect(image, imgsz=query_imgsz(image.shape)), key=lambda d: d.area, reverse=True)
     largest_area = boxes[0].area if boxes else None
     if is_crop_like(image.shape, largest_area) and (boxes or crop_shows_person(image, detector)):
         return [QueryPerson(bbox=(0.0, 0.0, float(width), float(height)), how="whole image (crop-like)", image=image)]
     if not boxes:
+        shown_width, shown_height = shown_size or (width, height)
         raise ReidAppError(
-            f"no person found in the query image ({width}x{height}); give a person crop or a frame showing a person"
+            f"no person found in the query image ({shown_width}x{shown_height}); give a person crop or a frame "
+            "showing a person"
         )
     chosen = boxes if all_persons else boxes[:1]
     return [
@@ -369,10 +376,14 @@ def run_search(
     ``indexes``: a long-lived process (the server) passes its own, so the index is read from disk
     once and then only brought up to date with what other processes added."""
     options.validate()
-    image = load_query_image(query_path)
+    decoded = read_image(query_path, "query image")
+    image = decoded.pixels
+    # A large image is decoded reduced: the boxes reported are in the pixels of the upright file,
+    # as a viewer shows it (the decoder has applied its EXIF orientation already).
+    scale = decoded.reduction
     db = db or Database(config)
     info = require_nonempty(db)
-    persons = select_query_persons(image, detector, options.all_persons)
+    persons = select_query_persons(image, detector, options.all_persons, decoded.size)
     vectors = embedder.embed([p.image for p in persons])
     gallery, _ = (indexes or IndexManager(db, config)).sync(options.level)
     results: list[PersonResults] = []
@@ -391,7 +402,9 @@ def run_search(
                 ]
                 hits = _hits(session, db, options.level, ranked, skipped)
             results.append(
-                PersonResults(person=number, bbox=[round(v, 1) for v in person.bbox], how=person.how, hits=hits)
+                PersonResults(
+                    person=number, bbox=[round(v * scale, 1) for v in person.bbox], how=person.how, hits=hits
+                )
             )
     return SearchResult(
         query_image=str(Path(query_path).resolve()),

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (
@@ -96,6 +97,10 @@ WRITER_LOCK_KEY = 0x72656964
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class DatabaseFileGone(ReidAppError):
+    """The SQLite file was removed or replaced while this process had it open."""
 
 
 class DamagedValueError(ReidAppError):
@@ -383,19 +388,26 @@ def _is_lock_error(exc: OperationalError) -> bool:
 class Database:
     """Engine plus session helpers for one database URL."""
 
-    def __init__(self, config: AppConfig, *, create: bool = False) -> None:
+    def __init__(self, config: AppConfig, *, create: bool = False, pool_size: int | None = None) -> None:
         """Connect. ``create=False`` refuses a SQLite file that does not exist yet (a read command on
-        an empty database must not create one); ``create=True`` makes the file and the schema."""
+        an empty database must not create one); ``create=True`` makes the file and the schema.
+        ``pool_size``: connections kept open at most (default: SQLAlchemy's 5, and 10 more that
+        are closed after use); a threaded server gives as many as its threads may hold at once."""
         self.config = config
         sqlite_path = config.sqlite_path
         if sqlite_path is not None and not sqlite_path.exists():
             if not create:
                 raise ReidAppError(f"the database is empty: {sqlite_path} does not exist (run `reid-app ingest` first)")
             sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            sqlite_path.touch()  # an empty file is an empty database; connections never create one
         elif sqlite_path is not None:
             _check_sqlite_file(sqlite_path)
+        # Which file this is: a long-running process (the server, an ingest) must notice it being
+        # removed or replaced, or it goes on reading the deleted footage and writing into a file
+        # nobody will see again.
+        self._file_identity = _file_identity(sqlite_path) if sqlite_path is not None else None
         try:
-            self.engine = self._make_engine(config)
+            self.engine = self._make_engine(config, pool_size)
         except ImportError as exc:  # the URL's DB-API driver is not installed
             module = (exc.name or "").split(".")[0]
             package = DRIVER_PACKAGES.get(module, module or "the driver named in --db")
@@ -421,11 +433,23 @@ class Database:
             Base.metadata.create_all(connection)
 
     @staticmethod
-    def _make_engine(config: AppConfig) -> Engine:
+    def _make_engine(config: AppConfig, pool_size: int | None = None) -> Engine:
+        # An in-memory SQLite database lives in one connection (SQLAlchemy's SingletonThreadPool or
+        # StaticPool): it has no pool to size, and refuses the arguments of one.
+        in_memory = config.is_sqlite and config.sqlite_path is None
+        pool = {} if pool_size is None or in_memory else {"pool_size": pool_size, "max_overflow": 0}
         if not config.is_sqlite:
-            return create_engine(config.db_url, pool_pre_ping=True)
-        engine = create_engine(config.db_url, connect_args={"timeout": config.busy_timeout_s})
+            return create_engine(config.db_url, pool_pre_ping=True, **pool)
+        engine = create_engine(config.db_url, connect_args={"timeout": config.busy_timeout_s}, **pool)
         busy_ms = int(config.busy_timeout_s * 1000)
+
+        @event.listens_for(engine, "do_connect")
+        def _sqlite_never_create(_dialect, _record, cargs, cparams) -> None:  # noqa: ANN001 - SQLAlchemy's
+            # Read-write, never create (SQLite's default creates a missing file): a database removed
+            # while a process runs must not come back empty at its path under the next connection.
+            if not cparams.get("uri") and cargs and cargs[0] not in ("", ":memory:"):
+                cargs[0] = f"file:{quote(str(cargs[0]))}?mode=rw"
+                cparams["uri"] = True
 
         @event.listens_for(engine, "connect")
         def _sqlite_on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API objects
@@ -443,15 +467,29 @@ class Database:
 
         return engine
 
+    def check_file(self) -> None:
+        """Refuse to go on when the SQLite file was removed or replaced since this process opened it
+        (the connections it holds would read and write the old, unlinked file)."""
+        if self._file_identity is None:
+            return
+        path = self.config.sqlite_path
+        if _file_identity(path) != self._file_identity:
+            raise DatabaseFileGone(
+                f"the database file {path} was removed or replaced while this process was using it: "
+                "restart it (on the restored file, or after `reid-app ingest` created a new one)"
+            )
+
     def has_schema(self) -> bool:
         from sqlalchemy import inspect
 
+        self.check_file()
         return inspect(self.engine).has_table(DatabaseInfo.__tablename__)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A session for reading; nothing it does is committed. Objects loaded through it stay
         readable after it closes (closing, unlike a rollback, does not expire them)."""
+        self.check_file()
         with Session(self.engine, expire_on_commit=False) as session:
             yield session
 
@@ -460,6 +498,7 @@ class Database:
         is locked by another process (``work`` must therefore only touch the database)."""
 
         def transaction() -> T:
+            self.check_file()
             with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
                 if self.is_postgresql:
                     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITER_LOCK_KEY})
@@ -590,6 +629,15 @@ def _read_header(path: Path) -> bytes:
             # An open descriptor keeps its inode allocated, so this key cannot name another file later.
             _HEADER_DESCRIPTORS[(opened.st_dev, opened.st_ino)] = descriptor
         return os.pread(descriptor, len(SQLITE_MAGIC), 0)
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, or None when it does not exist."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def _check_sqlite_file(path: Path) -> None:

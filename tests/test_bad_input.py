@@ -1175,7 +1175,15 @@ def test_full_disk(full_disk: Path, two_databases: dict, video: Path, capsys, mo
     """A database on a disk with no byte left: ingest, search and stats say so in one line and
     change nothing."""
     db = full_disk / "db"
-    shutil.copytree(two_databases["root"] / "a", db)
+    source = two_databases["root"] / "a"
+    # An earlier test's pooled connection to the source may close (and delete its -wal/-shm) at
+    # any moment, so the database itself is copied through SQLite's backup API (a consistent
+    # snapshot whatever its log holds) and the rest of the folder file by file.
+    shutil.copytree(source, db, ignore=shutil.ignore_patterns("reid.db", "reid.db-wal", "reid.db-shm"))
+    with contextlib.closing(sqlite3.connect(source / "reid.db")) as src, contextlib.closing(
+        sqlite3.connect(db / "reid.db")
+    ) as dst:
+        src.backup(dst)
     # Closed as a database nobody has open (log checkpointed, no -wal/-shm), in another process.
     checkpoint = "import sqlite3, sys; sqlite3.connect(sys.argv[1]).execute('PRAGMA wal_checkpoint(TRUNCATE)')"
     subprocess.run([sys.executable, "-c", checkpoint, str(db / "reid.db")], check=True, timeout=60)

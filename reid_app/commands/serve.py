@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import sys
 
 import typer
@@ -39,13 +41,21 @@ def serve_command(
         raise ReidAppError(f"--max-upload-mb must be between 1 and 1024, got {max_upload_mb}")
     token = load_token(token_file)
     require_token_for(host, token)
+    config = AppConfig.from_env(db, data_dir, weights=weights, device=device)
+    if config.is_sqlite and config.sqlite_path is None:
+        # Each connection of an in-memory database is a database of its own, and an empty one.
+        raise ReidAppError("serve needs a database file or server in --db, not an in-memory SQLite database")
+    from reid_app.server.limits import max_connections, raise_fd_limit, uvicorn_config
+
+    connections = max_connections(raise_fd_limit())
+    warn(low_fd_limit_warning(connections))
+    check_port_free(host, port)
     # Heavy imports after the cheap checks: a bad flag answers at once.
     import uvicorn
 
     from reid_app.server.app import create_app
     from reid_app.server.state import ServerState
 
-    config = AppConfig.from_env(db, data_dir, weights=weights, device=device)
     state = ServerState.load(
         config,
         detector_weights=detector,
@@ -55,7 +65,7 @@ def serve_command(
     )
     warn(state.embedder.warning())
     app = create_app(state)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn_config(app, host, port, connections_allowed=connections))
     shown = f"[{host}]" if ":" in host else host
 
     original_startup = server.startup
@@ -68,6 +78,33 @@ def serve_command(
 
     server.startup = startup  # type: ignore[method-assign]
     server.run()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on before the models load (~20 s), not after."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as exc:
+        reason = "it is in use by another program" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise ReidAppError(f"cannot listen on {host} port {port}: {reason} (choose another --port)") from None
+
+
+def low_fd_limit_warning(connections: int) -> str | None:
+    """A line for the operator when the file-descriptor limit leaves room for few connections: a
+    handful of slow clients (or browser tabs, each holding several) would then take them all."""
+    from reid_app.server.limits import FD_RESERVE, FEW_CONNECTIONS  # noqa: PLC0415 (after the cheap checks)
+
+    if connections >= FEW_CONNECTIONS:
+        return None
+    return (
+        f"the file-descriptor limit allows only {connections} open connections (after {FD_RESERVE} kept for the "
+        f"database, models and uploads): raise it (`ulimit -n 4096`, or LimitNOFILE= in a systemd unit)"
+    )
 
 
 def register(app: typer.Typer) -> None:

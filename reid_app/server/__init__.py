@@ -3,6 +3,8 @@ index and embedder as the CLI. Routes parse requests and present results; every 
 Pipeline function (:mod:`reid_app.search`, :mod:`reid_app.overview`, :mod:`reid_app.identities`).
 
 - :mod:`.state`: what is loaded once per process (models, database, index) and how threads share it.
-- :mod:`.security`: access token, Host check, upload size limit, response headers.
+- :mod:`.security`: access token, Host and origin checks, upload size limit, response headers (and
+  the list of every rule, with why).
+- :mod:`.limits`: connection and request limits: timeouts, connection cap, the queue of heavy requests.
 - :mod:`.app`: the FastAPI application (routes, error mapping, static page).
 """

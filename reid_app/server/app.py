@@ -12,14 +12,20 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib.resources import files
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+import anyio.to_thread
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reid_app.config import MAX_CAMERA_ID
@@ -37,9 +43,10 @@ from reid_app.overview import (
 )
 from reid_app.safetext import plain
 from reid_app.search import MAX_TOP_K, SearchOptions, model_dict, run_search
-from reid_app.server.security import GuardMiddleware
+from reid_app.server.limits import UPLOADS_AT_ONCE, WORKER_THREADS, HeavyWork
+from reid_app.server.security import SECURITY_HEADERS, GuardMiddleware
 from reid_app.server.state import ServerState
-from reid_app.store import DamagedValueError, as_utc, check_model_identity, require_nonempty
+from reid_app.store import DamagedValueError, DatabaseFileGone, as_utc, check_model_identity, require_nonempty
 
 logger = logging.getLogger("reid_app.server")
 
@@ -50,6 +57,13 @@ MAX_ROW_ID = 2**63 - 1
 #: Query image file names shown back in results: a name, never a server path.
 MAX_NAME = 200
 
+#: Failures of the machine rather than of the request or the code (:func:`describe_failure`): 503.
+#: Of the database's errors, only those of its state (locked, disk, server unreachable, pool
+#: exhausted): any other (a constraint, a statement the database refuses) is a bug, a 500 whose
+#: traceback the log keeps. The file removed under the server (DatabaseFileGone) has its own handler.
+MACHINE_FAILURES = (OSError, OperationalError, SQLAlchemyTimeoutError, OverflowError, MemoryError)
+SECURITY_HEADERS_TEXT = [(name.decode(), value.decode()) for name, value in SECURITY_HEADERS]
+
 RowId = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID)]
 Camera = Annotated[int, Query(ge=1, le=MAX_CAMERA_ID)]
 UNTRAINED_NOTE = (
@@ -58,13 +72,15 @@ UNTRAINED_NOTE = (
 )
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": plain(message)}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": plain(message)}, status_code=status, headers=headers)
 
 
-def create_app(state: ServerState) -> FastAPI:
-    """The application over ``state`` (loaded models, database, index)."""
+def create_app(state: ServerState, *, uploads_at_once: int = UPLOADS_AT_ONCE) -> FastAPI:
+    """The application over ``state`` (loaded models, database, index). ``uploads_at_once``:
+    requests with a body in progress at once (:mod:`.limits`)."""
     app = FastAPI(
+        lifespan=_lifespan,
         title="reid-app",
         version="1",
         summary="Person re-identification across cameras: search, tracks, detections, cameras, identities.",
@@ -78,11 +94,19 @@ def create_app(state: ServerState) -> FastAPI:
         token=state.token,
         loopback_only=state.loopback_only,
         max_upload_bytes=state.max_upload_bytes,
+        uploads_at_once=uploads_at_once,
     )
     _add_error_handlers(app)
     _add_api(app, state)
     _add_page(app)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    # The threads that run requests: as many as the database pool serves (ServerState.load).
+    anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
+    yield
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -95,6 +119,13 @@ def _add_error_handlers(app: FastAPI) -> None:
         # Not the request's fault: the stored data's. Its one line names the column to fix.
         logger.warning("request failed: %s", exc)
         return _error(500, str(exc))
+
+    @app.exception_handler(DatabaseFileGone)
+    async def database_gone(_request: Request, exc: DatabaseFileGone) -> JSONResponse:
+        # The machine's state, not the request: every request is refused until a restart (the
+        # message for the log names the file; the answer does not).
+        logger.warning("request refused: %s", exc)
+        return _error(503, "the database file was removed or replaced while the server was running: restart the server")
 
     @app.exception_handler(NotFound)
     async def not_found(_request: Request, exc: NotFound) -> JSONResponse:
@@ -110,16 +141,27 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail), exc.headers)
+
+    async def machine_failure(_request: Request, exc: Exception) -> JSONResponse:
+        # The machine, not the request (disk, database): one line in the log, naming the file, for
+        # the operator to act on; the answer names no server path. Handled here, inside the app,
+        # so that it is not re-raised to uvicorn (which would log its traceback, SQL and all).
+        logger.warning("request failed: %s", describe_failure(exc))
+        return _error(503, describe_failure(exc, with_paths=False) or "the server cannot answer now")
+
+    for failure_type in MACHINE_FAILURES:
+        app.add_exception_handler(failure_type, machine_failure)
 
     @app.exception_handler(Exception)
     async def failure(_request: Request, exc: Exception) -> JSONResponse:
-        message = describe_failure(exc)
-        if message is not None:  # the machine, not the request: the operator can act on it
-            logger.warning("request failed: %s", message)
-            return _error(503, message)
-        logger.exception("internal error")
-        return _error(500, "internal error (see the server log)")
+        # Whatever escaped the handlers above: a bug (500), or a failure of the machine raised
+        # outside the app's own error handling. Starlette answers from outside the middleware
+        # stack, so the security headers are added here; it then re-raises the exception, and
+        # uvicorn logs its traceback.
+        message = describe_failure(exc, with_paths=False) if isinstance(exc, MACHINE_FAILURES) else None
+        status, text = (503, message) if message is not None else (500, "internal error (see the server log)")
+        return _error(status, text, dict(SECURITY_HEADERS_TEXT))
 
 
 def _save_upload(upload: UploadFile, folder: str) -> Path:
@@ -137,6 +179,8 @@ def _save_upload(upload: UploadFile, folder: str) -> Path:
 
 
 def _add_api(app: FastAPI, state: ServerState) -> None:
+    heavy = [Depends(HeavyWork())]  # the admission rule of .limits: one queue for all heavy routes
+
     @app.get(f"{API}/status", tags=["status"])
     def status() -> dict[str, Any]:
         """The model the server embeds with, the database's model, and the warning that applies."""
@@ -146,7 +190,7 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
         if warning is None and stored is not None and not stored["trained"]:
             warning = UNTRAINED_NOTE
         return {
-            "database": state.config.safe_db_url,
+            "database": state.db.engine.dialect.name,
             "embedder": {
                 "name": state.embedder.model_name,
                 "dim": state.embedder.dim,
@@ -165,7 +209,7 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
             "max_upload_bytes": state.max_upload_bytes,
         }
 
-    @app.post(f"{API}/search", tags=["search"])
+    @app.post(f"{API}/search", tags=["search"], dependencies=heavy)
     def search(
         image: Annotated[UploadFile, File(description="Query photo: a person crop or a whole frame.")],
         top_k: Annotated[int, Form(ge=1, le=MAX_TOP_K)] = 10,
@@ -206,12 +250,12 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
         result.query_image = _upload_name(image)
         if result.skipped:
             logger.warning("search: %s", result.skipped_warning())
-        return result.to_json_dict()
+        return api_json(result.to_json_dict())
 
-    @app.get(f"{API}/cameras", tags=["cameras"])
+    @app.get(f"{API}/cameras", tags=["cameras"], dependencies=heavy)
     def cameras() -> dict[str, Any]:
         """What ``reid-app stats --json`` shows: per camera counts and time spans, model, indexes."""
-        return collect_stats(state.config, state.db, state.indexes)
+        return api_json(collect_stats(state.config, state.db, state.indexes))
 
     @app.get(f"{API}/tracks", tags=["tracks"])
     def tracks(
@@ -231,17 +275,17 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
             limit=limit,
             offset=offset,
         )
-        return {"tracks": rows}
+        return api_json({"tracks": rows})
 
     @app.get(f"{API}/tracks/{{track_id}}", tags=["tracks"])
     def track(track_id: RowId) -> dict[str, Any]:
         """One track and all its stored crops."""
-        return track_detail(state.db, track_id)
+        return api_json(track_detail(state.db, track_id))
 
     @app.get(f"{API}/detections/{{detection_id}}", tags=["detections"])
     def detection(detection_id: RowId) -> dict[str, Any]:
         """One stored crop: camera, frame, time, box."""
-        return detection_detail(state.db, detection_id)
+        return api_json(detection_detail(state.db, detection_id))
 
     @app.get(
         f"{API}/detections/{{detection_id}}/thumbnail",
@@ -256,6 +300,7 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
     @app.get(
         f"{API}/detections/{{detection_id}}/frame",
         tags=["detections"],
+        dependencies=heavy,
         response_class=Response,
         responses={200: {"content": {"image/jpeg": {}}}},
     )
@@ -273,7 +318,7 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
         payload["computed_at"] = as_utc(computed).isoformat() if computed is not None else None
         return payload
 
-    @app.post(f"{API}/identities", tags=["identities"])
+    @app.post(f"{API}/identities", tags=["identities"], dependencies=heavy)
     def recompute_identities(
         threshold: Annotated[float | None, Query(ge=0.0, le=2.0)] = None,
         linkage: Annotated[Literal["average", "complete"], Query()] = "average",
@@ -283,6 +328,34 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
         threshold = state.config.identity_threshold if threshold is None else threshold
         summaries = compute_identities(state.db, threshold, linkage)
         return identities_payload(summaries, threshold, linkage, bool(info.model_is_trained))
+
+
+def api_json(payload: Any) -> Any:  # noqa: ANN401 - any JSON document
+    """A Pipeline JSON document as the API gives it: the same, but for the server paths in it.
+    The CLI's user is the operator on this machine; an API client is told ids, names and URLs:
+    ``video_path`` becomes ``video`` (the file's name), ``thumbnail`` the crop's URL, the
+    ``database`` URL its kind, and the ``index_folder`` is left out."""
+    if isinstance(payload, list):
+        return [api_json(item) for item in payload]
+    if not isinstance(payload, dict):
+        return payload
+    shown: dict[str, Any] = {}
+    for key, value in payload.items():
+        if key == "video_path":
+            shown["video"] = _video_name(value)
+        elif key == "thumbnail":
+            detection = payload.get("detection_id")
+            shown[key] = f"{API}/detections/{detection}/thumbnail" if value is not None and detection else None
+        elif key == "database" and isinstance(value, str):
+            shown[key] = value.split(":", 1)[0].split("+", 1)[0]  # sqlite, postgresql (not the driver)
+        elif key != "index_folder":
+            shown[key] = api_json(value)
+    return shown
+
+
+def _video_name(path: str) -> str:
+    # A stream's URL may carry credentials and hosts: only the last part of its path is shown.
+    return PurePosixPath(urlsplit(path).path if "://" in path else path).name
 
 
 def _camera(value: int) -> int:
@@ -302,17 +375,22 @@ def _upload_name(upload: UploadFile) -> str:
 
 
 def _add_page(app: FastAPI) -> None:
-    def static_file(name: str, media_type: str) -> FileResponse:
-        return FileResponse(str(STATIC / name), media_type=media_type)
+    # Three small files, read once and served from memory on the event loop: the page never
+    # waits for a thread that heavy requests may be using.
+    media_types = {
+        "index.html": "text/html; charset=utf-8",
+        "app.js": "text/javascript; charset=utf-8",
+        "style.css": "text/css; charset=utf-8",
+    }
+    contents = {name: (STATIC / name).read_bytes() for name in media_types}
 
-    @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
-        return static_file("index.html", "text/html; charset=utf-8")
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def page() -> Response:
+        return Response(contents["index.html"], media_type=media_types["index.html"])
 
-    @app.get("/static/{name}", include_in_schema=False)
-    def asset(name: str) -> FileResponse:
+    @app.api_route("/static/{name}", methods=["GET", "HEAD"], include_in_schema=False)
+    async def asset(name: str) -> Response:
         # A fixed list: no path from the request ever reaches the file system.
-        known = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
-        if name not in known:
+        if name not in media_types or name == "index.html":
             raise NotFound(f"no such file: {name[:60]}")
-        return static_file(name, known[name])
+        return Response(contents[name], media_type=media_types[name])

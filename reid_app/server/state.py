@@ -41,6 +41,7 @@ import numpy as np
 
 from reid_app.config import AppConfig
 from reid_app.index import GalleryIndex, IndexManager, SyncReport
+from reid_app.server.limits import WORKER_THREADS
 from reid_app.store import Database
 
 #: Most requests one model call serves (the rest wait for the next): bounds the memory of a batch.
@@ -294,7 +295,9 @@ class ServerState:
         from reid_app.ingest import load_detector, load_embedder
         from reid_app.store import check_model_identity
 
-        db = Database(config, create=True)
+        # Two connections per request thread (a search reads a thumbnail inside its session): a
+        # request never waits for the pool, nor fails with "QueuePool limit" under load.
+        db = Database(config, create=True, pool_size=2 * WORKER_THREADS)
         embedder = embedder or load_embedder(config)
         # A database of another model is refused at start, not at the first search.
         check_model_identity(db.info(), embedder.model_name, embedder.weights_sha256, embedder.dim)

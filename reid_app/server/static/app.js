@@ -263,7 +263,7 @@ async function openDetail(detectionId, trackId, title) {
   $("detail").showModal();
   try {
     const track = await api(`/tracks/${encodeURIComponent(trackId)}`);
-    $("detail-note").textContent = `camera ${track.camera} · track ${track.track_id} · ${stamp(track.start)} – ${clock(track.end)} UTC · ${track.video_path}`;
+    $("detail-note").textContent = `camera ${track.camera} · track ${track.track_id} · ${stamp(track.start)} – ${clock(track.end)} UTC · ${track.video}`;
     for (const d of track.detections) {
       crops.append(el("figure", {}, el("img", { src: thumbUrl(d.detection_id), alt: `crop ${d.detection_id}` }),
         el("figcaption", {}, clock(d.time))));
