@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,32 @@ class CheckpointError(ValueError):
     """A file that is not a usable FA-Net checkpoint (one-line message)."""
 
 
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for ([^:]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[([^\]]*)\]\)"
+)
+_KEY_LIST = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: (.*)")
+
+
+def state_dict_mismatch(exc: BaseException) -> str:
+    """A short, whole sentence for why weights do not load: torch's ``load_state_dict`` message
+    (hundreds of keys long) summarised as counts and a first example, never cut mid-word."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    parts = []
+    sizes = _SIZE_MISMATCH.findall(text)
+    if sizes:
+        name, stored, expected = sizes[0]
+        more = f" and {len(sizes) - 1} more tensor(s)" if len(sizes) > 1 else ""
+        parts.append(f"{name} has shape [{stored}] in the file but [{expected}] in the model{more}")
+    for kind, keys in _KEY_LIST.findall(text):
+        names = re.findall(r'"([^"]+)"', keys)
+        if names:
+            parts.append(f"{len(names)} {kind.lower()} tensor(s), e.g. {names[0]}")
+    return "; ".join(parts) if parts else text.splitlines()[0]
+
+
 def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate the header of an FA-Net checkpoint file."""
     path = Path(path)
@@ -37,9 +64,10 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or foreign files
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        # torch's first sentence says what is wrong; the rest (advice on weights_only) is not for a user.
+        detail = str(exc).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(exc).strip() else ""
         reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable FA-Net checkpoint ({reason[:160]})") from None
+        raise CheckpointError(f"{path} is not a readable FA-Net checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an FA-Net checkpoint (no 'format: fanet' header)")
     if payload.get("version") != CHECKPOINT_VERSION:
@@ -88,8 +116,7 @@ def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"{source} does not match the FA-Net architecture ({first[:160]})") from None
+        raise CheckpointError(f"{source} does not match the FA-Net architecture ({state_dict_mismatch(exc)})") from None
     if missing or unexpected:
         sample = (missing or unexpected)[:3]
         raise CheckpointError(

@@ -4,6 +4,7 @@ database, the index files and the thumbnails exactly as they were."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -238,6 +239,21 @@ def test_console_script_exit_code_and_stderr(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: the database is empty")
+
+
+def test_a_stream_that_cannot_be_opened_is_one_line_without_ffmpeg_noise(tmp_path: Path) -> None:
+    """An RTSP camera that refuses the connection: FFmpeg's and OpenCV's own warnings used to come
+    before the error line; now the error line is all (a fresh process: the log levels are read
+    when cv2 is first imported)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENCV_LOG", "OPENCV_FFMPEG"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "reid_app.cli", "ingest", "rtsp://127.0.0.1:9/camera", "--camera", "1",
+         "--db", db_url(tmp_path / "rtsp")],
+        cwd=REPO, capture_output=True, text=True, timeout=180, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr == "error: cannot open video stream: rtsp://127.0.0.1:9/camera\n"
 
 
 def test_same_video_being_ingested_by_another_process(filled: Path, video: Path, capsys, monkeypatch) -> None:

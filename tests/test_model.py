@@ -304,3 +304,19 @@ def test_checkpoint_input_size_sources() -> None:
     assert checkpoint_input_size({"train_config": {"data": {"height": 256, "width": 96}}}) == (256, 96)
     assert checkpoint_input_size({"meta": {"input_size": [128, 64]}}) == (128, 64)
     assert checkpoint_input_size({}) == (384, 128)  # the paper's size
+
+
+def test_a_checkpoint_of_another_shape_is_described_in_whole_words(tmp_path) -> None:
+    """torch's load_state_dict message runs to hundreds of keys; the error names the first
+    mismatch and counts the rest instead of cutting the text mid-word."""
+    other = FANet(FANetConfig(backbone="mobilenetv2", embed_dim=128), num_classes=0).eval()
+    path = save_inference_checkpoint(other, tmp_path / "other.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["embed_dim"] = 256  # the header says one shape, the weights another
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as error:
+        load_inference_model(path)
+    message = str(error.value)
+    assert "has shape [128, 1280] in the file but [256, 1280] in the model and" in message
+    assert message.endswith("more tensor(s))")
+

@@ -309,6 +309,9 @@ def test_cli_errors_are_one_line(tiny_market_root: Path, tmp_path: Path) -> None
     ])
     assert result.exit_code != 0 and isinstance(result.exception, ReidAppError)
     assert "does not exist" in str(result.exception) and "\n" not in str(result.exception)
+    # Without ImageNet weights (none offline) a wrong --data-root is still the error reported.
+    result = runner.invoke(typer_app, ["train", "--dataset", "market1501", "--data-root", str(tmp_path / "missing")])
+    assert isinstance(result.exception, ReidAppError) and "does not exist" in str(result.exception)
     result = runner.invoke(typer_app, [
         "train", "--dataset", "market1501", "--data-root", str(tiny_market_root),
         "--pretrained", str(tmp_path / "r50.pth"),

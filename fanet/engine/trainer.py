@@ -48,6 +48,7 @@ from fanet.checkpoint import (
     read_checkpoint,
     save_atomically,
     save_inference_checkpoint,
+    state_dict_mismatch,
 )
 from fanet.config import (
     Backbone,
@@ -199,8 +200,7 @@ def load_training_model(path: str | os.PathLike[str]) -> tuple[FANet, dict[str, 
         model = FANet(config, num_classes=int(payload["num_classes"]), num_cameras=int(payload["num_cameras"]))
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} does not match the FA-Net architecture ({first_line[:160]})") from None
+        raise CheckpointError(f"{path} does not match the FA-Net architecture ({state_dict_mismatch(exc)})") from None
     return model.eval(), payload
 
 
@@ -370,7 +370,6 @@ class Trainer:
         from fanet.data.loaders import build_training_set  # noqa: PLC0415
 
         config = self.config
-        imagenet_file = resolve_imagenet_weights(config)
         test_name = config.data.test_dataset or config.data.dataset
         if config.eval_period > 0 and test_name is DatasetName.PETA:
             raise ValueError(
@@ -382,6 +381,8 @@ class Trainer:
 
             read_dg_splits(config.dg_root)  # a wrong folder fails now, not at the first evaluation
         self.dataset = build_training_set(config.data)
+        # After the data: a wrong --data-root is the mistake to report, not a missing weights file.
+        imagenet_file = resolve_imagenet_weights(config)
         self.num_classes = self.dataset.num_train_pids
         self.num_cameras = self.dataset.num_train_cams
         if config.model.use_background and self.num_cameras == 0:
