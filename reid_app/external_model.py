@@ -35,9 +35,11 @@ antialiased) before the network; the DG evaluation loads them at that size alrea
 
 from __future__ import annotations
 
+import functools
 import os
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,6 +89,16 @@ def _static_size(dims: list[object]) -> tuple[int, int] | None:
     return (height, width) if isinstance(height, int) and isinstance(width, int) else None
 
 
+@functools.cache
+def openvino_core() -> Any:
+    """The process's one OpenVINO runtime. Why one: each ``ov.Core`` loads the device plugins and
+    unloads them when collected, while models compiled by it may live on; created per model and
+    freed at the garbage collector's whim, cores crashed the test process (SIGSEGV) much later."""
+    import openvino as ov  # noqa: PLC0415 (an optional dependency)
+
+    return ov.Core()
+
+
 class ExternalReIDModel:
     """An OpenVINO IR (``.xml``) or ONNX (``.onnx``) re-ID model as a callable on 0-1 RGB batches.
 
@@ -131,10 +143,9 @@ class ExternalReIDModel:
 
     def _load_openvino(self, threads: int | None, precision: str | None) -> tuple[int, int] | None:
         try:
-            import openvino as ov  # noqa: PLC0415 (an optional dependency)
+            core = openvino_core()
         except ImportError:
             raise ValueError(f"{self.path.name} needs the 'openvino' package: pip install openvino") from None
-        core = ov.Core()
         model = core.read_model(str(self.path))
         if len(model.inputs) != 1:
             raise ValueError(f"{self.path}: expected one input image tensor, found {len(model.inputs)} inputs")

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import openvino as ov
 import pytest
 import torch
 from helpers import run_cli, tiny_peta_root, trimmed
@@ -24,7 +23,7 @@ from fanet.data.peta import DG_TEST_SUBSETS, read_dg_splits, read_peta_labels
 from fanet.data.transforms import ReIDImageDataset, ReIDTransform
 from fanet.engine.evaluator import extract_features
 from fanet.evaluation.dg import evaluate_dg, fanet_embedder, load_images
-from reid_app.external_model import ExternalReIDModel, InputConvention
+from reid_app.external_model import ExternalReIDModel, InputConvention, openvino_core
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "weights" / "fanet_mobilenetv2_cuhk03.pt"
@@ -257,7 +256,7 @@ def test_adapter_reproduces_openvino(omz: Path, viper_pairs) -> None:
     features = model(images)
     assert features.dtype == torch.float32 and features.device.type == "cpu" and features.shape == (12, 256)
     # OpenVINO's own call as PROVENANCE.md shows it: one image at a time, BGR 0..255, float32.
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = openvino_core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     direct = np.concatenate([compiled(image[None].flip(1).numpy() * 255)[0] for image in images])
     direct /= np.linalg.norm(direct, axis=1, keepdims=True)
     np.testing.assert_allclose(features.numpy(), direct, atol=1e-5)
@@ -273,7 +272,7 @@ def test_channel_order_matters_for_an_intel_model(omz: Path, peta: Path, labels,
     by_pid = {labels[f].pid: f for f in split["gallery"]}
     query = load_images([labels[f].path for f in split["query"][:100]], 256, 128)
     gallery = load_images([labels[by_pid[labels[f].pid]].path for f in split["query"][:100]], 256, 128)
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = openvino_core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     unswapped = compiled(query[:1].numpy() * 255)[0]
     rgb = ExternalReIDModel(xml, convention=InputConvention.RGB_255, threads=2)
     np.testing.assert_allclose(rgb(query[:1]).numpy(), unswapped / np.linalg.norm(unswapped), atol=1e-5)
@@ -309,7 +308,7 @@ def test_adapter_as_a_teacher_flip_and_resize(omz: Path, viper_pairs) -> None:
     flipped = ExternalReIDModel(xml, threads=2, flip=True)
     images = viper_pairs[1][:6]
     # As FA-Net's embed_images: the raw outputs of the image and its mirror summed, then normalised.
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = openvino_core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     both = sum(np.concatenate([compiled(x[None].flip(1).numpy() * 255)[0] for x in batch])
                for batch in (images, images.flip(-1)))
     np.testing.assert_allclose(flipped(images).numpy(), both / np.linalg.norm(both, axis=1, keepdims=True), atol=1e-5)

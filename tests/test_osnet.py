@@ -26,6 +26,7 @@ from fanet.backbones.osnet import (
 )
 from fanet.config import TrainConfig
 from fanet.engine.trainer import PretrainedWeightsError, resolve_imagenet_weights
+from reid_app.external_model import openvino_core
 
 OMZ = Path("weights/openvino_omz_person_reid/intel")
 FILE_0267 = OMZ / "person-reidentification-retail-0287/person-reidentification-retail-0267.onnx"
@@ -80,12 +81,12 @@ def network_0267(file_0267: Path) -> nn.Module:
 def test_backbone_with_the_files_head_reproduces_openvino_on_real_crops(
     file_0267: Path, network_0267: nn.Module, viper_crops
 ) -> None:
-    ov = pytest.importorskip("openvino")
+    pytest.importorskip("openvino")
     network = network_0267
     rgb = torch.from_numpy(viper_crops[:, :, :, ::-1].copy()).permute(0, 3, 1, 2).float()
     with torch.no_grad():
         ours = network((rgb / 255.0 - IMAGENET_MEAN) / IMAGENET_STD)  # FA-Net's own normalisation
-    core = ov.Core()
+    core = openvino_core()
     model = core.read_model(str(file_0267))
     model.reshape([-1, 3, 256, 128])
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
