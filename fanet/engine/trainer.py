@@ -336,8 +336,8 @@ class Trainer:
         self.config = config = dataclasses.replace(config)
         if config.loss.distill_weight > 0 and teacher is None:
             raise ValueError("a distillation weight is set but no teacher model was given")
-        # Maps a batch of 0-1 RGB images (on the CPU) to the teacher's features (N, D); it embeds
-        # the training images once (TeacherFeatures) when training starts.
+        # Maps a batch of 0-1 RGB images (on the CPU) to the teacher's features (N, D); each
+        # training image goes through it once, the first time a batch holds it (TeacherFeatures).
         self.teacher = teacher if config.loss.distill_weight > 0 else None
         self.teacher_features: TeacherFeatures | None = None
         if sync_bn is not None:
@@ -416,7 +416,7 @@ class Trainer:
         except (RuntimeError, OSError, pickle.UnpicklingError) as exc:
             if imagenet_file is None:
                 raise
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            reason = state_dict_mismatch(exc)
             backbone = get_backbone(config.model.backbone.value)
             raise PretrainedWeightsError(
                 f"{imagenet_file} is not a torchvision {backbone.title.removeprefix('ImageNet ')} ImageNet "

@@ -17,6 +17,7 @@ import typer
 from reid_app.errors import ReidAppError
 from reid_app.images import check_image_file
 
+SOURCE_SEPARATOR = "+"  # fanet.config.SOURCE_SEPARATOR, kept here so the CLI imports no torch to parse flags
 DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder", "peta")
 BACKBONES = ("resnet50", "mobilenetv2", "osnet")
 OPTIMIZERS = ("sgd", "adam")
@@ -304,7 +305,7 @@ def train_command(
     ] = None,
 ) -> None:
     """Train FA-Net (Sec. IV-B settings unless overridden). Multi-GPU: torchrun ... -m reid_app train."""
-    for name in (dataset or "").split("+") if dataset else ():
+    for name in dataset.split(SOURCE_SEPARATOR) if dataset else ():
         _choice(name, DATASETS, "--dataset")
     _choice(test_dataset, DATASETS, "--test-dataset")
     _choice(variant, VARIANTS, "--variant")
