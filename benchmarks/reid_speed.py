@@ -38,19 +38,23 @@ def images_per_second(run, batch: int, repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--weights", default=str(REPO_WEIGHTS_DIR / "fanet_mobilenetv2_cuhk03.pt"))
+    parser.add_argument(
+        "--weights", nargs="+", default=[str(REPO_WEIGHTS_DIR / "fanet_mobilenetv2_cuhk03.pt")],
+        help="one or more FA-Net checkpoints, timed in this run (default: the shipped model)",
+    )
     parser.add_argument("--height", type=int, help="default: the checkpoint's input height")
     parser.add_argument("--width", type=int, help="default: the checkpoint's input width")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_inference_model(args.weights).eval()
-    own_height, own_width = checkpoint_input_size(read_checkpoint(args.weights))
-    height, width = args.height or own_height, args.width or own_width
-    fanet_batch = torch.rand(64, 3, height, width)
-    size = f"{height}x{width}"
-    for flip, label in ((False, "one pass"), (True, "flip-averaged, as the app embeds")):
-        fanet_speed = images_per_second(lambda flip=flip: embed_images(model, fanet_batch, flip=flip), 64)
-        print(f"FA-Net (MobileNetV2, {size}, PyTorch, {label}): {fanet_speed:.0f} img/s on {args.threads} threads")
+    for weights in args.weights:
+        model = load_inference_model(weights).eval()
+        own_height, own_width = checkpoint_input_size(read_checkpoint(weights))
+        height, width = args.height or own_height, args.width or own_width
+        fanet_batch = torch.rand(64, 3, height, width)
+        name = f"FA-Net ({model.config.backbone.value}, {height}x{width}, {Path(weights).name}, PyTorch"
+        for flip, label in ((False, "one pass"), (True, "flip-averaged, as the app embeds")):
+            fanet_speed = images_per_second(lambda m=model, b=fanet_batch, flip=flip: embed_images(m, b, flip=flip), 64)
+            print(f"{name}, {label}): {fanet_speed:.0f} img/s on {args.threads} threads")
 
     import onnxruntime as ort  # noqa: PLC0415
 

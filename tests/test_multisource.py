@@ -204,3 +204,11 @@ def test_teacher_features_are_computed_once_per_image_and_reused_on_resume(
     other_teacher = TeacherFeatures(teacher, "0277", samples, 256, 128, cache)
     other_teacher(torch.tensor([0]))
     assert seen == [1]  # another teacher's cache is not reused
+    seen.clear()
+    second_stage_cache = tmp_path / "stage2" / "teacher_features.pt"
+    second_stage_cache.parent.mkdir()
+    second_stage = TeacherFeatures(teacher, "0288", samples, 256, 128, second_stage_cache, earlier_cache=cache)
+    torch.testing.assert_close(second_stage(torch.tensor([0, 3])), torch.stack([first[0], second[1]]))
+    assert seen == []  # an --init-from stage starts from the earlier stage's cache...
+    second_stage.save()
+    assert second_stage_cache.is_file()  # ...and keeps a copy of its own

@@ -50,6 +50,7 @@ class TeacherFeatures:
         width: int,
         cache_file: Path,
         log: Callable[[str], None] = logger.info,
+        earlier_cache: Path | None = None,
     ) -> None:
         self.teacher = teacher
         self.teacher_name = teacher_name
@@ -59,23 +60,28 @@ class TeacherFeatures:
         self.features: Tensor | None = None  # (N, D), allocated at the first teacher call
         self.known = torch.zeros(len(self.paths), dtype=torch.bool)
         self._unsaved = False
-        self._load(log)
+        if self.cache_file.is_file():
+            self._load(self.cache_file, log)
+        elif earlier_cache is not None and earlier_cache.is_file():
+            # A second stage (--init-from) with the same teacher and images starts from the first
+            # stage's cache instead of paying for the teacher again; it then saves its own copy.
+            self._unsaved = self._load(earlier_cache, log)
 
-    def _load(self, log: Callable[[str], None]) -> None:
-        if not self.cache_file.is_file():
-            return
+    def _load(self, cache_file: Path, log: Callable[[str], None]) -> bool:
+        """Take the features cached in ``cache_file`` if they are this teacher's for these images."""
         try:
-            payload = torch.load(self.cache_file, map_location="cpu", weights_only=True)
+            payload = torch.load(cache_file, map_location="cpu", weights_only=True)
             if payload["teacher"] != self.teacher_name or payload["paths"] != self.paths:
-                log(f"teacher features in {self.cache_file} are another teacher's or image list's: starting afresh")
-                return
+                log(f"teacher features in {cache_file} are another teacher's or image list's: starting afresh")
+                return False
             self.features = payload["features"]
             # A cache written whole (no mask) knows every image.
             self.known = payload.get("known", torch.ones(len(self.paths), dtype=torch.bool))
         except (OSError, RuntimeError, KeyError, TypeError) as exc:
-            log(f"teacher features in {self.cache_file} unreadable ({type(exc).__name__}): starting afresh")
-            return
-        log(f"teacher features: {int(self.known.sum())} of {len(self.paths)} images cached in {self.cache_file}")
+            log(f"teacher features in {cache_file} unreadable ({type(exc).__name__}): starting afresh")
+            return False
+        log(f"teacher features: {int(self.known.sum())} of {len(self.paths)} images cached in {cache_file}")
+        return True
 
     def __call__(self, indices: Tensor) -> Tensor:
         indices = indices.cpu()

@@ -557,6 +557,7 @@ class Trainer:
             self.teacher_features = TeacherFeatures(
                 self.teacher, Path(config.teacher or "teacher").name, self.dataset.train,
                 config.data.height, config.data.width, self.run_dir / TEACHER_CACHE_FILE, log=self.log,
+                earlier_cache=Path(config.init_from).parent / TEACHER_CACHE_FILE if config.init_from else None,
             )  # fmt: skip
         try:
             for epoch in range(self.start_epoch, config.solver.epochs):
