@@ -3,10 +3,12 @@
 The repository has no 720p clip, so a sample clip (640x480) is upscaled to 1280x720 first
 (stretched, written as MPEG-4 with OpenCV) — the report says so. The whole pipeline runs as the
 CLI runs it (decode → YOLO11n-pose → ByteTrack → crop selection → FA-Net embedding → SQLite +
-FAISS), on the CPU, sampling 2 frames per second; the untrained FA-Net is used (same cost as a
-trained one). Time spent in the detector and in the embedder is measured by wrapping them.
+FAISS), on the CPU, sampling 2 frames per second, with the shipped FA-Net. Time spent in the detector and in the
+embedder is measured by wrapping them. ``--backend`` picks the runtime of both networks (as the
+CLI's flag); ``--no-upscale`` ingests the video at its own size (e.g. a lab4cam camera).
 
     python benchmarks/ingest_speed.py [--video sample_videos/cam1_square_left.mp4] [--fps 2]
+        [--backend auto|torch|onnxruntime|openvino] [--no-upscale]
 """
 
 from __future__ import annotations
@@ -70,25 +72,40 @@ def main() -> None:
     parser.add_argument("--video", default=str(REPO / "sample_videos" / "cam1_square_left.mp4"))
     parser.add_argument("--fps", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--weights", default=None, help="FA-Net checkpoint (default: the shipped one)")
+    parser.add_argument("--no-upscale", action="store_true", help="ingest the video at its own size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
-        clip = Path(folder) / "clip_720p.mp4"
-        width, height, fps, frames = upscale_to_720p(Path(args.video), clip)
-        print(
-            f"input: {args.video} ({width}x{height}, {fps:g} fps, {frames} frames = {frames / fps:.1f} s), "
-            f"upscaled to {TARGET_SIZE[0]}x{TARGET_SIZE[1]} because no 720p clip is in the repository"
-        )
-        config = AppConfig(db_url=f"sqlite:///{folder}/reid.db", weights="untrained", device="cpu", sample_fps=args.fps)
+        if args.no_upscale:
+            clip = Path(args.video)
+            capture = cv2.VideoCapture(str(clip))
+            fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+            width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+            capture.release()
+            print(f"input: {args.video} ({width}x{height}, {fps:g} fps, {frames} frames = {frames / fps:.1f} s)")
+        else:
+            clip = Path(folder) / "clip_720p.mp4"
+            width, height, fps, frames = upscale_to_720p(Path(args.video), clip)
+            print(
+                f"input: {args.video} ({width}x{height}, {fps:g} fps, {frames} frames = {frames / fps:.1f} s), "
+                f"upscaled to {TARGET_SIZE[0]}x{TARGET_SIZE[1]} because no 720p clip is in the repository"
+            )
+        config = AppConfig(
+            db_url=f"sqlite:///{folder}/reid.db", weights=args.weights, device="cpu", sample_fps=args.fps,
+            backend=args.backend,
+        )  # fmt: skip
         started = time.perf_counter()
         embedder = Timed(load_embedder(config), "embed")
-        detector = Timed(load_detector(None, "cpu"), "detect")
+        detector = Timed(load_detector(None, "cpu", config.backend), "detect")
         loading = time.perf_counter() - started
         summary = ingest_video(config, IngestOptions(video=str(clip), camera=1), embedder=embedder, detector=detector)
         duration = frames / fps
         print(
-            f"device: cpu, {args.threads} torch threads; detector {detector.name}; embedder {embedder.model_name} "
-            f"(untrained; same cost as trained)"
+            f"device: cpu, {args.threads} threads; detector {detector.name} on {detector.backend}; embedder "
+            f"{embedder.model_name} on {embedder.backend.value}"
         )
         print(f"models loaded in {loading:.1f} s (not counted below)")
         print(

@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--ingest-after", type=float, default=5.0)
     parser.add_argument("--ingest-nice", type=int, default=0, help="the ingest's nice level (0: the server's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="auto", help="the server's and the ingest's --backend")
     args = parser.parse_args()
 
     url = prepare(args.work)
@@ -106,7 +107,8 @@ def main() -> None:
     print(f"query pool: {len(crops)} images (the gallery's stored crops and the demo query)")
 
     port = free_port()
-    server = cli("serve", "--db", url, "--port", str(port), stderr=subprocess.PIPE, text=True)
+    serve_flags = ["--db", url, "--port", str(port), "--backend", args.backend]
+    server = cli("serve", *serve_flags, stderr=subprocess.PIPE, text=True)
     for line in server.stderr:
         if "serving" in line:
             break
@@ -165,7 +167,7 @@ def main() -> None:
     def run_ingest() -> None:
         time.sleep(args.ingest_after)
         ingest["started"] = time.perf_counter()
-        flags = ["--camera", str(new_camera), "--db", url, "--quiet"]
+        flags = ["--camera", str(new_camera), "--db", url, "--quiet", "--backend", args.backend]
         # --ingest-nice: the ingest at a lower CPU priority than the server, as an operator would
         # run a batch job on a host that also answers interactive searches.
         process = cli("ingest", str(video), *flags, stdout=subprocess.DEVNULL,

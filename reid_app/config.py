@@ -18,6 +18,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from reid_app.backends import parse_backend
 from reid_app.errors import ReidAppError
 
 DEFAULT_DATA_DIR = Path("data")
@@ -57,6 +58,7 @@ class AppConfig:
     claim_lease_s: float = 60.0
     weights: str | None = None  # embedder weights: a path, "untrained", or None (default file)
     device: str = "auto"
+    backend: str = "auto"  # embedder runtime: auto, torch, onnxruntime, openvino (reid_app.backends)
 
     def __post_init__(self) -> None:
         try:
@@ -66,6 +68,7 @@ class AppConfig:
             raise ReidAppError(f"invalid database URL {shown!r}: {exc}") from None
         if self.data_dir is not None:
             self.data_dir = Path(self.data_dir)
+        self.backend = parse_backend(self.backend).value
 
     @classmethod
     def from_env(cls, db_url: str | None = None, data_dir: str | Path | None = None, **kwargs) -> AppConfig:

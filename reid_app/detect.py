@@ -119,6 +119,7 @@ class DetectorConfig:
     iou: float = 0.5
     imgsz: int = DEFAULT_IMGSZ
     device: str = "auto"
+    backend: str = "auto"  # auto, torch, onnxruntime, openvino (see exported_detector)
 
 
 class PersonDetector(Protocol):
@@ -176,6 +177,8 @@ class YoloPersonDetector:
 
         weights = str(weights)
         is_export_dir = Path(weights).is_dir()
+        self.backend = "openvino" if is_export_dir else "torch"
+        self.name = name or Path(weights).name
         if not is_export_dir:
             require_safe_load()
         if is_export_dir and "openvino" in Path(weights).name and importlib.util.find_spec("openvino") is None:
@@ -187,12 +190,23 @@ class YoloPersonDetector:
             self.model = YOLO(weights, task="detect") if is_export_dir else YOLO(weights)
         except Exception as exc:  # Ultralytics raises many types: download, unpickling, format errors
             raise ReidAppError(f"cannot load detector weights {weights!r}: {_one_line(exc)}") from exc
-        self.name = name or Path(weights).name
-        self.config = config
-        self.device = resolve_device(config.device)
+        if not is_export_dir and Path(weights).is_file() and resolve_device(config.device) == "cpu":
+            # The .pt loaded (so it is a model, read weights-only); run it on the chosen CPU runtime.
+            from reid_app.backends import exported_detector  # noqa: PLC0415 (imports fanet)
+
+            export = exported_detector(Path(weights), config.backend, task=self.model.task)
+            if export is not None:
+                pt_model = self.model
+                try:
+                    self.model = YOLO(str(export.path), task=export.task)
+                    self._predict_blank(config)  # exports load lazily too: a broken one fails here
+                    self.backend = export.backend
+                except Exception as exc:  # a corrupt cached export: PyTorch still runs the .pt
+                    announce(f"detector export {export.path} cannot run ({_one_line(exc)[:120]}); using PyTorch")
+                    self.model = pt_model
         try:
             # YOLO() loads lazily; one tiny prediction makes a bad file fail here, not mid-video.
-            self._predict(np.zeros((64, 64, 3), dtype=np.uint8), classes=None)
+            self._predict_blank(config)
         except Exception as exc:
             raise ReidAppError(f"cannot load detector weights {weights!r}: {_one_line(exc)}") from exc
         self.person_class = _person_class(self.model.names, self.name)
@@ -201,6 +215,10 @@ class YoloPersonDetector:
 
         self._letterbox_type = LetterBox if hasattr(LetterBox, "get_params") else None
         self._check_imgsz = check_imgsz
+
+    def _predict_blank(self, config: DetectorConfig) -> None:
+        self.config, self.device = config, resolve_device(config.device)
+        self._predict(np.zeros((64, 64, 3), dtype=np.uint8), classes=None)
 
     def _predict(
         self,
@@ -274,8 +292,11 @@ class YoloPersonDetector:
         backend = getattr(predictor, "model", None)
         letterbox_type = self._letterbox_type
         rect = getattr(getattr(predictor, "args", None), "rect", False)
-        if letterbox_type is None or not rect or getattr(backend, "format", None) != "pt":
-            return None  # exports may pad to a fixed square; older Ultralytics: no get_params
+        # A fixed-shape export pads to its square (ours are exported with a dynamic shape, which the
+        # predictor letterboxes as PyTorch's); older Ultralytics: no get_params.
+        letterboxed_as_pt = getattr(backend, "format", None) == "pt" or getattr(backend, "dynamic", False) is True
+        if letterbox_type is None or not rect or not letterboxed_as_pt:
+            return None
         stride = int(backend.stride)
         # The predictor rounds imgsz to a stride multiple first (check_imgsz); so must this.
         size = tuple(self._check_imgsz(imgsz, stride=stride, min_dim=2))
@@ -299,6 +320,7 @@ class HogPersonDetector:
     """
 
     name = HOG_NAME
+    backend = "opencv"
 
     def __init__(self, config: DetectorConfig) -> None:
         if not hasattr(cv2, "HOGDescriptor"):

@@ -7,6 +7,7 @@ the model has not been trained for re-identification, so that commands can print
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from fanet.checkpoint import (
 )
 from fanet.inference import embed_images, preprocess_bgr
 from fanet.weights import WeightsNotFoundError, resolve_weights, sha256_file
+from reid_app.backends import InferenceBackend, Warn, choose_backend, load_exported_graph
 from reid_app.errors import ReidAppError
 
 #: The FA-Net shipped in weights/ (MobileNetV2 backbone, trained on CUHK03; see weights/README.md).
@@ -31,6 +33,8 @@ DEFAULT_EMBEDDER_SOURCE = (
     "the repository's weights/ folder (a fresh clone has it), or your own: `reid-app train` then "
     "`reid-app export --checkpoint RUN/best.pt --inference-checkpoint FILE` and --weights FILE"
 )
+logger = logging.getLogger(__name__)
+
 UNTRAINED = "untrained"
 UNTRAINED_SEED = 0
 
@@ -57,6 +61,10 @@ class Embedder:
     from the checkpoint's metadata, else 384×128 (the paper's size). ``batch_size`` crops are
     resized at a time (bounding memory); the forward passes are sized by
     :func:`fanet.inference.embed_images` for the device.
+
+    ``backend`` picks the runtime (:mod:`reid_app.backends`: ``auto``, ``torch``,
+    ``onnxruntime``, ``openvino``); :attr:`backend` says which one runs. ``warn`` receives the one
+    line said when a backend falls back to PyTorch.
     """
 
     def __init__(
@@ -65,6 +73,8 @@ class Embedder:
         device: str = "auto",
         batch_size: int = 32,
         input_size: tuple[int, int] | None = None,
+        backend: str | InferenceBackend = InferenceBackend.AUTO,
+        warn: Warn = logger.warning,
     ) -> None:
         if batch_size < 1:
             raise ReidAppError(f"embedding batch size must be >= 1, got {batch_size}")
@@ -94,6 +104,17 @@ class Embedder:
         self.input_size = tuple(input_size or checkpoint_input_size(payload))
         self.model = model.to(self._device).eval()
         self.dim: int = int(model.feature_dim)
+        self.backend = choose_backend(backend, self._device)
+        self.exported_graph = None
+        if self.backend is not InferenceBackend.TORCH:
+            if self.weights_path is None:  # the untrained demo model: no file to cache an export beside
+                self.backend = InferenceBackend.TORCH
+            else:
+                self.exported_graph = load_exported_graph(
+                    self.backend, model, self.weights_path, self.weights_sha256, self.input_size, warn
+                )
+                if self.exported_graph is None:
+                    self.backend = InferenceBackend.TORCH
 
     @property
     def device(self) -> str:
@@ -119,12 +140,18 @@ class Embedder:
                 images = preprocess_bgr(crops_bgr[start : start + self.batch_size], height=height, width=width)
             except ValueError as exc:
                 raise ReidAppError(f"cannot embed crop batch starting at {start}: {exc}") from None
-            features = embed_images(self.model, images, flip=True)
-            chunks.append(features.numpy().astype(np.float32, copy=False))
+            if self.exported_graph is not None:
+                chunks.append(self.exported_graph.embed(images.numpy()))
+            else:
+                features = embed_images(self.model, images, flip=True)
+                chunks.append(features.numpy().astype(np.float32, copy=False))
         return np.concatenate(chunks)
 
     def __repr__(self) -> str:
-        return f"Embedder({self.model_name!r}, dim={self.dim}, device={self.device}, trained={self.is_trained})"
+        return (
+            f"Embedder({self.model_name!r}, dim={self.dim}, device={self.device}, backend={self.backend.value}, "
+            f"trained={self.is_trained})"
+        )
 
 
 def _resolve_checkpoint(weights: str | None) -> Path:

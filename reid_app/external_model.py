@@ -201,6 +201,15 @@ class ExternalReIDModel:
             )
         return output
 
+    def raw(self, images: np.ndarray) -> np.ndarray:
+        """The network's own output for (N, 3, H, W) 0-1 RGB float32 images at :attr:`input_size`:
+        no flip, no normalisation, in batches of ``batch_size``."""
+        outputs = [
+            self._infer(self.convention.apply(images[start : start + self.batch_size]))
+            for start in range(0, len(images), self.batch_size)
+        ]
+        return np.concatenate(outputs) if outputs else np.empty((0, self.feature_dim), dtype=np.float32)
+
     def embed(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N, 3, H, W) 0-1 RGB images → (N, D) l2-normalised float32 numpy features."""
         if isinstance(images, torch.Tensor):

@@ -510,23 +510,27 @@ def ingest_video(
 
 
 # -- models, shared by `ingest` and `search` -----------------------------------------------------
-def load_embedder(config: AppConfig) -> Any:
-    """The FA-Net embedder for ``config.weights`` (a path, "untrained", or None: the default file);
-    a missing weights file is a one-line error."""
+def load_embedder(config: AppConfig, warn: Callable[[str], None] | None = None) -> Any:
+    """The FA-Net embedder for ``config.weights`` (a path, "untrained", or None: the default file)
+    on ``config.backend``; a missing weights file is a one-line error. ``warn`` receives the line
+    said when the backend falls back to PyTorch (default: the log)."""
     from fanet.checkpoint import CheckpointError
     from fanet.weights import WeightsNotFoundError
     from reid_app.embed import Embedder
 
     try:
-        return Embedder(config.weights, device=config.device, batch_size=config.embed_batch_size)
+        return Embedder(
+            config.weights, device=config.device, batch_size=config.embed_batch_size, backend=config.backend,
+            **({"warn": warn} if warn is not None else {}),
+        )  # fmt: skip
     except CheckpointError as exc:  # e.g. an input size in its metadata that cannot be used
         raise ReidAppError(f"{config.weights}: {exc}") from None
     except (WeightsNotFoundError, FileNotFoundError) as exc:
         raise ReidAppError(str(exc).splitlines()[0] if str(exc) else f"embedder weights not found: {exc}") from None
 
 
-def load_detector(detector_weights: str | None, device: str) -> Any:
-    """The person detector (see :func:`reid_app.detect.build_detector`)."""
+def load_detector(detector_weights: str | None, device: str, backend: str = "auto") -> Any:
+    """The person detector (see :func:`reid_app.detect.build_detector`) on ``backend``'s runtime."""
     from reid_app.detect import DetectorConfig, build_detector
 
-    return build_detector(DetectorConfig(weights=detector_weights, device=device))
+    return build_detector(DetectorConfig(weights=detector_weights, device=device, backend=backend))

@@ -17,6 +17,7 @@ import cv2
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from reid_app.backends import InferenceBackend, backend_summary
 from reid_app.config import AppConfig
 from reid_app.index import INDEX_KINDS, INDEX_TYPE_IVF, IndexManager
 from reid_app.search import model_dict
@@ -36,8 +37,14 @@ class NotFound(LookupError):
     """No row with that id (or its file is gone): a 404 for the server, one line for the CLI."""
 
 
-def collect_stats(config: AppConfig, db: Database | None = None, indexes: IndexManager | None = None) -> dict[str, Any]:
-    """Per-camera counts and time spans, the model identity and the index types (``reid-app stats``)."""
+def collect_stats(
+    config: AppConfig,
+    db: Database | None = None,
+    indexes: IndexManager | None = None,
+    backend: InferenceBackend | None = None,
+) -> dict[str, Any]:
+    """Per-camera counts and time spans, the model identity, the index types and the inference
+    backend (``backend``: the one running, e.g. the server's; None: what ``auto`` picks here)."""
     db = db or Database(config)
     info = require_nonempty(db)
     indexes = indexes or IndexManager(db, config)
@@ -105,6 +112,7 @@ def collect_stats(config: AppConfig, db: Database | None = None, indexes: IndexM
     return {
         "database": config.safe_db_url,
         "model": model_dict(info),
+        "inference": backend_summary(backend),
         "cameras": [cameras[c] for c in sorted(cameras)],
         "indexes": index_info,
         "identities": {

@@ -406,7 +406,7 @@ def use_cached_models(monkeypatch: pytest.MonkeyPatch, models: tuple[object, obj
     everything else of the command runs as it is."""
     import reid_app.commands.search as search_command
 
-    monkeypatch.setattr(search_command, "load_embedder", lambda config: models[0])
+    monkeypatch.setattr(search_command, "load_embedder", lambda config, warn=None: models[0])
     monkeypatch.setattr(search_command, "load_detector", lambda *args, **kwargs: models[1])
 
 

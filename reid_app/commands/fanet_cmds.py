@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from reid_app.backends import BACKEND_HELP
 from reid_app.errors import ReidAppError
 from reid_app.images import check_image_file
 
@@ -413,6 +414,7 @@ def evaluate_command(
     height: Annotated[int | None, typer.Option(help="Input height (default: the checkpoint's).")] = None,
     width: Annotated[int | None, typer.Option(help="Input width (default: the checkpoint's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes (--protocol standard).")] = 4,
     json_file: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
 ) -> None:
@@ -437,22 +439,48 @@ def evaluate_command(
         model = model_from_checkpoint(payload, source=checkpoint)
         default_size = checkpoint_input_size(payload)
         height, width = height or default_size[0], width or default_size[1]
+        torch_device = select_device(device)
+        model, backend = _on_backend(model, checkpoint, backend, torch_device, (height, width))
         if protocol == "dg":
-            _evaluate_dg(model, checkpoint, payload, data_root, height, width, flip, select_device(device), json_file)
+            _evaluate_dg(model, checkpoint, payload, data_root, (height, width), flip, torch_device, backend, json_file)
             return
         data = DataConfig(dataset=dataset, root=data_root, height=height, width=width, workers=workers)
-        result = evaluate_checkpoint_model(model, data, flip=flip, rerank=rerank, device=select_device(device))
+        result = evaluate_checkpoint_model(model, data, flip=flip, rerank=rerank, device=torch_device)
     if _checkpoint_init(payload) == "random":
         typer.echo("note: this checkpoint was trained from RANDOM init (--random-init)")
     typer.echo(
         f"{dataset} ({result.num_query} queries, {result.num_gallery} gallery images)"
-        f"{', re-ranked' if rerank else ''}{', flip' if flip else ''}"
+        f"{', re-ranked' if rerank else ''}{', flip' if flip else ''}, {backend}"
     )
     typer.echo("  ".join(f"R{k} {result.rank(k):.2%}" for k in (1, 5, 10, 20)) + f"  mAP {result.mAP:.2%}")
     if json_file is not None:
         figures = {"checkpoint": checkpoint, "protocol": protocol, "dataset": dataset, "rerank": rerank, "flip": flip}
+        figures["backend"] = backend
         figures |= result.metrics() | {"num_query": result.num_query, "num_gallery": result.num_gallery}
         _write_json(json_file, figures)
+
+
+def _on_backend(
+    model: Any, checkpoint: str, backend: str, device: Any, input_size: tuple[int, int]
+) -> tuple[Any, str]:
+    """(``model`` or its cached export on the chosen runtime, the runtime's name): the app's rule,
+    :mod:`reid_app.backends`."""
+    from fanet.weights import sha256_file  # noqa: PLC0415
+    from reid_app.backends import (  # noqa: PLC0415
+        ExportedGraphModule,
+        InferenceBackend,
+        choose_backend,
+        load_exported_graph,
+    )
+    from reid_app.commands.ingest import warn  # noqa: PLC0415
+
+    chosen = choose_backend(backend, device)
+    if chosen is InferenceBackend.TORCH:
+        return model, chosen.value
+    graph = load_exported_graph(chosen, model, Path(checkpoint), sha256_file(checkpoint), input_size, warn)
+    if graph is None:
+        return model, InferenceBackend.TORCH.value
+    return ExportedGraphModule(graph), chosen.value
 
 
 def _evaluate_dg(
@@ -460,29 +488,30 @@ def _evaluate_dg(
     checkpoint: str,
     payload: dict[str, Any],
     data_root: str,
-    height: int,
-    width: int,
+    input_size: tuple[int, int],
     flip: bool,
     device: Any,
+    backend: str,
     json_file: Path | None,
 ) -> None:
     """``evaluate --protocol dg``: the table of :mod:`fanet.evaluation.dg` (called inside fanet_errors)."""
     from fanet.evaluation.dg import evaluate_dg, fanet_embedder  # noqa: PLC0415
 
+    height, width = input_size
     model = model.to(device)
     result = evaluate_dg(fanet_embedder(model, height, width, flip=flip), data_root)
     if _checkpoint_init(payload) == "random":
         typer.echo("note: this checkpoint was trained from RANDOM init (--random-init)")
     typer.echo(
         f"DG protocol (PETA, {result.num_splits} splits, {result.num_images} images, {height}x{width}"
-        f"{', flip' if flip else ''}; mean over splits)"
+        f"{', flip' if flip else ''}, {backend}; mean over splits)"
     )
     typer.echo(f"{'set':<8}{'R1':>8}{'mAP':>8}  queries/gallery")
     for item in result.sets:
         typer.echo(f"{item.name:<8}{item.rank1:>8.1%}{item.mAP:>8.1%}  {item.num_query}/{item.num_gallery}")
     typer.echo(f"{'mean':<8}{result.mean_rank1:>8.1%}{result.mean_mAP:>8.1%}")
     if json_file is not None:
-        meta = {"checkpoint": checkpoint, "input_size": [height, width], "flip": flip}
+        meta = {"checkpoint": checkpoint, "input_size": [height, width], "flip": flip, "backend": backend}
         _write_json(json_file, meta | result.as_dict())
 
 

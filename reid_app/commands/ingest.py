@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from reid_app.backends import BACKEND_HELP
 from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig, parse_camera_id
 from reid_app.errors import ReidAppError
 from reid_app.ingest import (
@@ -46,6 +47,7 @@ def ingest_command(
         None, "--detector", help="Person detector: a YOLO weights path/name or 'hog' (default: YOLO11n)."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda:0, ..."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     weights: str | None = typer.Option(
         None, "--weights", help="FA-Net weights file, or 'untrained' (random init) (default: fanet_reid.pt)."
     ),
@@ -68,7 +70,7 @@ def ingest_command(
     if fps is not None and every_frame:
         raise ReidAppError("use either --fps or --every-frame, not both")
     check_sample_fps(fps)
-    config = AppConfig.from_env(db, data_dir, weights=weights, device=device)
+    config = AppConfig.from_env(db, data_dir, weights=weights, device=device, backend=backend)
     if every_frame:
         config.sample_fps = None
     elif fps is not None:
@@ -85,9 +87,9 @@ def ingest_command(
         video=video, camera=camera_id, start_time=parse_start_time(start_time), max_frames=max_frames
     )
     source = open_video(video)  # a bad video fails here, before the models load
-    embedder = load_embedder(config)
+    embedder = load_embedder(config, warn)
     warn(embedder.warning())
-    person_detector = load_detector(detector, device)
+    person_detector = load_detector(detector, device, config.backend)
 
     err = Console(stderr=True)
     progress = Progress(

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from reid_app.backends import BACKEND_HELP
 from reid_app.commands.ingest import warn
 from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig, parse_camera_id
 from reid_app.errors import ReidAppError
@@ -41,6 +42,7 @@ def search_command(
     data_dir: str | None = typer.Option(None, "--data-dir", help="Folder of the thumbnails (default: next to the DB)."),
     detector: str | None = typer.Option(None, "--detector", help="Person detector (as for ingest)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda:0, ..."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     weights: str | None = typer.Option(None, "--weights", help="FA-Net weights (must be those of the database)."),
 ) -> None:
     """Search the gallery for the person(s) in IMAGE."""
@@ -59,14 +61,14 @@ def search_command(
         raise ReidAppError(f"cannot write the report: folder {Path(report).resolve().parent} does not exist")
     if report is not None and Path(report).is_dir():
         raise ReidAppError(f"--report must name an HTML file to write, but {report} is a directory")
-    config = AppConfig.from_env(db, data_dir, weights=weights, device=device)
+    config = AppConfig.from_env(db, data_dir, weights=weights, device=device, backend=backend)
     database = Database(config)
     info = require_nonempty(database)
-    embedder = load_embedder(config)
+    embedder = load_embedder(config, warn)
     warn(embedder.warning())
     check_model_identity(info, embedder.model_name, embedder.weights_sha256, embedder.dim)
     result = run_search(
-        config, image, options, embedder=embedder, detector=load_detector(detector, device), db=database
+        config, image, options, embedder=embedder, detector=load_detector(detector, device, config.backend), db=database
     )
     warn(result.skipped_warning())
     if report is not None:

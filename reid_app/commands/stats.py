@@ -80,6 +80,13 @@ def stats_command(
             " candidates re-scored with the full vectors)"
         )
         console.print(cell(line))
+    inference = stats["inference"]
+    console.print(
+        cell(
+            f"inference backend on this machine: {inference['backend']} (what --backend auto runs; installed: "
+            f"{', '.join(inference['installed'])}{'; CUDA GPU present' if inference['cuda'] else ''})"
+        )
+    )
     ident = stats["identities"]
     if ident["computed_at"]:
         console.print(

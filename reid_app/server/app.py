@@ -195,6 +195,7 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
                 "name": state.embedder.model_name,
                 "dim": state.embedder.dim,
                 "trained": bool(state.embedder.is_trained),
+                "backend": state.embedder.backend.value,
             },
             "database_model": stored,
             "detector": state.detector.name,
@@ -255,7 +256,7 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
     @app.get(f"{API}/cameras", tags=["cameras"], dependencies=heavy)
     def cameras() -> dict[str, Any]:
         """What ``reid-app stats --json`` shows: per camera counts and time spans, model, indexes."""
-        return api_json(collect_stats(state.config, state.db, state.indexes))
+        return api_json(collect_stats(state.config, state.db, state.indexes, state.embedder.backend))
 
     @app.get(f"{API}/tracks", tags=["tracks"])
     def tracks(

@@ -301,7 +301,7 @@ class ServerState:
         embedder = embedder or load_embedder(config)
         # A database of another model is refused at start, not at the first search.
         check_model_identity(db.info(), embedder.model_name, embedder.weights_sha256, embedder.dim)
-        detector = detector or load_detector(detector_weights, config.device)
+        detector = detector or load_detector(detector_weights, config.device, config.backend)
         return cls(
             config=config,
             db=db,
