@@ -35,7 +35,7 @@ from reid_app.external_model import ExternalReIDModel, InputConvention
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 OSNET = SHARED / "weights" / "osnet_x0_25_msmt17.onnx"
-CROP_SETS = ("VIPeR", "GRID", "PRID", "i-LIDS")
+CROP_SETS = ("VIPeR", "GRID", "PRID", "i-LID")
 
 
 def images_per_second(run: Callable[[], object], images: int, repeats: int = 5) -> float:
