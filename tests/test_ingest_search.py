@@ -302,8 +302,14 @@ def test_stats_and_identities(gallery: Path, tmp_path: Path, capsys, monkeypatch
     assert stats["model"]["dim"] == 3840 and stats["model"]["trained"] is False
     assert stats["indexes"]["tracks"]["type"] == "flat" and stats["indexes"]["tracks"]["ivf_threshold"] == 50_000
     assert "untrained" in err
+    # Which runtime `--backend auto` runs on this machine (a GPU: PyTorch), and what is installed.
+    from reid_app.backends import auto_backend_on_cpu
+
+    auto = "torch" if stats["inference"]["cuda"] else auto_backend_on_cpu().value
+    assert stats["inference"]["backend"] == auto and auto in stats["inference"]["installed"]
     code, out, _ = run_cli(["stats", "--db", db_url(gallery), "--data-dir", str(gallery)], capsys, monkeypatch)
     assert "IVF" in out and "flat" in out
+    assert f"inference backend on this machine: {auto} (what --backend auto runs" in out
 
     code, out, err = run_cli(
         ["identities", "--db", db_url(gallery), "--json", "--threshold", "0.0"], capsys, monkeypatch

@@ -262,7 +262,13 @@ def test_identities_read_and_recompute(client: TestClient, demo_gallery: Path) -
     assert client.post("/api/v1/identities", params={"threshold": 3}).status_code == 422
     # Without a threshold the calibrated default applies, the one the status tells the page.
     assert client.post("/api/v1/identities").json()["threshold"] == AppConfig.identity_threshold
-    assert client.get("/api/v1/status").json()["defaults"]["identity_threshold"] == AppConfig.identity_threshold
+    status = client.get("/api/v1/status").json()
+    assert status["defaults"]["identity_threshold"] == AppConfig.identity_threshold
+    # The runtime the server embeds with (the shipped model on `auto`: an exported graph on a CPU).
+    from reid_app.backends import auto_backend_on_cpu
+
+    assert status["embedder"]["backend"] == auto_backend_on_cpu().value
+    assert client.get("/api/v1/cameras").json()["inference"]["backend"] == auto_backend_on_cpu().value
 
 
 def test_the_index_picks_up_a_new_camera_without_a_restart(
