@@ -18,9 +18,10 @@ checkpoint file's sha256 and the input size (``fanet_mobilenetv2_cuhk03.<sha256[
 so a changed checkpoint never reuses a stale export. It is written atomically (a temporary file,
 then a rename: concurrent processes at worst export twice). Each time a graph is loaded its
 features are compared with PyTorch's on two fixed images (cosine >= :data:`AGREEMENT`): a corrupt
-cached file is exported again, and a graph that cannot be written or does not agree falls back to
-PyTorch, each with one warning line. The seeded untrained demo model always runs on PyTorch (it
-has no file to cache beside).
+cached file is exported again; a checkpoint folder that cannot be written (a read-only install)
+sends the export to the user's cache folder (:func:`user_cache_dir`); a graph that can be written
+nowhere, or does not agree, falls back to PyTorch. Each of these says one warning line. The seeded
+untrained demo model always runs on PyTorch (it has no file to cache beside).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ AGREEMENT = 0.9999
 EXPORTED_PASS_IMAGES = 32
 
 Warn = Callable[[str], None]
+#: Folder for exports when the checkpoint's own folder is read-only (see :func:`user_cache_dir`).
+CACHE_DIR_ENV = "REID_APP_CACHE_DIR"
 BACKEND_HELP = (
     "Runtime of the re-ID network: auto (PyTorch on a GPU, else the fastest installed CPU runtime), "
     + ", ".join(b.value for b in InferenceBackend if b is not InferenceBackend.AUTO)
@@ -153,6 +156,14 @@ def _agreement(graph: ExternalReIDModel, model: FANet, height: int, width: int) 
     return float((expected * actual).sum(axis=1).min())
 
 
+def user_cache_dir() -> Path:
+    """Where exports go when the checkpoint's folder cannot be written: ``$REID_APP_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/reid-app/exports`` (``~/.cache/reid-app/exports``)."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "reid-app" / "exports"
+
+
 def load_exported_graph(
     backend: InferenceBackend,
     model: FANet,
@@ -162,38 +173,58 @@ def load_exported_graph(
     warn: Warn,
 ) -> ExternalReIDModel | None:
     """``model``'s cached export (built when missing or corrupt) running on ``backend``, flip-averaged
-    as the app embeds; None, after one warning line, when PyTorch must run instead."""
+    as the app embeds; None, after one warning line, when PyTorch must run instead. The export is
+    looked for beside the checkpoint, then in :func:`user_cache_dir` (where it is written, with
+    one warning line, when the checkpoint's folder is read-only)."""
     from reid_app.external_model import ExternalReIDModel, InputConvention  # noqa: PLC0415
 
     height, width = input_size
-    path = exported_graph_path(checkpoint, sha256, height, width)
+    beside = exported_graph_path(checkpoint, sha256, height, width)
+    elsewhere = user_cache_dir() / beside.name
+    fallback = f"embedding with PyTorch instead of {backend.value}"
 
-    def open_graph() -> ExternalReIDModel:
+    def open_graph(path: Path) -> ExternalReIDModel:
         return ExternalReIDModel(
             path, convention=InputConvention.RGB_01, backend=backend.value, flip=True,
             batch_size=EXPORTED_PASS_IMAGES, threads=torch.get_num_threads(), input_size=input_size,
         )  # fmt: skip
 
-    fallback = f"embedding with PyTorch instead of {backend.value}"
-    if path.is_file():
+    path = next((p for p in (beside, elsewhere) if p.is_file()), None)
+    if path is not None:
         try:
-            graph = open_graph()
+            graph = open_graph(path)
             if _agreement(graph, model, height, width) >= AGREEMENT:
                 return graph
             reason = "its features differ from PyTorch's"
         except (ValueError, RuntimeError, OSError) as exc:
             reason = f"unreadable: {type(exc).__name__}"
         warn(f"cached export {path} is stale or corrupt ({reason}): exporting it again")
+    path = path or beside
     try:
-        _export_atomically(model, path, height, width)
+        try:
+            _export_atomically(model, path, height, width)
+        except OSError as exc:
+            if path == elsewhere:
+                raise
+            beside_error, path = exc.strerror, elsewhere
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _export_atomically(model, path, height, width)
+            except OSError as second:
+                warn(
+                    f"cannot write the exported graph beside the checkpoint ({beside_error}) nor in "
+                    f"{path.parent} ({second.strerror}); {fallback}"
+                )
+                return None
+            warn(f"cannot write the exported graph beside the checkpoint ({beside_error}): cached in {path.parent}")
     except OSError as exc:
-        warn(f"cannot write the exported graph beside the checkpoint ({path.parent}: {exc.strerror}); {fallback}")
+        warn(f"cannot write the exported graph in {path.parent} ({exc.strerror}); {fallback}")
         return None
     except Exception as exc:  # the exporter raises many types; any failure leaves PyTorch, which works
         warn(f"exporting {checkpoint.name} for {backend.value} failed ({type(exc).__name__}); {fallback}")
         return None
     try:
-        graph = open_graph()
+        graph = open_graph(path)
         agreement = _agreement(graph, model, height, width)
     except (ValueError, RuntimeError, OSError) as exc:
         warn(f"{backend.value} cannot run the exported graph ({type(exc).__name__}); {fallback}")

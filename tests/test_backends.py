@@ -114,14 +114,33 @@ def test_corrupt_cache_is_exported_again_with_one_warning(checkpoint: Path, crop
     assert (embedder.embed(crops) * torch_features).sum(axis=1).min() >= 0.9999
 
 
-def test_unwritable_cache_falls_back_to_pytorch_with_one_warning(checkpoint: Path, crops, torch_features) -> None:
+def test_read_only_checkpoint_folder_caches_in_the_user_cache_then_falls_back_to_pytorch(
+    checkpoint: Path, crops, torch_features, tmp_path: Path, monkeypatch
+) -> None:
+    from reid_app.backends import CACHE_DIR_ENV
+
+    user_cache = tmp_path / "user-cache"
+    monkeypatch.setenv(CACHE_DIR_ENV, str(user_cache))
     # Something that is not a file stands where the export would go (the test runs as root, for
     # whom a read-only folder is still writable): the rename fails as on a read-only disk.
-    exported_graph_path(checkpoint, sha256_file(checkpoint), 256, 128).mkdir()
+    beside = exported_graph_path(checkpoint, sha256_file(checkpoint), 256, 128)
+    beside.mkdir()
     warnings: list[str] = []
     embedder = Embedder(str(checkpoint), device="cpu", warn=warnings.append)
+    assert embedder.backend is auto_backend_on_cpu()
+    assert len(warnings) == 1 and f"cached in {user_cache}" in warnings[0]
+    assert (user_cache / beside.name).is_file()
+    assert (embedder.embed(crops) * torch_features).sum(axis=1).min() >= 0.9999
+    warnings.clear()
+    assert Embedder(str(checkpoint), device="cpu", warn=warnings.append).backend is auto_backend_on_cpu()
+    assert warnings == []  # found in the user cache: nothing to say
+
+    # Neither folder writable: PyTorch, with one line.
+    (user_cache / beside.name).unlink()
+    (user_cache / beside.name).mkdir()
+    embedder = Embedder(str(checkpoint), device="cpu", warn=warnings.append)
     assert embedder.backend is InferenceBackend.TORCH
-    assert len(warnings) == 1 and "embedding with PyTorch instead" in warnings[0]
+    assert len(warnings) == 1 and "nor in" in warnings[0] and "embedding with PyTorch instead" in warnings[0]
     np.testing.assert_allclose(embedder.embed(crops), torch_features, atol=1e-6)
 
 
