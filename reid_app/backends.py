@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -68,8 +68,8 @@ REQUIRED_PACKAGES = {
 }
 #: Lowest cosine similarity between an exported graph's features and PyTorch's that is accepted.
 AGREEMENT = 0.9999
-#: Images per pass of an exported graph (each crop and its mirror are passed separately): passes
-#: of 32 were the fastest of 1-128 for both runtimes on 2 cores.
+#: Images per pass of an exported graph (16 crops and their mirrors): passes of 32 were the fastest
+#: of 1-128 for both runtimes on 2 cores.
 EXPORTED_PASS_IMAGES = 32
 
 Warn = Callable[[str], None]
@@ -93,8 +93,21 @@ def parse_backend(value: str | InferenceBackend) -> InferenceBackend:
         raise ReidAppError(f"unknown inference backend {str(value)[:40]!r} (use {backend_names()})") from None
 
 
-def is_installed(backend: InferenceBackend) -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in REQUIRED_PACKAGES[backend])
+def _missing_packages(backend: InferenceBackend, required: Mapping[InferenceBackend, tuple[str, ...]]) -> list[str]:
+    return [name for name in required[backend] if importlib.util.find_spec(name) is None]
+
+
+def is_installed(
+    backend: InferenceBackend, required: Mapping[InferenceBackend, tuple[str, ...]] = REQUIRED_PACKAGES
+) -> bool:
+    return not _missing_packages(backend, required)
+
+
+def _require_installed(backend: InferenceBackend, required: Mapping[InferenceBackend, tuple[str, ...]]) -> None:
+    missing = _missing_packages(backend, required)
+    if missing:
+        packages = " ".join(missing)
+        raise ReidAppError(f"backend {backend.value} needs packages that are not installed: pip install {packages}")
 
 
 def choose_backend(requested: str | InferenceBackend, device: torch.device) -> InferenceBackend:
@@ -105,9 +118,7 @@ def choose_backend(requested: str | InferenceBackend, device: torch.device) -> I
     if backend is not InferenceBackend.TORCH:
         if device.type != "cpu":
             raise ReidAppError(f"backend {backend.value} runs on the CPU only; use --device cpu or --backend torch")
-        if not is_installed(backend):
-            missing = " ".join(n for n in REQUIRED_PACKAGES[backend] if importlib.util.find_spec(n) is None)
-            raise ReidAppError(f"backend {backend.value} needs packages that are not installed: pip install {missing}")
+        _require_installed(backend, REQUIRED_PACKAGES)
     return backend
 
 
@@ -257,6 +268,13 @@ class ExportedGraphModule(nn.Module):
 #: float32). ``auto`` takes the fastest runtime that gives PyTorch's boxes; ``--backend openvino``
 #: is there for whoever prefers the last 40 %.
 DETECTOR_CPU_PREFERENCE = (InferenceBackend.ONNXRUNTIME, InferenceBackend.OPENVINO, InferenceBackend.TORCH)
+#: What the detector's runtimes need: Ultralytics exports with its own code (ONNX: onnx; OpenVINO:
+#: openvino alone).
+DETECTOR_REQUIRED_PACKAGES = {
+    InferenceBackend.TORCH: (),
+    InferenceBackend.ONNXRUNTIME: ("onnxruntime", "onnx"),
+    InferenceBackend.OPENVINO: ("openvino",),
+}
 #: Ultralytics' export format of each runtime.
 DETECTOR_FORMATS = {InferenceBackend.ONNXRUNTIME: "onnx", InferenceBackend.OPENVINO: "openvino"}
 
@@ -274,16 +292,9 @@ def choose_detector_backend(requested: str | InferenceBackend) -> InferenceBacke
     :data:`DETECTOR_CPU_PREFERENCE`); an explicit one that is not installed is an error."""
     backend = parse_backend(requested)
     if backend is InferenceBackend.AUTO:
-        return next(b for b in DETECTOR_CPU_PREFERENCE if _detector_runtime_installed(b))
-    if not _detector_runtime_installed(backend):
-        raise ReidAppError(f"backend {backend.value} is not installed: pip install {backend.value}")
+        return next(b for b in DETECTOR_CPU_PREFERENCE if is_installed(b, DETECTOR_REQUIRED_PACKAGES))
+    _require_installed(backend, DETECTOR_REQUIRED_PACKAGES)
     return backend
-
-
-def _detector_runtime_installed(backend: InferenceBackend) -> bool:
-    # Ultralytics exports with its own code: ONNX needs onnx (+ onnxruntime to run), OpenVINO only openvino.
-    needed = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino",), "torch": ()}[backend.value]
-    return all(importlib.util.find_spec(name) is not None for name in needed)
 
 
 def exported_detector_path(weights: Path, sha256: str, backend: InferenceBackend) -> Path:
