@@ -214,6 +214,12 @@ class SolverConfig:
     # bfloat16 autocast for CPU training: ~2x faster at 256x128 on CPUs with native bf16
     # (avx512_bf16/AMX), slower elsewhere, hence off unless asked for. Evaluation stays float32.
     cpu_bf16: bool = False
+    # Keep the shared low-level module (the stem up to the stride-8 stage) as loaded: no gradient,
+    # its normalisation layers in eval mode. Not the paper's (it trains every layer). Why offered:
+    # that module is most of the step's cost at 256x128 (OSNet: it halves a CPU step), and on a
+    # backbone already trained for re-ID it holds the early, domain-general features that a small
+    # training set would otherwise pull towards its own cameras.
+    freeze_low_level: bool = False
     adam_betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:

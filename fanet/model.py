@@ -129,6 +129,7 @@ class FANet(nn.Module):
         self.config = config = config or FANetConfig()
         self.num_classes = num_classes
         self.num_cameras = num_cameras if config.use_background else 0
+        self.low_level_frozen = False
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
 
@@ -162,14 +163,28 @@ class FANet(nn.Module):
         return self.config.feature_dim
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
-        """Backbone parameters (trained at ``pretrained_lr_mult`` x the base lr)."""
+        """Backbone parameters that train (at ``pretrained_lr_mult`` x the base lr)."""
         modules = [self.low_level, self.foreground_branch, self.background_branch]
-        return [p for m in modules if m is not None for p in m.parameters()]
+        return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+
+    def freeze_low_level(self) -> None:
+        """Keep the shared low-level module as it is: no gradients, and its norm layers use their
+        stored statistics even in training mode (see ``SolverConfig.freeze_low_level``)."""
+        self.low_level_frozen = True
+        self.low_level.requires_grad_(False)
+        self.low_level.eval()
+
+    def train(self, mode: bool = True) -> FANet:
+        super().train(mode)
+        if self.low_level_frozen:
+            self.low_level.eval()
+        return self
 
     def new_parameters(self) -> list[nn.Parameter]:
         """Parameters FA-Net adds on top of the backbone (TEM, stripe embeddings, classifiers)."""
-        pretrained = {id(p) for p in self.pretrained_parameters()}
-        return [p for p in self.parameters() if id(p) not in pretrained]
+        modules = [self.low_level, self.foreground_branch, self.background_branch]
+        backbone = {id(p) for m in modules if m is not None for p in m.parameters()}
+        return [p for p in self.parameters() if id(p) not in backbone]
 
     def drop_background(self) -> None:
         """Remove everything inference does not run (background branch and all classifiers)."""

@@ -129,6 +129,38 @@ def test_cpu_bf16_trains_in_bfloat16_and_keeps_float32_weights(tiny_market_root:
     assert totals[-1] < 0.5 * totals[0], totals
 
 
+def test_freeze_low_level_keeps_the_stem_as_loaded_and_trains_the_rest(
+    tiny_market_root: Path, tmp_path: Path
+) -> None:
+    """--freeze-low-level: the shared low-level module's weights and norm statistics stay exactly as
+    loaded through training steps (its norms in eval mode even in training mode), it is in no
+    optimiser group, and the branches and head still learn."""
+    from reid_app.commands.fanet_cmds import build_train_config  # noqa: PLC0415
+
+    base = tiny_config(
+        tiny_market_root, tmp_path / "run",
+        solver=SolverConfig(base_lr=0.05, warmup_start_lr=0.05, warmup_epochs=0, milestones=()),
+    )
+    assert base.solver.freeze_low_level is False  # the paper trains every layer
+    config = build_train_config(base, freeze_low_level=True)
+    assert TrainConfig.from_dict(config.to_dict()).solver.freeze_low_level is True
+    trainer = Trainer(config, show_progress=False)
+    model = trainer.model
+    low_before = {k: v.clone() for k, v in model.low_level.state_dict().items()}
+    rest_before = {k: v.clone() for k, v in model.foreground_branch.state_dict().items()}
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in model.low_level.parameters()}
+    assert {id(p) for p in model.foreground_branch.parameters()} <= optimised
+
+    batch = next(iter(trainer.train_loader))
+    for _ in range(3):
+        trainer.train_step(batch)
+    assert model.training and not model.low_level.training
+    assert all(torch.equal(v, low_before[k]) for k, v in model.low_level.state_dict().items())
+    changed = [k for k, v in model.foreground_branch.state_dict().items() if not torch.equal(v, rest_before[k])]
+    assert changed
+
+
 def test_training_run_writes_files_and_resumes_exactly(tiny_market_root: Path, tmp_path: Path) -> None:
     """2 epochs in one go == 1 epoch, then resume from last.pt for the 2nd: same losses, same weights."""
     solver = SolverConfig(epochs=2, base_lr=0.05, warmup_start_lr=0.005, warmup_epochs=2)

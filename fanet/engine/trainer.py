@@ -424,6 +424,8 @@ class Trainer:
             ) from None
         if init_payload is not None:
             model.load_state_dict(init_payload["state_dict"])
+        if config.solver.freeze_low_level:
+            model.freeze_low_level()
         if self.sync_bn and self.context.is_distributed:
             if self.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -86,6 +86,7 @@ def build_train_config(
     seed: int | None = None,
     amp: bool | None = None,
     cpu_bf16: bool | None = None,
+    freeze_low_level: bool | None = None,
     teacher: str | None = None,
     distill_weight: float | None = None,
     distill_temperature: float | None = None,
@@ -142,6 +143,7 @@ def build_train_config(
             ("base_lr", lr),
             ("amp", amp),
             ("cpu_bf16", cpu_bf16),
+            ("freeze_low_level", freeze_low_level),
             ("optimizer", optimizer),
             ("warmup_epochs", warmup_epochs),
             ("pretrained_lr_mult", pretrained_lr_mult),
@@ -280,6 +282,12 @@ def train_command(
         typer.Option("--cpu-bf16/--no-cpu-bf16",
                      help="bfloat16 autocast when training on the CPU (fast on CPUs with native bf16)."),
     ] = None,
+    freeze_low_level: Annotated[
+        bool | None,
+        typer.Option("--freeze-low-level/--train-low-level",
+                     help="Keep the shared stem (up to the stride-8 stage) as loaded: half the CPU step "
+                          "for osnet (default: train it, as the paper)."),
+    ] = None,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across GPUs (torchrun).")] = False,
     teacher: Annotated[
         str | None,
@@ -365,6 +373,7 @@ def train_command(
             seed=seed,
             amp=amp,
             cpu_bf16=cpu_bf16,
+            freeze_low_level=freeze_low_level,
             teacher=teacher,
             distill_weight=distill_weight,
             distill_temperature=distill_temperature,
