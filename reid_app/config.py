@@ -59,6 +59,7 @@ class AppConfig:
     weights: str | None = None  # embedder weights: a path, "untrained", or None (default file)
     device: str = "auto"
     backend: str = "auto"  # embedder runtime: auto, torch, onnxruntime, openvino (reid_app.backends)
+    int8: bool = False  # embed with the int8 graph `reid-app quantize` accepted (reid_app.quantize)
 
     def __post_init__(self) -> None:
         try:

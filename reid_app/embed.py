@@ -24,7 +24,7 @@ from fanet.checkpoint import (
 )
 from fanet.inference import embed_images, preprocess_bgr
 from fanet.weights import WeightsNotFoundError, resolve_weights, sha256_file
-from reid_app.backends import InferenceBackend, Warn, choose_backend, load_exported_graph
+from reid_app.backends import InferenceBackend, Warn, load_runtime
 from reid_app.errors import ReidAppError
 
 #: The FA-Net shipped in weights/ (MobileNetV2 backbone, trained on CUHK03; see weights/README.md).
@@ -64,7 +64,9 @@ class Embedder:
 
     ``backend`` picks the runtime (:mod:`reid_app.backends`: ``auto``, ``torch``,
     ``onnxruntime``, ``openvino``); :attr:`backend` says which one runs. ``warn`` receives the one
-    line said when a backend falls back to PyTorch.
+    line said when a backend falls back to PyTorch. ``int8`` runs the checkpoint's int8 graph that
+    ``reid-app quantize`` accepted (:mod:`reid_app.quantize`) on an ONNX backend; :attr:`precision`
+    says which precision runs.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class Embedder:
         input_size: tuple[int, int] | None = None,
         backend: str | InferenceBackend = InferenceBackend.AUTO,
         warn: Warn = logger.warning,
+        int8: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ReidAppError(f"embedding batch size must be >= 1, got {batch_size}")
@@ -104,17 +107,10 @@ class Embedder:
         self.input_size = tuple(input_size or checkpoint_input_size(payload))
         self.model = model.to(self._device).eval()
         self.dim: int = int(model.feature_dim)
-        self.backend = choose_backend(backend, self._device)
-        self.exported_graph = None
-        if self.backend is not InferenceBackend.TORCH:
-            if self.weights_path is None:  # the untrained demo model: no file to cache an export beside
-                self.backend = InferenceBackend.TORCH
-            else:
-                self.exported_graph = load_exported_graph(
-                    self.backend, model, self.weights_path, self.weights_sha256, self.input_size, warn
-                )
-                if self.exported_graph is None:
-                    self.backend = InferenceBackend.TORCH
+        self.precision = "int8" if int8 else "float32"
+        self.backend, self.exported_graph = load_runtime(
+            backend, self._device, model, self.weights_path, self.weights_sha256, self.input_size, warn, int8
+        )
 
     @property
     def device(self) -> str:
@@ -150,7 +146,7 @@ class Embedder:
     def __repr__(self) -> str:
         return (
             f"Embedder({self.model_name!r}, dim={self.dim}, device={self.device}, backend={self.backend.value}, "
-            f"trained={self.is_trained})"
+            f"precision={self.precision}, trained={self.is_trained})"
         )
 
 

@@ -521,6 +521,7 @@ def load_embedder(config: AppConfig, warn: Callable[[str], None] | None = None) 
     try:
         return Embedder(
             config.weights, device=config.device, batch_size=config.embed_batch_size, backend=config.backend,
+            int8=config.int8,
             **({"warn": warn} if warn is not None else {}),
         )  # fmt: skip
     except CheckpointError as exc:  # e.g. an input size in its metadata that cannot be used

@@ -268,6 +268,7 @@ def test_identities_read_and_recompute(client: TestClient, demo_gallery: Path) -
     from reid_app.backends import auto_backend_on_cpu
 
     assert status["embedder"]["backend"] == auto_backend_on_cpu().value
+    assert status["embedder"]["precision"] == "float32"
     assert client.get("/api/v1/cameras").json()["inference"]["backend"] == auto_backend_on_cpu().value
 
 

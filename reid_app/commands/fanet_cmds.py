@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from reid_app.backends import BACKEND_HELP
+from reid_app.backends import BACKEND_HELP, INT8_HELP
 from reid_app.errors import ReidAppError
 from reid_app.images import check_image_file
 
@@ -424,6 +424,7 @@ def evaluate_command(
     width: Annotated[int | None, typer.Option(help="Input width (default: the checkpoint's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
+    int8: Annotated[bool, typer.Option("--int8", help=INT8_HELP)] = False,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes (--protocol standard).")] = 4,
     json_file: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
 ) -> None:
@@ -449,7 +450,7 @@ def evaluate_command(
         default_size = checkpoint_input_size(payload)
         height, width = height or default_size[0], width or default_size[1]
         torch_device = select_device(device)
-        model, backend = _on_backend(model, checkpoint, backend, torch_device, (height, width))
+        model, backend = _on_backend(model, checkpoint, backend, torch_device, (height, width), int8)
         if protocol == "dg":
             _evaluate_dg(model, checkpoint, payload, data_root, (height, width), flip, torch_device, backend, json_file)
             return
@@ -470,26 +471,19 @@ def evaluate_command(
 
 
 def _on_backend(
-    model: Any, checkpoint: str, backend: str, device: Any, input_size: tuple[int, int]
+    model: Any, checkpoint: str, backend: str, device: Any, input_size: tuple[int, int], int8: bool = False
 ) -> tuple[Any, str]:
-    """(``model`` or its cached export on the chosen runtime, the runtime's name): the app's rule,
-    :mod:`reid_app.backends`."""
+    """(``model`` or its cached export on the chosen runtime, the runtime's name, with ``int8`` after
+    it): the app's rule, :func:`reid_app.backends.load_runtime`."""
     from fanet.weights import sha256_file  # noqa: PLC0415
-    from reid_app.backends import (  # noqa: PLC0415
-        ExportedGraphModule,
-        InferenceBackend,
-        choose_backend,
-        load_exported_graph,
-    )
+    from reid_app.backends import ExportedGraphModule, load_runtime  # noqa: PLC0415
     from reid_app.commands.ingest import warn  # noqa: PLC0415
 
-    chosen = choose_backend(backend, device)
-    if chosen is InferenceBackend.TORCH:
-        return model, chosen.value
-    graph = load_exported_graph(chosen, model, Path(checkpoint), sha256_file(checkpoint), input_size, warn)
+    sha256 = sha256_file(checkpoint)
+    chosen, graph = load_runtime(backend, device, model, Path(checkpoint), sha256, input_size, warn, int8)
     if graph is None:
-        return model, InferenceBackend.TORCH.value
-    return ExportedGraphModule(graph), chosen.value
+        return model, chosen.value
+    return ExportedGraphModule(graph), chosen.value + (" int8" if int8 else "")
 
 
 def _evaluate_dg(

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from reid_app.backends import BACKEND_HELP
+from reid_app.backends import BACKEND_HELP, INT8_HELP
 from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig, parse_camera_id
 from reid_app.errors import ReidAppError
 from reid_app.ingest import (
@@ -48,6 +48,7 @@ def ingest_command(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda:0, ..."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    int8: bool = typer.Option(False, "--int8", help=INT8_HELP),
     weights: str | None = typer.Option(
         None, "--weights", help="FA-Net weights file, or 'untrained' (random init) (default: fanet_reid.pt)."
     ),
@@ -70,7 +71,7 @@ def ingest_command(
     if fps is not None and every_frame:
         raise ReidAppError("use either --fps or --every-frame, not both")
     check_sample_fps(fps)
-    config = AppConfig.from_env(db, data_dir, weights=weights, device=device, backend=backend)
+    config = AppConfig.from_env(db, data_dir, weights=weights, device=device, backend=backend, int8=int8)
     if every_frame:
         config.sample_fps = None
     elif fps is not None:

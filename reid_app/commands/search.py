@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from reid_app.backends import BACKEND_HELP
+from reid_app.backends import BACKEND_HELP, INT8_HELP
 from reid_app.commands.ingest import warn
 from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig, parse_camera_id
 from reid_app.errors import ReidAppError
@@ -43,6 +43,7 @@ def search_command(
     detector: str | None = typer.Option(None, "--detector", help="Person detector (as for ingest)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda:0, ..."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    int8: bool = typer.Option(False, "--int8", help=INT8_HELP),
     weights: str | None = typer.Option(None, "--weights", help="FA-Net weights (must be those of the database)."),
 ) -> None:
     """Search the gallery for the person(s) in IMAGE."""
@@ -61,7 +62,7 @@ def search_command(
         raise ReidAppError(f"cannot write the report: folder {Path(report).resolve().parent} does not exist")
     if report is not None and Path(report).is_dir():
         raise ReidAppError(f"--report must name an HTML file to write, but {report} is a directory")
-    config = AppConfig.from_env(db, data_dir, weights=weights, device=device, backend=backend)
+    config = AppConfig.from_env(db, data_dir, weights=weights, device=device, backend=backend, int8=int8)
     database = Database(config)
     info = require_nonempty(database)
     embedder = load_embedder(config, warn)

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from reid_app.backends import BACKEND_HELP
+from reid_app.backends import BACKEND_HELP, INT8_HELP
 from reid_app.commands.ingest import warn
 from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig
 from reid_app.errors import ReidAppError
@@ -34,6 +34,7 @@ def serve_command(
     detector: str | None = typer.Option(None, "--detector", help="Person detector (as for ingest)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda:0, ..."),
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    int8: bool = typer.Option(False, "--int8", help=INT8_HELP),
     weights: str | None = typer.Option(None, "--weights", help="FA-Net weights (must be those of the database)."),
 ) -> None:
     """Serve the search page and the HTTP API (/api/v1) over the database."""
@@ -43,7 +44,7 @@ def serve_command(
         raise ReidAppError(f"--max-upload-mb must be between 1 and 1024, got {max_upload_mb}")
     token = load_token(token_file)
     require_token_for(host, token)
-    config = AppConfig.from_env(db, data_dir, weights=weights, device=device, backend=backend)
+    config = AppConfig.from_env(db, data_dir, weights=weights, device=device, backend=backend, int8=int8)
     if config.is_sqlite and config.sqlite_path is None:
         # Each connection of an in-memory database is a database of its own, and an empty one.
         raise ReidAppError("serve needs a database file or server in --db, not an in-memory SQLite database")

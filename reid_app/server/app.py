@@ -196,6 +196,7 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
                 "dim": state.embedder.dim,
                 "trained": bool(state.embedder.is_trained),
                 "backend": state.embedder.backend.value,
+                "precision": state.embedder.precision,
             },
             "database_model": stored,
             "detector": state.detector.name,
