@@ -61,6 +61,12 @@ def claim_is_free(claim: IngestClaim | None, owner: str, now_s: float) -> bool:
     return claim.host == host_name() and _process_gone(claim.pid)
 
 
+def owner_process_gone(owner: str) -> bool:
+    """Whether ``owner`` (:func:`new_owner`'s form) is a process of this host that no longer exists."""
+    host, pid, _ = (owner.rsplit(":", 2) + ["", ""])[:3]
+    return host == host_name() and pid.isdigit() and _process_gone(int(pid))
+
+
 def take(session: Session, video_id: int, owner: str, now_s: float, lease_s: float, what: str) -> None:
     """Claim ``video_id`` for ``owner`` inside the caller's write transaction, or raise a one-line
     error naming the holder when someone else's claim is still valid."""

@@ -72,7 +72,7 @@ from reid_app.store import (
     utc_now,
     vector_to_bytes,
 )
-from reid_app.thumbnails import finish_file_deletions
+from reid_app.thumbnails import finish_file_deletions, stored_crop_side
 from reid_app.track import DEFAULT_LOST_TRACK_SECONDS, PersonTracker, TrackCrops, TrackCropSelector
 from reid_app.video import VideoSource, open_video, sample_step
 
@@ -391,12 +391,14 @@ class _Ingest:
         rows: list[tuple[TrackCrops, np.ndarray, list[bytes]]] = []
         offset = 0
         quality = [cv2.IMWRITE_JPEG_QUALITY, self.config.thumbnail_jpeg_quality]
+        # At least the embedder's input: what `reid-app reembed` needs to embed the crop again.
+        stored_side = stored_crop_side(self.config.thumbnail_max_side, self.embedder.input_size)
         for track in finished:
             track_vectors = vectors[offset : offset + len(track.crops)]
             offset += len(track.crops)
             jpegs = []
             for crop in track.crops:
-                ok, encoded = cv2.imencode(".jpg", thumbnail_image(crop.image, self.config.thumbnail_max_side), quality)
+                ok, encoded = cv2.imencode(".jpg", thumbnail_image(crop.image, stored_side), quality)
                 if not ok:
                     raise ReidAppError(f"cannot encode the thumbnail of a crop of frame {crop.frame_index}")
                 jpegs.append(encoded.tobytes())

@@ -52,6 +52,7 @@ TOLERANCE_POINTS = 1.0
 FEATURE_AGREEMENT = 0.99
 #: Calibration crops used by default (3/4 set the activation ranges, 1/4 check the agreement).
 DEFAULT_CALIBRATION_CROPS = 256
+MIN_CALIBRATION_CROPS = 8
 #: Gate protocols by default: the CUHK03 split and the domain-generalisation mean.
 DEFAULT_GATE = ("cuhk03", "dg")
 DG_PROTOCOL = "dg"
@@ -131,7 +132,8 @@ def calibration_crops(
     """Up to ``count`` BGR person crops and a description of where they came from.
 
     ``source``: a folder of crop images (searched recursively), a video, a folder of videos, or
-    None for the bundled sample footage. Crops are taken evenly across what is found."""
+    None for the bundled sample footage (whose one query photo does not make it a crop folder).
+    Crops are taken evenly across what is found."""
     from reid_app.images import read_image  # noqa: PLC0415
 
     source = source if source is not None else SAMPLE_VIDEOS
@@ -143,7 +145,7 @@ def calibration_crops(
     else:
         images = [source] if source.suffix.lower() in IMAGE_SUFFIXES else []
         videos = [source] if source.suffix.lower() in VIDEO_SUFFIXES else []
-    if images:
+    if len(images) >= MIN_CALIBRATION_CROPS or (images and not videos):
         chosen = [images[i] for i in np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int)]
         crops = [read_image(path, "calibration crop").pixels for path in dict.fromkeys(chosen)]
         description = f"{len(crops)} crops from {source}"
@@ -152,8 +154,8 @@ def calibration_crops(
         description = f"{len(crops)} detector crops from {', '.join(v.name for v in videos)}"
     else:
         raise ReidAppError(f"no person crops ({'/'.join(IMAGE_SUFFIXES)}) or videos in {source}")
-    if len(crops) < 8:
-        raise ReidAppError(f"only {len(crops)} calibration crops in {source}: need at least 8")
+    if len(crops) < MIN_CALIBRATION_CROPS:
+        raise ReidAppError(f"only {len(crops)} calibration crops in {source}: need at least {MIN_CALIBRATION_CROPS}")
     return crops, description
 
 
@@ -164,9 +166,9 @@ def _video_crops(videos: Sequence[Path], count: int, detector: Any, log: Callabl
     crops: list[np.ndarray] = []
     for path in videos:
         taken = 0
-        for frame in open_video(str(path)).iter_frames(sample_fps=1.0):
+        for frame in open_video(str(path)).iter_frames(sample_fps=2.0):
             for box in detector.detect(frame.image):
-                x1, y1, x2, y2 = (int(round(v)) for v in (box.x1, box.y1, box.x2, box.y2))
+                x1, y1, x2, y2 = (int(round(v)) for v in box.bbox)
                 crop = frame.image[max(y1, 0) : y2, max(x1, 0) : x2]
                 if crop.shape[0] >= 32 and crop.shape[1] >= 16:
                     crops.append(crop)
@@ -322,8 +324,8 @@ def quantise_checkpoint(
     from reid_app.backends import ExportedGraphModule  # noqa: PLC0415
     from reid_app.embed import Embedder  # noqa: PLC0415
 
-    if crops < 8:
-        raise ReidAppError(f"--crops must be at least 8, got {crops}")
+    if crops < MIN_CALIBRATION_CROPS:
+        raise ReidAppError(f"--crops must be at least {MIN_CALIBRATION_CROPS}, got {crops}")
     for protocol in gate:
         _check_gate_data(protocol, data_root)
     embedder = Embedder(weights, device="cpu", backend="onnxruntime", warn=log)

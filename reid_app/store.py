@@ -325,6 +325,34 @@ class IngestClaim(Base):
     lease_until_s: Mapped[float] = mapped_column(StoredFloat)
 
 
+class ReembedJob(Base):
+    """A ``reid-app reembed`` under way (at most one row): the model it moves the database to, the
+    model it started from, and who runs it until when (like :class:`IngestClaim`)."""
+
+    __tablename__ = "reembed_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(StoredString(200))
+    model_weights_sha256: Mapped[str] = mapped_column(StoredString(64))
+    model_dim: Mapped[int] = mapped_column(StoredInteger)
+    model_is_trained: Mapped[bool]
+    from_weights_sha256: Mapped[str] = mapped_column(StoredString(64))
+    owner: Mapped[str] = mapped_column(StoredString(300))  # host:pid:random
+    lease_until_s: Mapped[float] = mapped_column(StoredFloat)
+    started_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))
+
+
+class ReembedVector(Base):
+    """A stored crop's embedding under a reembed job's model, kept apart until the job switches the
+    database over (searches read :class:`Detection` only, so they keep the old model until then)."""
+
+    __tablename__ = "reembed_vectors"
+
+    job_id: Mapped[int] = mapped_column(StoredInteger, primary_key=True)
+    detection_id: Mapped[int] = mapped_column(StoredInteger, primary_key=True)
+    embedding: Mapped[bytes] = mapped_column(StoredBytes)
+
+
 class PendingFileDeletion(Base):
     """A thumbnail file (of a database made before thumbnails were rows) whose rows are deleted but
     whose file may still be on disk: recorded in the deleting transaction, removed after it, so a

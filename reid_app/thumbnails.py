@@ -34,6 +34,12 @@ MAX_THUMBNAIL_BYTES = 4 << 20
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+def stored_crop_side(thumbnail_max_side: int, input_size: tuple[int, int]) -> int:
+    """The longest side ingest stores a crop at: the configured one, or the embedder's input when
+    that is larger, so that ``reid-app reembed`` with a model of that input size sees enough."""
+    return max(int(thumbnail_max_side), *(int(v) for v in input_size))
+
+
 def confined_thumbnail(data_dir: Path, stored: object) -> str | None:
     """The absolute path a row's ``thumbnail_path`` names inside ``data_dir`` (symbolic links
     resolved), or None when it leads anywhere else."""

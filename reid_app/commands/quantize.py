@@ -10,13 +10,16 @@ from pathlib import Path
 import typer
 
 from reid_app.commands.fanet_cmds import DATASETS, fanet_errors
-from reid_app.commands.ingest import warn
 from reid_app.errors import ReidAppError
 from reid_app.quantize import DEFAULT_CALIBRATION_CROPS, DEFAULT_GATE, TOLERANCE_POINTS, parse_gate
 
 
 class Int8Rejected(ReidAppError):
     """The gate refused the int8 graph: the figures are printed, nothing is written."""
+
+
+def _progress(line: str) -> None:
+    typer.echo(line, err=True)  # stdout carries the result table only
 
 
 def quantize_command(
@@ -42,7 +45,7 @@ def quantize_command(
 
     protocols = parse_gate(gate, DATASETS)
     with fanet_errors():
-        record = quantise_checkpoint(weights, data_root, protocols, calibration, crops, log=warn)
+        record = quantise_checkpoint(weights, data_root, protocols, calibration, crops, log=_progress)
     if json_file is not None:
         json_file.write_text(json.dumps(asdict(record), indent=2) + "\n")
     typer.echo(f"{'protocol':<10}{'float32 R1/mAP':>16}{'int8 R1/mAP':>14}")
