@@ -8,7 +8,7 @@ embedder is measured by wrapping them. ``--backend`` picks the runtime of both n
 CLI's flag); ``--no-upscale`` ingests the video at its own size (e.g. a lab4cam camera).
 
     python benchmarks/ingest_speed.py [--video sample_videos/cam1_square_left.mp4] [--fps 2]
-        [--backend auto|torch|onnxruntime|openvino] [--no-upscale]
+        [--backend auto|torch|onnxruntime|openvino] [--int8] [--no-upscale]
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--int8", action="store_true", help="the embedder's accepted int8 graph (reid-app quantize)")
     parser.add_argument("--weights", default=None, help="FA-Net checkpoint (default: the shipped one)")
     parser.add_argument("--no-upscale", action="store_true", help="ingest the video at its own size")
     args = parser.parse_args()
@@ -95,7 +96,7 @@ def main() -> None:
             )
         config = AppConfig(
             db_url=f"sqlite:///{folder}/reid.db", weights=args.weights, device="cpu", sample_fps=args.fps,
-            backend=args.backend,
+            backend=args.backend, int8=args.int8,
         )  # fmt: skip
         started = time.perf_counter()
         embedder = Timed(load_embedder(config), "embed")
@@ -105,7 +106,7 @@ def main() -> None:
         duration = frames / fps
         print(
             f"device: cpu, {args.threads} threads; detector {detector.name} on {detector.backend}; embedder "
-            f"{embedder.model_name} on {embedder.backend.value}"
+            f"{embedder.model_name} on {embedder.backend.value} {embedder.precision}"
         )
         print(f"models loaded in {loading:.1f} s (not counted below)")
         print(

@@ -32,6 +32,7 @@ from fanet.weights import REPO_WEIGHTS_DIR
 from reid_app.backends import InferenceBackend, is_installed
 from reid_app.embed import Embedder
 from reid_app.external_model import ExternalReIDModel, InputConvention
+from reid_app.quantize import accepted_int8_graph
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 OSNET = SHARED / "weights" / "osnet_x0_25_msmt17.onnx"
@@ -84,6 +85,7 @@ def main() -> None:
                 continue  # said by the warning line
             label = f"{embedder.model.config.backbone.value} {height}x{width} {Path(weights).name}"[:43]
             variants: list[tuple[str, Callable[[np.ndarray], object]]] = []
+            app_embedders = {}
             if embedder.exported_graph is None:
                 model = embedder.model
 
@@ -100,14 +102,21 @@ def main() -> None:
                         threads=args.threads, input_size=(height, width), precision="bf16",
                     )  # fmt: skip
                     variants.append(("openvino bf16", bf16.raw))
+                int8_graph = accepted_int8_graph(graph.path, embedder.weights_sha256)
+                if int8_graph is not None:  # `reid-app quantize` accepted one for these weights
+                    int8 = Embedder(weights, device="cpu", backend=backend, input_size=(height, width), int8=True)
+                    assert int8.exported_graph is not None
+                    variants.append((f"{backend.value} int8", int8.exported_graph.raw))
+                    app_embedders[f"{backend.value} int8"] = int8
             for name, run in variants:
                 single = np.random.rand(1, 3, height, width).astype(np.float32)
                 batch = np.random.rand(32, 3, height, width).astype(np.float32)
                 at_one = images_per_second(lambda run=run, x=single: run(x), 1, repeats=20)
                 at_32 = images_per_second(lambda run=run, x=batch: run(x), 32)
                 app = "-"
-                if name.endswith("f32") and not resized:
-                    app = f"{images_per_second(lambda e=embedder: e.embed(crops), len(crops), repeats=3):.0f}"
+                app_embedder = embedder if name.endswith("f32") else app_embedders.get(name)
+                if app_embedder is not None and not resized:
+                    app = f"{images_per_second(lambda e=app_embedder: e.embed(crops), len(crops), repeats=3):.0f}"
                 print(f"{label:<44}{name:<18}{at_one:>10.0f}{at_32:>11.0f}{app:>10}")
 
     import onnxruntime as ort  # noqa: PLC0415

@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--ingest-nice", type=int, default=0, help="the ingest's nice level (0: the server's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="auto", help="the server's and the ingest's --backend")
+    parser.add_argument("--int8", action="store_true", help="the server and the ingest embed with --int8")
     args = parser.parse_args()
 
     url = prepare(args.work)
@@ -107,7 +108,8 @@ def main() -> None:
     print(f"query pool: {len(crops)} images (the gallery's stored crops and the demo query)")
 
     port = free_port()
-    serve_flags = ["--db", url, "--port", str(port), "--backend", args.backend]
+    int8 = ["--int8"] if args.int8 else []
+    serve_flags = ["--db", url, "--port", str(port), "--backend", args.backend, *int8]
     server = cli("serve", *serve_flags, stderr=subprocess.PIPE, text=True)
     for line in server.stderr:
         if "serving" in line:
@@ -167,7 +169,7 @@ def main() -> None:
     def run_ingest() -> None:
         time.sleep(args.ingest_after)
         ingest["started"] = time.perf_counter()
-        flags = ["--camera", str(new_camera), "--db", url, "--quiet", "--backend", args.backend]
+        flags = ["--camera", str(new_camera), "--db", url, "--quiet", "--backend", args.backend, *int8]
         # --ingest-nice: the ingest at a lower CPU priority than the server, as an operator would
         # run a batch job on a host that also answers interactive searches.
         process = cli("ingest", str(video), *flags, stdout=subprocess.DEVNULL,
