@@ -204,13 +204,20 @@ class FANet(nn.Module):
     def _normalise(self, images: Tensor) -> Tensor:
         return (images - self.pixel_mean) / self.pixel_std
 
+    def features(self, images: Tensor) -> Tensor:
+        """The inference feature (the foreground stripes' embeddings, concatenated) in either mode:
+        what evaluation returns, and what unsupervised adaptation trains (:mod:`fanet.engine.adapt`)."""
+        low = self.low_level(self._normalise(images))
+        _, _, gated_foreground = self._foreground(low)
+        return torch.cat(self.foreground_pooling(gated_foreground), dim=1)
+
     def forward(self, images: Tensor) -> Tensor | FANetOutput:
+        if not self.training:
+            return self.features(images)
         low = self.low_level(self._normalise(images))
         foreground_map, mask, gated_foreground = self._foreground(low)
         person_embeddings = self.foreground_pooling(gated_foreground)
         features = torch.cat(person_embeddings, dim=1)
-        if not self.training:
-            return features
         if not self.person_classifiers:
             raise RuntimeError("this FANet has no person classifier (num_classes=0): it is inference-only")
         output = FANetOutput(

@@ -12,7 +12,9 @@ import typer
 from reid_app.errors import ReidAppError, describe_failure
 from reid_app.safetext import plain
 
-COMMAND_MODULES = ("ingest", "search", "stats", "identities", "retention", "serve", "fanet_cmds", "quantize", "reembed")
+COMMAND_MODULES = (
+    "ingest", "search", "stats", "identities", "retention", "serve", "fanet_cmds", "quantize", "reembed", "adapt",
+)  # fmt: skip
 #: Set to 1 to get the traceback of a failure the CLI would otherwise report in one line.
 DEBUG_ENV = "REID_APP_DEBUG"
 

@@ -269,6 +269,7 @@ def test_identities_read_and_recompute(client: TestClient, demo_gallery: Path) -
 
     assert status["embedder"]["backend"] == auto_backend_on_cpu().value
     assert status["embedder"]["precision"] == "float32"
+    assert status["embedder"]["adapted"] == ""  # the shipped model was not adapted
     assert client.get("/api/v1/cameras").json()["inference"]["backend"] == auto_backend_on_cpu().value
 
 

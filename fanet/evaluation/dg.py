@@ -128,11 +128,13 @@ class DGResult:
         }
 
 
-def _check_splits(splits: Sequence[DGSplit], labels: Mapping[str, PetaImage]) -> None:
+def _check_splits(
+    splits: Sequence[DGSplit], labels: Mapping[str, PetaImage], sets: Sequence[str] = DG_TEST_SUBSETS
+) -> None:
     if not splits:
         raise ValueError("the DG protocol needs at least one split")
     for number, split in enumerate(splits):
-        for name in DG_TEST_SUBSETS:
+        for name in sets:
             if name not in split:
                 raise ValueError(f"DG split {number} has no {name} set")
             query, gallery = split[name]["query"], split[name]["gallery"]
@@ -171,21 +173,26 @@ def evaluate_dg(
     splits: Sequence[DGSplit] | None = None,
     *,
     chunk: int = EMBED_CHUNK,
+    sets: Sequence[str] = DG_TEST_SUBSETS,
 ) -> DGResult:
     """The DG protocol of this module's docstring for the model behind ``embed``.
 
     ``peta_root`` is the ``peta_reid`` folder or the folder holding it. ``splits`` defaults to
     the ten of ``dg_splits.json``; a subset of them (or of their files, for a quick check) may be
-    passed instead, but then the figures are not the protocol's.
+    passed instead, but then the figures are not the protocol's. ``sets`` scores only those sets
+    (their mean is then not the DG mean: site adaptation scores one set at a time).
     """
     start = time.perf_counter()
     labels = read_peta_labels(peta_root)
     splits = read_dg_splits(peta_root) if splits is None else splits
-    _check_splits(splits, labels)
+    unknown = [name for name in sets if name not in DG_TEST_SUBSETS]
+    if not sets or unknown:
+        raise ValueError(f"DG sets are among {', '.join(DG_TEST_SUBSETS)}; got {', '.join(sets) or 'none'}")
+    _check_splits(splits, labels, sets)
 
     # Each unique file once, in first-seen order, so every model sees the same order.
     files = list(
-        dict.fromkeys(f for split in splits for name in DG_TEST_SUBSETS for key in ("query", "gallery")
+        dict.fromkeys(f for split in splits for name in sets for key in ("query", "gallery")
                       for f in split[name][key])
     )
     embed_start = time.perf_counter()
@@ -194,7 +201,7 @@ def evaluate_dg(
     row_of = {f: i for i, f in enumerate(files)}
 
     results = []
-    for name in DG_TEST_SUBSETS:
+    for name in sets:
         rank1, mean_ap = [], []
         for split in splits:
             query, gallery = list(split[name]["query"]), list(split[name]["gallery"])

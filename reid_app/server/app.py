@@ -28,6 +28,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from reid_app.adapt import adapted_card
 from reid_app.config import MAX_CAMERA_ID
 from reid_app.errors import ReidAppError, describe_failure
 from reid_app.identities import compute_identities, identities_payload, stored_identities
@@ -197,6 +198,8 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
                 "trained": bool(state.embedder.is_trained),
                 "backend": state.embedder.backend.value,
                 "precision": state.embedder.precision,
+                # What the checkpoint was adapted on (`reid-app adapt`), or "".
+                "adapted": adapted_card(state.embedder.metadata),
             },
             "database_model": stored,
             "detector": state.detector.name,

@@ -48,7 +48,10 @@ const thumbUrl = (detectionId) => `${API}/detections/${encodeURIComponent(detect
 async function loadStatus() {
   const status = await api("/status");
   const model = status.embedder;
-  $("model-line").textContent = `model ${model.name} (${model.trained ? "trained" : "UNTRAINED"}) · detector ${status.detector}`;
+  const stored = status.database_model ? ` · database uses ${status.database_model.name}` : "";
+  const adapted = model.adapted ? ` · ${model.adapted}` : "";
+  $("model-line").textContent =
+    `model ${model.name} (${model.trained ? "trained" : "UNTRAINED"})${adapted}${stored} · detector ${status.detector}`;
   $("threshold").value = status.defaults.threshold;
   $("identity-threshold").value = status.defaults.identity_threshold;
   setWarning(status.warning);

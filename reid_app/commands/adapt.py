@@ -1,0 +1,76 @@
+"""``reid-app adapt``: fine-tune FA-Net on a site's own unlabelled tracks (:mod:`reid_app.adapt`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from reid_app.commands.ingest import warn
+from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig
+
+
+def _log(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def adapt_command(
+    output: Path = typer.Option(..., "--output", help="Inference checkpoint to write (the adapted model)."),
+    db: str | None = typer.Option(
+        None, "--db", help=f"Adapt on this database's stored tracks (default when no --from-folder: {DEFAULT_DB_URL}, "
+        f"or ${DB_URL_ENV})."
+    ),  # fmt: skip
+    from_folder: Path | None = typer.Option(
+        None, "--from-folder", help="Adapt on a tracklet folder DIR/<camera id>/<track id>/*.jpg instead."
+    ),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Folder of the thumbnails (default: next to the DB)."),
+    weights: str | None = typer.Option(None, "--weights", help="Checkpoint to start from (default: the shipped one)."),
+    epochs: int = typer.Option(4, "--epochs", help="Adaptation epochs (each re-labels the tracks)."),
+    apply: bool = typer.Option(False, "--apply", help="Then move the database to the adapted model (reembed)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Adapt the re-ID model to your cameras without labels (tracks of one camera that overlap in time
+    are different people; the rest is learnt); --apply also re-embeds the database with it."""
+    from reid_app.adapt import run_adapt  # noqa: PLC0415
+    from reid_app.errors import ReidAppError  # noqa: PLC0415
+    from reid_app.store import Database  # noqa: PLC0415
+
+    if from_folder is not None and (db is not None or apply):
+        raise ReidAppError("--from-folder adapts on a folder: it takes neither --db nor --apply")
+    database = None
+    if from_folder is None:
+        config = AppConfig.from_env(db, data_dir)
+        database = Database(config)
+    progress = Progress(
+        TextColumn("[bold]adapt {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), disable=quiet,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("", total=None)
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=stage, completed=done, total=total)
+
+        report = run_adapt(weights, output, db=database, folder=from_folder, epochs=epochs, progress=on_progress,
+                           log=_log)  # fmt: skip
+    typer.echo(f"wrote {report.output}: {report.card}")
+    if apply:
+        from reid_app.ingest import load_embedder  # noqa: PLC0415
+        from reid_app.reembed import reembed  # noqa: PLC0415
+
+        assert database is not None
+        embedder = load_embedder(AppConfig.from_env(db, data_dir, weights=str(output)), warn)
+        moved = reembed(database, embedder)
+        from reid_app.index import IndexManager  # noqa: PLC0415
+
+        IndexManager(database, database.config).sync_all()
+        typer.echo(
+            f"moved the database to {moved.model_name}: {moved.crops_total} crops and {moved.tracks} tracks "
+            "re-embedded; run `reid-app identities` again"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("adapt")(adapt_command)

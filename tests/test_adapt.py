@@ -1,0 +1,183 @@
+"""``reid-app adapt``: tracklet pseudo-identities, the adaptation run on real crops (a tracklet folder
+of VIPeR people, a database ingested from the sample clips), resume after a stop, ``--apply``, and
+the bad inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_cli
+
+from fanet.checkpoint import read_checkpoint
+from fanet.data.peta import read_peta_labels
+from fanet.data.tracklets import Tracklet, TrackletLayoutError, read_tracklet_folder
+from fanet.engine import adapt as adapt_engine
+from fanet.engine.adapt import STATE_SUFFIX, pseudo_identities
+from fanet.weights import REPO_WEIGHTS_DIR
+from reid_app.adapt import run_adapt
+from reid_app.config import AppConfig
+from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS, Embedder
+from reid_app.errors import ReidAppError
+from reid_app.ingest import IngestOptions, ingest_video, load_detector
+from reid_app.store import Database
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS
+
+
+def tracklet(camera: str, track: str, start: float | None = None, end: float | None = None) -> Tracklet:
+    return Tracklet(camera, track, (f"{camera}/{track}.jpg",), start, end)
+
+
+def test_mutual_nearest_tracklets_become_one_identity_but_never_two_seen_at_once() -> None:
+    # Three people; a and b walk in camera 0 at the same time, c later; each is seen again in camera 1.
+    tracks = [tracklet("0", "a", 0, 10), tracklet("0", "b", 5, 15), tracklet("0", "c", 20, 30),
+              tracklet("1", "a", 40, 50), tracklet("1", "b", 40, 50), tracklet("1", "c", 60, 70)]  # fmt: skip
+    rng = np.random.default_rng(0)
+    people = rng.standard_normal((3, 16))
+    features = np.stack([people[i % 3] + 0.1 * rng.standard_normal(16) for i in range(6)])
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    labels = pseudo_identities(features, tracks)
+    assert labels[0] == labels[3] and labels[1] == labels[4] and labels[2] == labels[5]
+    assert len(set(labels)) == 3
+    # Two tracks that overlap in one camera stay apart even when they look alike; a third that
+    # matches both joins only one of them.
+    same = np.stack([people[0], people[0] + 1e-3, people[0] + 2e-3])
+    same /= np.linalg.norm(same, axis=1, keepdims=True)
+    labels = pseudo_identities(same, [tracklet("0", "a", 0, 10), tracklet("0", "b", 5, 15), tracklet("1", "x")])
+    assert labels[0] != labels[1] and labels[2] in (labels[0], labels[1])
+    # Without times, two tracks of one camera are two people.
+    labels = pseudo_identities(same[:2], [tracklet("0", "a"), tracklet("0", "b")])
+    assert labels[0] != labels[1]
+
+
+@pytest.fixture(scope="module")
+def viper_tracklets(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 VIPeR people, each a track in camera 0 and one in camera 1 (48 real crops; no label
+    crosses a camera)."""
+    folder = tmp_path_factory.mktemp("viper_tracks")
+    peta = shared_dir / "data" / "peta_reid"
+    images = sorted((i for i in read_peta_labels(peta).values() if i.subset == "VIPeR"), key=lambda i: i.path)
+    people = sorted({i.pid for i in images})[:24]
+    for image in (i for i in images if i.pid in people):
+        target = folder / str(image.camid) / image.pid / Path(image.path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(image.path)
+    return folder
+
+
+def test_adapt_from_a_folder_writes_a_checkpoint_that_says_what_it_was_adapted_on(
+    viper_tracklets: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    output = tmp_path / "site.pt"
+    code, out, err = run_cli(
+        ["adapt", "--from-folder", str(viper_tracklets), "--output", str(output), "--epochs", "1", "--quiet"],
+        capsys, monkeypatch,
+    )  # fmt: skip
+    assert code == 0, err
+    meta = read_checkpoint(output)["meta"]
+    adapted = meta["adapted"]
+    assert (adapted["from"], adapted["crops"], adapted["tracks"], adapted["cameras"]) == (SHIPPED.name, 48, 48, 2)
+    assert adapted["epochs"] == 1 and str(viper_tracklets) in adapted["source"]
+    assert f"adapted from {SHIPPED.name} on 48 crops of 48 tracks" in out
+    assert "pseudo-identities" in err  # the epoch line
+    assert not output.with_name(output.name + STATE_SUFFIX).exists()
+    # The adapted model is an ordinary checkpoint for the app, and it did change.
+    adapted_model, shipped = Embedder(str(output), device="cpu", backend="torch"), Embedder(None, device="cpu")
+    crops = [np.full((128, 48, 3), value, np.uint8) for value in (40, 120)]
+    assert adapted_model.dim == shipped.dim
+    assert not np.allclose(adapted_model.embed(crops), shipped.embed(crops), atol=1e-4)
+
+
+def test_a_stopped_adaptation_resumes_from_its_last_epoch(viper_tracklets: Path, tmp_path: Path, monkeypatch) -> None:
+    output = tmp_path / "site.pt"
+    calls: list[str] = []
+
+    def stop_in_epoch_two(stage: str, done: int, total: int) -> None:
+        calls.append(stage)
+        if stage.startswith("epoch 2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_adapt(None, output, folder=viper_tracklets, epochs=2, progress=stop_in_epoch_two, log=lambda _l: None)
+    state = output.with_name(output.name + STATE_SUFFIX)
+    assert state.is_file() and not output.exists()
+    assert torch.load(state, weights_only=False)["epoch"] == 1
+    lines: list[str] = []
+    report = run_adapt(None, output, folder=viper_tracklets, epochs=2, log=lines.append)
+    assert any("resuming the adaptation after epoch 1" in line for line in lines)
+    assert [e.epoch for e in report.epochs] == [2] and output.is_file() and not state.exists()
+
+
+def test_adapt_a_database_and_apply_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    config = AppConfig(db_url=f"sqlite:///{tmp_path / 'reid.db'}", data_dir=tmp_path, sample_fps=2.0)
+    embedder, detector = Embedder(None, device="cpu"), load_detector(None, "cpu")
+    for camera, clip in ((1, "cam1_square_left.mp4"), (2, "cam2_square_right.mp4")):
+        options = IngestOptions(video=str(REPO / "sample_videos" / clip), camera=camera, max_frames=8)
+        ingest_video(config, options, embedder=embedder, detector=detector)
+    output = tmp_path / "adapted" / "site.pt"
+    code, out, err = run_cli(
+        ["adapt", "--db", config.db_url, "--data-dir", str(tmp_path), "--output", str(output), "--epochs", "1",
+         "--apply", "--quiet"],
+        capsys, monkeypatch,
+    )  # fmt: skip
+    assert code == 0, err
+    adapted = read_checkpoint(output)["meta"]["adapted"]
+    assert adapted["cameras"] == 2 and adapted["source"].startswith("database sqlite:///")
+    assert not list(output.parent.glob(".site.pt.tracklets"))  # the export is removed after success
+    assert Database(config).info().model_name == "site.pt"
+    code, out, err = run_cli(["stats", "--db", config.db_url, "--json"], capsys, monkeypatch)
+    assert json.loads(out)["model"]["name"] == "site.pt"
+    # The server (and its page) says which model the database uses and what it was adapted on.
+    from fastapi.testclient import TestClient  # noqa: PLC0415
+
+    from reid_app.server.app import create_app  # noqa: PLC0415
+    from reid_app.server.state import ServerState  # noqa: PLC0415
+
+    served = ServerState.load(
+        AppConfig(db_url=config.db_url, data_dir=tmp_path, weights=str(output), device="cpu"),
+        embedder=Embedder(str(output), device="cpu"), detector=detector,
+    )  # fmt: skip
+    with TestClient(create_app(served), base_url="http://127.0.0.1") as client:
+        status = client.get("/api/v1/status").json()
+    assert status["database_model"]["name"] == "site.pt"
+    assert status["embedder"]["adapted"].startswith(f"adapted from {SHIPPED.name} on ")
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(viper_tracklets: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    def adapt_cli(*args: str) -> str:
+        code, out, err = run_cli(["adapt", *args, "--quiet"], capsys, monkeypatch)
+        assert code != 0 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    output = tmp_path / "out.pt"
+    assert "empty" in adapt_cli("--db", f"sqlite:///{tmp_path / 'none.db'}", "--output", str(output))
+    one = tmp_path / "one"
+    shutil.copytree(viper_tracklets / "0" / sorted(p.name for p in (viper_tracklets / "0").iterdir())[0],
+                    one / "0" / "t", symlinks=True)  # fmt: skip
+    assert "at least 2" in adapt_cli("--from-folder", str(one), "--output", str(output))
+    assert "not found" in adapt_cli("--from-folder", str(tmp_path / "missing"), "--output", str(output))
+    (tmp_path / "empty").mkdir()
+    assert "no tracks" in adapt_cli("--from-folder", str(tmp_path / "empty"), "--output", str(output))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"conv.weight": torch.zeros(3)}, "config": {"backbone": "vgg"}}, foreign)
+    assert "foreign.pt" in adapt_cli("--from-folder", str(viper_tracklets), "--weights", str(foreign),
+                                     "--output", str(output))  # fmt: skip
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert "cannot write the output" in adapt_cli("--from-folder", str(viper_tracklets), "--output",
+                                                  str(blocker / "out.pt"))  # fmt: skip
+    assert "--apply" in adapt_cli("--from-folder", str(viper_tracklets), "--output", str(output), "--apply")
+    assert not output.exists()
+    with pytest.raises(TrackletLayoutError):
+        read_tracklet_folder(tmp_path / "missing")
+    with pytest.raises(ReidAppError, match="one source"):
+        run_adapt(None, output)
+    with pytest.raises(ValueError, match="epochs"):
+        adapt_engine.AdaptConfig(epochs=0)
