@@ -272,7 +272,7 @@ def _rows_by_id(session: Session, model: type, ids: Iterable[int]) -> dict[int, 
     return {row.id: row for row in session.scalars(select(model).where(model.id.in_(ids)))}
 
 
-def _hits(
+def hits_for_rows(
     session: Session, db: Database, level: SearchLevel, ranked: list[tuple[float, int]], skipped: list[str]
 ) -> list[SearchHit]:
     """The results for index rows ``ranked`` (score, row id), best first, read in a few queries.
@@ -400,7 +400,7 @@ def run_search(
                     for score, row_id in zip(scores[0], ids[0], strict=True)
                     if row_id >= 0 and (options.threshold is None or score >= options.threshold)
                 ]
-                hits = _hits(session, db, options.level, ranked, skipped)
+                hits = hits_for_rows(session, db, options.level, ranked, skipped)
             results.append(
                 PersonResults(
                     person=number, bbox=[round(v * scale, 1) for v in person.bbox], how=person.how, hits=hits

@@ -325,6 +325,32 @@ class IngestClaim(Base):
     lease_until_s: Mapped[float] = mapped_column(StoredFloat)
 
 
+class Case(Base):
+    """An investigation (:mod:`reid_app.cases`): a name, notes, and the tracks an operator marked."""
+
+    __tablename__ = "cases"
+    __table_args__ = (_SQLITE_TABLE_ARGS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(StoredString(200))
+    notes: Mapped[str] = mapped_column(StoredString(10000), default="")
+    created_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(StoredString(200), default="")
+
+
+class CaseTrack(Base):
+    """One track's verdict in a case: ``confirmed`` (the case's person) or ``rejected`` (not them)."""
+
+    __tablename__ = "case_tracks"
+
+    case_id: Mapped[int] = mapped_column(StoredInteger, ForeignKey("cases.id"), primary_key=True)
+    track_id: Mapped[int] = mapped_column(StoredInteger, primary_key=True, index=True)
+    verdict: Mapped[str] = mapped_column(StoredString(16))
+    decided_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))
+    decided_by: Mapped[str] = mapped_column(StoredString(200), default="")
+
+
 class ReembedJob(Base):
     """A ``reid-app reembed`` under way (at most one row): the model it moves the database to, the
     model it started from, and who runs it until when (like :class:`IngestClaim`)."""
@@ -606,8 +632,12 @@ class DeletedRows:
 
 def delete_tracks(session: Session, track_ids: list[int]) -> DeletedRows:
     """Delete tracks with their crops, thumbnails and vectors, logging the deleted ids (and older
-    rows' thumbnail files) in the same transaction: a kill either leaves all of it or none."""
+    rows' thumbnail files) in the same transaction: a kill either leaves all of it or none. Case
+    verdicts on those tracks go with them (erasure leaves no trace of the person in a case)."""
+    from sqlalchemy import inspect  # noqa: PLC0415
+
     deleted = DeletedRows()
+    has_cases = inspect(session.connection()).has_table(CaseTrack.__tablename__)
     for start in range(0, len(track_ids), _ID_CHUNK):
         chunk = track_ids[start : start + _ID_CHUNK]
         rows = session.execute(
@@ -621,6 +651,8 @@ def delete_tracks(session: Session, track_ids: list[int]) -> DeletedRows:
                 delete(Thumbnail).where(Thumbnail.detection_id.in_(id_chunk))
             ).rowcount
             session.execute(delete(Detection).where(Detection.id.in_(id_chunk)))
+        if has_cases:  # a database made before cases has no verdicts to erase
+            session.execute(delete(CaseTrack).where(CaseTrack.track_id.in_(chunk)))
         session.execute(delete(Track).where(Track.id.in_(chunk)))
         deleted.tracks += chunk
         deleted.detections += detection_ids

@@ -9,6 +9,7 @@ for a bug; no failed request writes anything.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -24,11 +25,15 @@ from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reid_app.adapt import adapted_card
+from reid_app.cases import MAX_NAME as MAX_CASE_NAME
+from reid_app.cases import MAX_NOTES as MAX_CASE_NOTES
+from reid_app.cases import case_detail, create_case, export_case, list_cases, mark_track, search_case, update_case
 from reid_app.config import MAX_CAMERA_ID
 from reid_app.errors import ReidAppError, describe_failure
 from reid_app.identities import compute_identities, identities_payload, stored_identities
@@ -333,6 +338,75 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
         threshold = state.config.identity_threshold if threshold is None else threshold
         summaries = compute_identities(state.db, threshold, linkage)
         return identities_payload(summaries, threshold, linkage, bool(info.model_is_trained))
+
+    _add_cases_api(app, state, heavy)
+
+
+class CaseCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=MAX_CASE_NAME)
+    notes: str = Field(default="", max_length=MAX_CASE_NOTES)
+    track_ids: list[int] = Field(default_factory=list, max_length=MAX_PAGE)
+
+
+class CaseUpdate(BaseModel):
+    name: str | None = Field(default=None, min_length=1, max_length=MAX_CASE_NAME)
+    notes: str | None = Field(default=None, max_length=MAX_CASE_NOTES)
+
+
+class CaseVerdict(BaseModel):
+    verdict: Literal["confirmed", "rejected", "undecided"]
+
+
+def _add_cases_api(app: FastAPI, state: ServerState, heavy: list[Any]) -> None:
+    """Investigations (:mod:`reid_app.cases`): the page and any client share these."""
+
+    @app.get(f"{API}/cases", tags=["cases"])
+    def cases() -> dict[str, Any]:
+        """Every case, most recently changed first."""
+        return {"cases": list_cases(state.db)}
+
+    @app.post(f"{API}/cases", tags=["cases"])
+    def new_case(body: CaseCreate) -> dict[str, Any]:
+        """Start a case (from a search: the hit's track as its first confirmed track)."""
+        case_id = create_case(state.db, body.name, body.notes, [_row_id(t) for t in body.track_ids])
+        return api_json(case_detail(state.db, case_id))
+
+    @app.get(f"{API}/cases/{{case_id}}", tags=["cases"])
+    def case(case_id: RowId) -> dict[str, Any]:
+        """The case: name, notes, confirmed tracks in time order (the trajectory), rejected tracks."""
+        return api_json(case_detail(state.db, case_id))
+
+    @app.patch(f"{API}/cases/{{case_id}}", tags=["cases"])
+    def edit_case(case_id: RowId, body: CaseUpdate) -> dict[str, Any]:
+        """Rename the case or change its notes."""
+        update_case(state.db, case_id, body.name, body.notes)
+        return api_json(case_detail(state.db, case_id))
+
+    @app.put(f"{API}/cases/{{case_id}}/tracks/{{track_id}}", tags=["cases"])
+    def mark(case_id: RowId, track_id: RowId, body: CaseVerdict) -> dict[str, Any]:
+        """Mark a track as the case's person (confirmed), not them (rejected), or undecided."""
+        mark_track(state.db, case_id, track_id, body.verdict)
+        return api_json(case_detail(state.db, case_id))
+
+    @app.post(f"{API}/cases/{{case_id}}/search", tags=["cases"], dependencies=heavy)
+    def case_search(
+        case_id: RowId,
+        top_k: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 10,
+        threshold: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+    ) -> dict[str, Any]:
+        """Candidates: the tracks closest to the mean of the case's confirmed tracks, undecided ones only."""
+        return api_json(search_case(state.db, state.indexes, case_id, top_k, threshold))
+
+    @app.get(
+        f"{API}/cases/{{case_id}}/export", tags=["cases"], response_class=Response,
+        responses={200: {"content": {"text/html": {}, "application/json": {}}}},
+    )  # fmt: skip
+    def export(case_id: RowId, format: Annotated[Literal["html", "json"], Query()] = "html") -> Response:  # noqa: A002
+        """The case as one self-contained HTML report or a JSON document, thumbnails inline."""
+        document = export_case(state.db, case_id, format)
+        if isinstance(document, str):
+            return Response(document, media_type="text/html")
+        return Response(json.dumps(document), media_type="application/json")
 
 
 def api_json(payload: Any) -> Any:  # noqa: ANN401 - any JSON document
