@@ -458,6 +458,51 @@ def test_the_page_in_a_real_browser(served: str, tmp_path: Path) -> None:
             browser.close()
 
 
+def test_a_case_in_a_real_browser(served: str) -> None:
+    """Search → start a case from the camera-1 hit → search again → confirm the camera-2 candidate →
+    the case's timeline holds exactly the two confirmed tracks → the HTML export has both."""
+    browser_path = chromium_path()
+    if browser_path is None:
+        pytest.skip("no Chromium binary found (install Debian's chromium: apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(served + "/")
+            page.wait_for_selector("#camera-filter input")
+            page.set_input_files("#image-input", str(DEMO_QUERY))
+            page.wait_for_selector("#results figure", timeout=120_000)
+            page.fill("#case-name", "red jacket (browser)")
+            first = page.query_selector("#results figure[data-rank='1']")
+            assert first is not None and first.get_attribute("data-camera") == "1"
+            first_track = first.get_attribute("data-track")
+            first.query_selector("button.start-case").click()
+            page.wait_for_selector("#case-candidates figure.candidate", timeout=60_000)
+            assert "red jacket (browser)" in page.inner_text("#case-title")
+            candidate = page.query_selector("#case-candidates figure.candidate[data-camera='2']")
+            assert candidate is not None
+            second_track = candidate.get_attribute("data-track")
+            candidate.query_selector("button[data-verdict='confirmed']").click()
+            page.wait_for_selector(f"#case-timeline .bar-group[data-track='{second_track}']", timeout=60_000)
+            bars = {(g.get_attribute("data-camera"), g.get_attribute("data-track"))
+                    for g in page.query_selector_all("#case-timeline .bar-group")}  # fmt: skip
+            assert bars == {("1", first_track), ("2", second_track)}
+            # The candidates no longer hold the confirmed tracks: they are drawn apart.
+            page.wait_for_selector("#case-candidates figure.candidate", timeout=60_000)
+            figures = page.query_selector_all("#case-candidates figure.candidate")
+            shown = {f.get_attribute("data-track") for f in figures}
+            assert not shown & {first_track, second_track}
+            export = page.request.get(served + (page.get_attribute("#case-export-html", "href") or ""))
+            assert export.ok and export.text().count("data:image/jpeg;base64,") == 2
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
 # ------------------------------------------------------------------------------ API fuzzing (schemathesis)
 
 

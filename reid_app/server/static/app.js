@@ -7,7 +7,7 @@ const API = "/api/v1";
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 
-const state = { file: null, result: null, chosen: 0, cameras: [] };
+const state = { file: null, result: null, chosen: 0, cameras: [], caseId: null };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -68,6 +68,7 @@ function showTab(name) {
   for (const section of document.querySelectorAll("main > section")) section.hidden = section.id !== `tab-${name}`;
   if (name === "cameras") loadCameras().catch((e) => showError(e.message));
   if (name === "identities") loadIdentities().catch((e) => showError(e.message));
+  if (name === "cases") loadCases().catch((e) => showError(e.message));
 }
 
 // ---------------------------------------------------------------- cameras
@@ -178,6 +179,9 @@ async function renderResults() {
       el("img", { src: thumbUrl(hit.detection_id), alt: `match ${hit.rank}` }),
       el("figcaption", {}, `#${hit.rank} · ${hit.score.toFixed(3)}`, el("br"), `camera ${hit.camera}`, el("br"), stamp(hit.time)));
     figure.addEventListener("click", () => openDetail(hit.detection_id, hit.track_id, `#${hit.rank} camera ${hit.camera}, score ${hit.score.toFixed(3)}`));
+    const start = el("button", { type: "button", class: "start-case", title: "open a case with this track confirmed" }, "start case");
+    start.addEventListener("click", (e) => { e.stopPropagation(); startCase(hit.track_id).catch((error) => showError(error.message)); });
+    figure.append(start);
     grid.append(figure);
   }
   if (!person.results.length) grid.append(el("p", {}, "No match above the threshold."));
@@ -322,6 +326,83 @@ async function recomputeIdentities() {
   renderIdentities(data, `${data.identities.length} identities (distance ≤ ${data.threshold}, just computed).`);
 }
 
+// ---------------------------------------------------------------- cases
+async function loadCases() {
+  const body = $("cases-table").tBodies[0];
+  body.replaceChildren();
+  for (const c of (await api("/cases")).cases) {
+    const row = el("tr", { "data-case": c.case_id }, el("td", {}, c.case_id), el("td", {}, c.name),
+      el("td", {}, c.confirmed), el("td", {}, stamp(c.updated_at)));
+    row.addEventListener("click", () => showCase(c.case_id).catch((e) => showError(e.message)));
+    body.append(row);
+  }
+}
+
+async function startCase(trackId) {
+  showError("");
+  const created = await api("/cases", { method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ name: $("case-name").value || "new case", track_ids: [trackId] }) });
+  showTab("cases");
+  await showCase(created.case_id);
+  await searchCase();
+}
+
+function caseFigure(track, caption) {
+  return el("figure", { "data-camera": track.camera, "data-track": track.track_id },
+    el("img", { src: thumbUrl(track.detection_id), alt: `track ${track.track_id}` }), el("figcaption", {}, ...caption));
+}
+
+async function showCase(caseId) {
+  state.caseId = caseId;
+  const detail = await api(`/cases/${encodeURIComponent(caseId)}`);
+  $("case-area").hidden = false;
+  $("case-title").textContent = `Case ${detail.case_id}: ${detail.name}`;
+  $("case-notes").value = detail.notes;
+  $("case-export-html").href = `${API}/cases/${encodeURIComponent(caseId)}/export?format=html`;
+  $("case-export-json").href = `${API}/cases/${encodeURIComponent(caseId)}/export?format=json`;
+  drawTimeline($("case-timeline"), $("case-trajectory"), detail.trajectory, (t) => `${t.track_id}`,
+    (t) => `confirmed${t.decided_by ? " by " + t.decided_by : ""}`);
+  const rejected = $("case-rejected");
+  rejected.replaceChildren();
+  for (const t of detail.rejected) {
+    const figure = caseFigure(t, [`camera ${t.camera}`]);
+    figure.append(verdictButton(t.track_id, "undecided", "undo"));
+    rejected.append(figure);
+  }
+}
+
+function verdictButton(trackId, verdict, label) {
+  const button = el("button", { type: "button", "data-verdict": verdict }, label);
+  button.addEventListener("click", (e) => { e.stopPropagation(); markTrack(trackId, verdict).catch((error) => showError(error.message)); });
+  return button;
+}
+
+async function markTrack(trackId, verdict) {
+  await api(`/cases/${encodeURIComponent(state.caseId)}/tracks/${encodeURIComponent(trackId)}`, {
+    method: "PUT", headers: { "content-type": "application/json" }, body: JSON.stringify({ verdict }) });
+  await showCase(state.caseId);
+  await searchCase();
+}
+
+async function searchCase() {
+  const grid = $("case-candidates");
+  grid.replaceChildren(el("p", {}, "Searching…"));
+  const result = await api(`/cases/${encodeURIComponent(state.caseId)}/search?top_k=${encodeURIComponent($("top-k").value)}`, { method: "POST" });
+  grid.replaceChildren();
+  for (const hit of result.candidates) {
+    const figure = caseFigure(hit, [`${hit.score.toFixed(3)} · camera ${hit.camera}`, el("br"), stamp(hit.time)]);
+    figure.classList.add("candidate");
+    figure.append(verdictButton(hit.track_id, "confirmed", "same person"), verdictButton(hit.track_id, "rejected", "not this person"));
+    grid.append(figure);
+  }
+  if (!result.candidates.length) grid.append(el("p", {}, "No other candidate."));
+}
+
+async function saveNotes() {
+  await api(`/cases/${encodeURIComponent(state.caseId)}`, { method: "PATCH", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ notes: $("case-notes").value }) });
+}
+
 // ---------------------------------------------------------------- wiring
 function init() {
   for (const button of document.querySelectorAll("nav button")) button.addEventListener("click", () => showTab(button.dataset.tab));
@@ -332,6 +413,8 @@ function init() {
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); chooseFile(e.dataTransfer.files[0]); });
   $("search-form").addEventListener("submit", (e) => { e.preventDefault(); runSearch(); });
   $("recompute").addEventListener("click", () => recomputeIdentities().catch((e) => showError(e.message)));
+  $("case-search").addEventListener("click", () => searchCase().catch((e) => showError(e.message)));
+  $("case-save").addEventListener("click", () => saveNotes().catch((e) => showError(e.message)));
   window.addEventListener("resize", () => state.result && drawQueryBoxes());
   loadStatus().catch((e) => showError(e.message));
   loadCameras().catch((e) => showError(e.message));
