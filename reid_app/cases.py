@@ -28,9 +28,11 @@ import numpy as np
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from reid_app import audit
 from reid_app.errors import ReidAppError
 from reid_app.overview import NotFound, track_dict
 from reid_app.store import (
+    AuditEntry,
     Base,
     Case,
     CaseTrack,
@@ -51,8 +53,9 @@ MAX_NOTES = 10000
 
 
 def ensure_tables(db: Database) -> None:
-    """The two case tables, on a database made before cases existed (create_all skips existing ones)."""
-    tables = [Case.__table__, CaseTrack.__table__]
+    """The case tables and the audit trail's, on a database made before them (create_all skips
+    existing ones)."""
+    tables = [Case.__table__, CaseTrack.__table__, AuditEntry.__table__]
     db.write(lambda session: Base.metadata.create_all(session.connection(), tables=tables))
 
 
@@ -78,6 +81,7 @@ def create_case(db: Database, name: str, notes: str = "", confirmed: list[int] |
             _require_track(session, track_id)
             session.add(CaseTrack(case_id=case.id, track_id=track_id, verdict="confirmed", decided_at=now,
                                   decided_by=by))  # fmt: skip
+        audit.add(session, by, "case.create", f"case {case.id}", name=case.name, confirmed=list(confirmed or []))
         return case.id
 
     return db.write(work)
@@ -97,7 +101,7 @@ def _require_case(session: Session, case_id: int) -> Case:
     return case
 
 
-def update_case(db: Database, case_id: int, name: str | None = None, notes: str | None = None) -> None:
+def update_case(db: Database, case_id: int, name: str | None = None, notes: str | None = None, by: str = "") -> None:
     _check_text(name, notes)
     ensure_tables(db)
 
@@ -108,6 +112,7 @@ def update_case(db: Database, case_id: int, name: str | None = None, notes: str 
         if notes is not None:
             case.notes = notes
         case.updated_at = utc_now()
+        audit.add(session, by, "case.update", f"case {case.id}", name=name is not None, notes=notes is not None)
 
     db.write(work)
 
@@ -127,6 +132,7 @@ def mark_track(db: Database, case_id: int, track_id: int, verdict: str, by: str 
             session.add(CaseTrack(case_id=case.id, track_id=int(track_id), verdict=verdict, decided_at=now,
                                   decided_by=by))  # fmt: skip
         case.updated_at = now
+        audit.add(session, by, "case.mark", f"case {case.id}", track_id=int(track_id), verdict=verdict)
 
     db.write(work)
 
@@ -192,7 +198,7 @@ def _best_crops(session: Session, track_ids: list[int]) -> dict[int, int]:
 
 
 def search_case(
-    db: Database, indexes: Any, case_id: int, top_k: int = 10, threshold: float | None = None
+    db: Database, indexes: Any, case_id: int, top_k: int = 10, threshold: float | None = None, by: str = ""
 ) -> dict[str, Any]:
     """Candidates for the case's person: the tracks most similar to the mean of its confirmed tracks,
     without the tracks already decided (module docstring)."""
@@ -222,14 +228,16 @@ def search_case(
     ][:top_k]  # fmt: skip
     with db.read() as session:
         hits = hits_for_rows(session, db, "tracks", ranked, skipped)
+    audit.record(db, by, "case.search", f"case {case_id}", candidates=[hit.track_id for hit in hits])
     return {"case_id": case_id, "confirmed": len(confirmed), "candidates": [asdict(hit) for hit in hits]}
 
 
-def export_case(db: Database, case_id: int, fmt: str = "json") -> dict[str, Any] | str:
+def export_case(db: Database, case_id: int, fmt: str = "json", by: str = "") -> dict[str, Any] | str:
     """The case as a JSON document with inline thumbnails, or as a self-contained HTML page."""
     if fmt not in ("json", "html"):
         raise ReidAppError(f"export format is json or html, got {fmt!r}")
     detail = case_detail(db, case_id)
+    audit.record(db, by, "case.export", f"case {case_id}", format=fmt)
     for track in (*detail["trajectory"], *detail["rejected"]):
         data = thumbnail_bytes(db, track["detection_id"]) if track.get("detection_id") is not None else None
         track["thumbnail_jpeg_base64"] = base64.b64encode(data).decode() if data else None

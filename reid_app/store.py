@@ -325,6 +325,20 @@ class IngestClaim(Base):
     lease_until_s: Mapped[float] = mapped_column(StoredFloat)
 
 
+class AuditEntry(Base):
+    """One line of the audit trail (:mod:`reid_app.audit`): appended, never changed or deleted."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (_SQLITE_TABLE_ARGS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(StoredString(200))
+    action: Mapped[str] = mapped_column(StoredString(64))
+    target: Mapped[str] = mapped_column(StoredString(200), default="")
+    details: Mapped[str] = mapped_column(StoredString(4000), default="")  # JSON
+
+
 class Case(Base):
     """An investigation (:mod:`reid_app.cases`): a name, notes, and the tracks an operator marked."""
 

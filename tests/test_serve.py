@@ -498,6 +498,12 @@ def test_a_case_in_a_real_browser(served: str) -> None:
             assert not shown & {first_track, second_track}
             export = page.request.get(served + (page.get_attribute("#case-export-html", "href") or ""))
             assert export.ok and export.text().count("data:image/jpeg;base64,") == 2
+            # The admin view lists what was done, by whom.
+            page.click("nav button[data-tab='audit']")
+            page.wait_for_selector("#audit-table tr[data-action='case.mark']")
+            actions = {r.get_attribute("data-action") for r in page.query_selector_all("#audit-table tbody tr")}
+            assert {"search", "case.create", "case.search", "case.mark", "case.export"} <= actions
+            assert "api:127.0.0.1" in page.inner_text("#audit-table")
             assert not errors, errors
         finally:
             browser.close()

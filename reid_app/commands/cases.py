@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from reid_app.audit import cli_actor
 from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig
 from reid_app.errors import ReidAppError
 
@@ -49,7 +50,7 @@ def create_command(
     """Start a case, optionally from tracks already known to be the person."""
     from reid_app.cases import create_case  # noqa: PLC0415
 
-    case_id = _found(lambda: create_case(_database(db), name, notes, list(track)))
+    case_id = _found(lambda: create_case(_database(db), name, notes, list(track), by=cli_actor()))
     typer.echo(f"case {case_id} created")
 
 
@@ -63,7 +64,7 @@ def mark_command(
     """Mark a track as the case's person or not."""
     from reid_app.cases import mark_track  # noqa: PLC0415
 
-    _found(lambda: mark_track(_database(db), case_id, track_id, verdict))
+    _found(lambda: mark_track(_database(db), case_id, track_id, verdict, by=cli_actor()))
     typer.echo(f"case {case_id}: track {track_id} {verdict}")
 
 
@@ -103,7 +104,8 @@ def search_command(
     from reid_app.index import IndexManager  # noqa: PLC0415
 
     database = _database(db, data_dir)
-    result = _found(lambda: search_case(database, IndexManager(database, database.config), case_id, top_k, threshold))
+    indexes = IndexManager(database, database.config)
+    result = _found(lambda: search_case(database, indexes, case_id, top_k, threshold, cli_actor()))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -125,11 +127,46 @@ def export_command(
     from reid_app.locks import atomic_write_bytes  # noqa: PLC0415
 
     chosen = fmt or output.suffix.lstrip(".").lower()
-    document = _found(lambda: export_case(_database(db), case_id, chosen))
+    document = _found(lambda: export_case(_database(db), case_id, chosen, by=cli_actor()))
     text = document if isinstance(document, str) else json.dumps(document, indent=2)
     atomic_write_bytes(output, text.encode())
     typer.echo(f"wrote {output}")
 
 
+
+
+def audit_command(
+    since: str | None = typer.Option(None, "--since", help="Entries from this age on (30d, 12h) or time (ISO 8601)."),
+    limit: int = typer.Option(1000, "--limit", help="Entries at most."),
+    db: str | None = typer.Option(None, "--db", help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The audit trail: who searched, changed or exported a case, and when (oldest first)."""
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from reid_app.audit import entries  # noqa: PLC0415
+    from reid_app.retention import parse_age  # noqa: PLC0415
+    from reid_app.store import utc_now  # noqa: PLC0415
+
+    start = None
+    if since is not None:
+        try:
+            start = datetime.fromisoformat(since)
+            start = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
+        except ValueError:
+            try:
+                start = utc_now() - parse_age(since)
+            except ReidAppError:
+                raise ReidAppError(f"--since is an age (30d, 12h) or an ISO 8601 time, got {since[:40]!r}") from None
+    rows = entries(_database(db), start, limit)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        details = json.dumps(row["details"])
+        typer.echo(f"{row['at'][:19]}  {row['actor']:<20} {row['action']:<12} {row['target']}  {details}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(case_app, name="case")
+    app.command("audit")(audit_command)

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from reid_app import audit
 from reid_app.backends import BACKEND_HELP, INT8_HELP
 from reid_app.commands.ingest import warn
 from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig, parse_camera_id
@@ -72,6 +73,8 @@ def search_command(
         config, image, options, embedder=embedder, detector=load_detector(detector, device, config.backend), db=database
     )
     warn(result.skipped_warning())
+    found = [hit.track_id for person in result.persons for hit in person.hits]
+    audit.record(database, audit.cli_actor(), "search", Path(image).name, level=options.level, results=found)
     if report is not None:
         path = write_report(report, result, query_image)
         print(f"report written to {path}", file=sys.stderr)

@@ -15,6 +15,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from importlib.resources import files
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -30,6 +31,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from reid_app import audit
 from reid_app.adapt import adapted_card
 from reid_app.cases import MAX_NAME as MAX_CASE_NAME
 from reid_app.cases import MAX_NOTES as MAX_CASE_NOTES
@@ -221,6 +223,7 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
 
     @app.post(f"{API}/search", tags=["search"], dependencies=heavy)
     def search(
+        request: Request,
         image: Annotated[UploadFile, File(description="Query photo: a person crop or a whole frame.")],
         top_k: Annotated[int, Form(ge=1, le=MAX_TOP_K)] = 10,
         camera: Annotated[list[int] | None, Form(description="Only these cameras (repeat the field).")] = None,
@@ -260,6 +263,8 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
         result.query_image = _upload_name(image)
         if result.skipped:
             logger.warning("search: %s", result.skipped_warning())
+        audit.record(state.db, actor(request), "search", result.query_image, level=level,
+                     results=[hit.track_id for person in result.persons for hit in person.hits])  # fmt: skip
         return api_json(result.to_json_dict())
 
     @app.get(f"{API}/cameras", tags=["cameras"], dependencies=heavy)
@@ -341,6 +346,19 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
 
     _add_cases_api(app, state, heavy)
 
+    @app.get(f"{API}/audit", tags=["audit"])
+    def audit_log(
+        since: Annotated[datetime | None, Query(description="Entries from this time on (ISO 8601).")] = None,
+        limit: Annotated[int, Query(ge=1, le=audit.MAX_ENTRIES)] = 1000,
+    ) -> dict[str, Any]:
+        """The audit trail: searches, case changes, exports, oldest first."""
+        return {"entries": audit.entries(state.db, since, limit)}
+
+
+def actor(request: Request) -> str:
+    """Who made a request, for the audit trail (:mod:`reid_app.audit`)."""
+    return f"api:{request.client.host if request.client else 'unknown'}"
+
 
 class CaseCreate(BaseModel):
     name: str = Field(min_length=1, max_length=MAX_CASE_NAME)
@@ -366,9 +384,10 @@ def _add_cases_api(app: FastAPI, state: ServerState, heavy: list[Any]) -> None:
         return {"cases": list_cases(state.db)}
 
     @app.post(f"{API}/cases", tags=["cases"])
-    def new_case(body: CaseCreate) -> dict[str, Any]:
+    def new_case(body: CaseCreate, request: Request) -> dict[str, Any]:
         """Start a case (from a search: the hit's track as its first confirmed track)."""
-        case_id = create_case(state.db, body.name, body.notes, [_row_id(t) for t in body.track_ids])
+        track_ids = [_row_id(t) for t in body.track_ids]
+        case_id = create_case(state.db, body.name, body.notes, track_ids, by=actor(request))
         return api_json(case_detail(state.db, case_id))
 
     @app.get(f"{API}/cases/{{case_id}}", tags=["cases"])
@@ -377,33 +396,36 @@ def _add_cases_api(app: FastAPI, state: ServerState, heavy: list[Any]) -> None:
         return api_json(case_detail(state.db, case_id))
 
     @app.patch(f"{API}/cases/{{case_id}}", tags=["cases"])
-    def edit_case(case_id: RowId, body: CaseUpdate) -> dict[str, Any]:
+    def edit_case(case_id: RowId, body: CaseUpdate, request: Request) -> dict[str, Any]:
         """Rename the case or change its notes."""
-        update_case(state.db, case_id, body.name, body.notes)
+        update_case(state.db, case_id, body.name, body.notes, by=actor(request))
         return api_json(case_detail(state.db, case_id))
 
     @app.put(f"{API}/cases/{{case_id}}/tracks/{{track_id}}", tags=["cases"])
-    def mark(case_id: RowId, track_id: RowId, body: CaseVerdict) -> dict[str, Any]:
+    def mark(case_id: RowId, track_id: RowId, body: CaseVerdict, request: Request) -> dict[str, Any]:
         """Mark a track as the case's person (confirmed), not them (rejected), or undecided."""
-        mark_track(state.db, case_id, track_id, body.verdict)
+        mark_track(state.db, case_id, track_id, body.verdict, by=actor(request))
         return api_json(case_detail(state.db, case_id))
 
     @app.post(f"{API}/cases/{{case_id}}/search", tags=["cases"], dependencies=heavy)
     def case_search(
         case_id: RowId,
+        request: Request,
         top_k: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 10,
         threshold: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
     ) -> dict[str, Any]:
         """Candidates: the tracks closest to the mean of the case's confirmed tracks, undecided ones only."""
-        return api_json(search_case(state.db, state.indexes, case_id, top_k, threshold))
+        return api_json(search_case(state.db, state.indexes, case_id, top_k, threshold, actor(request)))
 
     @app.get(
         f"{API}/cases/{{case_id}}/export", tags=["cases"], response_class=Response,
         responses={200: {"content": {"text/html": {}, "application/json": {}}}},
     )  # fmt: skip
-    def export(case_id: RowId, format: Annotated[Literal["html", "json"], Query()] = "html") -> Response:  # noqa: A002
+    def export(
+        case_id: RowId, request: Request, format: Annotated[Literal["html", "json"], Query()] = "html"  # noqa: A002
+    ) -> Response:
         """The case as one self-contained HTML report or a JSON document, thumbnails inline."""
-        document = export_case(state.db, case_id, format)
+        document = export_case(state.db, case_id, format, by=actor(request))
         if isinstance(document, str):
             return Response(document, media_type="text/html")
         return Response(json.dumps(document), media_type="application/json")

@@ -69,6 +69,7 @@ function showTab(name) {
   if (name === "cameras") loadCameras().catch((e) => showError(e.message));
   if (name === "identities") loadIdentities().catch((e) => showError(e.message));
   if (name === "cases") loadCases().catch((e) => showError(e.message));
+  if (name === "audit") loadAudit().catch((e) => showError(e.message));
 }
 
 // ---------------------------------------------------------------- cameras
@@ -401,6 +402,17 @@ async function searchCase() {
 async function saveNotes() {
   await api(`/cases/${encodeURIComponent(state.caseId)}`, { method: "PATCH", headers: { "content-type": "application/json" },
     body: JSON.stringify({ notes: $("case-notes").value }) });
+}
+
+// ---------------------------------------------------------------- audit
+async function loadAudit() {
+  const body = $("audit-table").tBodies[0];
+  body.replaceChildren();
+  const rows = (await api("/audit?limit=1000")).entries.reverse();
+  for (const entry of rows) {
+    body.append(el("tr", { "data-action": entry.action }, el("td", {}, stamp(entry.at)), el("td", {}, entry.actor),
+      el("td", {}, entry.action), el("td", {}, entry.target), el("td", {}, JSON.stringify(entry.details))));
+  }
 }
 
 // ---------------------------------------------------------------- wiring
