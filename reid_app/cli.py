@@ -14,7 +14,7 @@ from reid_app.safetext import plain
 
 COMMAND_MODULES = (
     "ingest", "search", "stats", "identities", "retention", "serve", "fanet_cmds", "quantize", "reembed", "adapt",
-    "cases",
+    "cases", "watch",
 )  # fmt: skip
 #: Set to 1 to get the traceback of a failure the CLI would otherwise report in one line.
 DEBUG_ENV = "REID_APP_DEBUG"

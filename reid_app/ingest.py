@@ -75,6 +75,7 @@ from reid_app.store import (
 from reid_app.thumbnails import finish_file_deletions, stored_crop_side
 from reid_app.track import DEFAULT_LOST_TRACK_SECONDS, PersonTracker, TrackCrops, TrackCropSelector
 from reid_app.video import VideoSource, open_video, sample_step
+from reid_app.watchlist import Deliverer, alerts_for_tracks
 
 #: A track unseen for this long (seconds, beyond the tracker's own lost-track buffer) is finished.
 TRACK_END_MARGIN_S = 1.0
@@ -110,6 +111,7 @@ class IngestSummary:
     elapsed_s: float = 0.0
     video_seconds: float = 0.0  # span of video processed
     stopped_early: str | None = None
+    alerts: int = 0  # watchlist alerts raised by this run's tracks
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -270,13 +272,18 @@ class _Ingest:
         existing = self._claim_video(video, sha256, start_time, summary)
         if existing == VIDEO_COMPLETE:
             return summary
-        with claims.Heartbeat(self.db, self.video_id, self.owner, self.config.claim_lease_s):
-            try:
-                self.indexes.sync_all()  # drop vectors of a redone run's deleted rows
-                self._process(video, summary)
-            except Exception:
-                self._discard()
-                raise
+        # Alerts of this run's tracks are POSTed while it runs (and any left undelivered before it).
+        deliverer = Deliverer(self.db).start()
+        try:
+            with claims.Heartbeat(self.db, self.video_id, self.owner, self.config.claim_lease_s):
+                try:
+                    self.indexes.sync_all()  # drop vectors of a redone run's deleted rows
+                    self._process(video, summary)
+                except Exception:
+                    self._discard()
+                    raise
+        finally:
+            deliverer.stop()
         return summary
 
     def _claim_video(self, video: VideoSource, sha256: str, start_time: datetime, summary: IngestSummary) -> str | None:
@@ -408,6 +415,8 @@ class _Ingest:
             claims.check_held(session, self.video_id, self.owner)
             if rows:
                 self._record_model(session)
+            video = session.get(Video, self.video_id)
+            committed: list[tuple[Track, np.ndarray, Video]] = []
             for track, track_vectors, jpegs in rows:
                 track_row = Track(
                     video_id=self.video_id,
@@ -446,7 +455,9 @@ class _Ingest:
                 session.add_all(
                     Thumbnail(detection_id=row.id, jpeg=jpeg) for row, jpeg in zip(detections, jpegs, strict=True)
                 )
-            video = session.get(Video, self.video_id)
+                committed.append((track_row, pooled_embedding(track_vectors), video))
+            # Watchlist alerts in this same transaction: a committed track has its alerts, whatever is killed when.
+            summary.alerts += alerts_for_tracks(session, committed)
             video.last_committed_frame = frame_index
             if final:
                 video.status = VIDEO_COMPLETE

@@ -325,6 +325,45 @@ class IngestClaim(Base):
     lease_until_s: Mapped[float] = mapped_column(StoredFloat)
 
 
+class WatchEntry(Base):
+    """A person on the live watchlist (:mod:`reid_app.watchlist`): their vector under the database's
+    model, the similarity that raises an alert, and where alerts are POSTed."""
+
+    __tablename__ = "watchlist"
+    __table_args__ = (_SQLITE_TABLE_ARGS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(StoredString(200))
+    embedding: Mapped[bytes] = mapped_column(StoredBytes)
+    model_weights_sha256: Mapped[str] = mapped_column(StoredString(64))
+    threshold: Mapped[float] = mapped_column(StoredFloat)
+    webhook_url: Mapped[str] = mapped_column(StoredString(2000), default="")
+    webhook_secret: Mapped[str] = mapped_column(StoredString(200), default="")
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(StoredString(200), default="")
+
+
+class Alert(Base):
+    """A newly committed track that matched a watchlist entry; created in the track's own transaction
+    (no track without its alerts, no alert without its track) and delivered afterwards."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (UniqueConstraint("watch_id", "track_id", name="uq_alert_watch_track"), _SQLITE_TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    watch_id: Mapped[int] = mapped_column(StoredInteger, index=True)
+    track_id: Mapped[int] = mapped_column(StoredInteger)
+    camera_id: Mapped[int] = mapped_column(StoredInteger)
+    score: Mapped[float] = mapped_column(StoredFloat)
+    seen_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))  # the track's last frame
+    created_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(StoredDateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(StoredInteger, default=0)
+    next_attempt_s: Mapped[float] = mapped_column(StoredFloat, default=0.0)  # database clock
+    last_error: Mapped[str] = mapped_column(StoredString(300), default="")
+
+
 class AuditEntry(Base):
     """One line of the audit trail (:mod:`reid_app.audit`): appended, never changed or deleted."""
 

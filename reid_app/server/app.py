@@ -25,13 +25,13 @@ import anyio.to_thread
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from reid_app import audit
+from reid_app import audit, watchlist
 from reid_app.adapt import adapted_card
 from reid_app.cases import MAX_NAME as MAX_CASE_NAME
 from reid_app.cases import MAX_NOTES as MAX_CASE_NOTES
@@ -55,8 +55,11 @@ from reid_app.server.limits import UPLOADS_AT_ONCE, WORKER_THREADS, HeavyWork
 from reid_app.server.security import SECURITY_HEADERS, GuardMiddleware
 from reid_app.server.state import ServerState
 from reid_app.store import DamagedValueError, DatabaseFileGone, as_utc, check_model_identity, require_nonempty
+from reid_app.watchlist import Deliverer
 
 logger = logging.getLogger("reid_app.server")
+#: Seconds between the alert stream's looks at the database.
+ALERT_POLL_S = 0.5
 
 API = "/api/v1"
 STATIC = files("reid_app.server") / "static"
@@ -111,10 +114,15 @@ def create_app(state: ServerState, *, uploads_at_once: int = UPLOADS_AT_ONCE) ->
 
 
 @asynccontextmanager
-async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # The threads that run requests: as many as the database pool serves (ServerState.load).
     anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
-    yield
+    # Watchlist alerts left undelivered by any ingest (or stopped host) are POSTed from here too.
+    deliverer = Deliverer(app.state.reid.db).start()
+    try:
+        yield
+    finally:
+        await anyio.to_thread.run_sync(deliverer.stop)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -345,6 +353,32 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
         return identities_payload(summaries, threshold, linkage, bool(info.model_is_trained))
 
     _add_cases_api(app, state, heavy)
+
+    @app.get(f"{API}/alerts", tags=["watchlist"])
+    def alert_list(after: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0) -> dict[str, Any]:
+        """Watchlist alerts with an id above ``after``, oldest first."""
+        return {"alerts": watchlist.alerts(state.db, after)}
+
+    @app.get(f"{API}/alerts/stream", tags=["watchlist"], response_class=StreamingResponse)
+    async def alert_stream(after: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0) -> StreamingResponse:
+        """Server-sent events: each new alert as it is stored (``event: alert``, JSON data)."""
+
+        async def events() -> AsyncIterator[bytes]:
+            last = after
+            yield b": connected\n\n"
+            while True:
+                new = await anyio.to_thread.run_sync(watchlist.alerts, state.db, last)
+                for alert in new:
+                    last = alert["alert_id"]
+                    yield f"id: {last}\nevent: alert\ndata: {json.dumps(alert)}\n\n".encode()
+                await anyio.sleep(ALERT_POLL_S)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    @app.get(f"{API}/watchlist", tags=["watchlist"])
+    def watch_entries() -> dict[str, Any]:
+        """The active watchlist entries."""
+        return {"watchlist": watchlist.list_watches(state.db)}
 
     @app.get(f"{API}/audit", tags=["audit"])
     def audit_log(

@@ -415,6 +415,19 @@ async function loadAudit() {
   }
 }
 
+// ---------------------------------------------------------------- live watchlist alerts
+async function watchAlerts() {
+  const past = (await api("/alerts")).alerts;
+  const after = past.length ? past[past.length - 1].alert_id : 0;
+  const source = new EventSource(`${API}/alerts/stream?after=${encodeURIComponent(after)}`);
+  source.addEventListener("alert", (event) => {
+    const alert = JSON.parse(event.data);
+    $("alerts").hidden = false;
+    $("alert-list").prepend(el("li", { "data-alert": alert.alert_id, "data-track": alert.track_id },
+      `${stamp(alert.time)} UTC · ${alert.name} · camera ${alert.camera} · score ${alert.score.toFixed(3)} · track ${alert.track_id}`));
+  });
+}
+
 // ---------------------------------------------------------------- wiring
 function init() {
   for (const button of document.querySelectorAll("nav button")) button.addEventListener("click", () => showTab(button.dataset.tab));
@@ -430,6 +443,7 @@ function init() {
   window.addEventListener("resize", () => state.result && drawQueryBoxes());
   loadStatus().catch((e) => showError(e.message));
   loadCameras().catch((e) => showError(e.message));
+  watchAlerts().catch((e) => showError(e.message));
 }
 
 document.addEventListener("DOMContentLoaded", init);

@@ -1,0 +1,274 @@
+"""The live watchlist: "tell me when this person appears again" (issue 22, item 2).
+
+* **Entries** (:class:`reid_app.store.WatchEntry`): a name, the person's vector under the database's
+  model (from a query image, or the mean of a case's confirmed tracks), a similarity threshold, and
+  optionally a webhook URL and its signing secret.
+* **Alerts are made in the ingest's own transaction** (:func:`alerts_for_tracks`, called by
+  :mod:`reid_app.ingest` as it commits tracks): a committed track has its alerts, an uncommitted one
+  has none, whatever is killed when. A (watch, track) pair alerts once (a unique constraint).
+* **Delivery** (:func:`deliver_due`, run by every ingest and by ``reid-app serve`` in the
+  background, and by ``reid-app watch deliver``): each alert not yet delivered is POSTed as JSON
+  (alert id, name, camera, time, score, thumbnail URL) with ``X-Reid-Signature: sha256=<HMAC-SHA256
+  of the body with the entry's secret>`` and ``X-Reid-Alert-Id``. A 2xx answer marks it delivered;
+  anything else is retried with exponential back-off (2 s, 4 s, ... up to 5 min). A deliverer takes
+  an alert by moving its next attempt past a lease first, so two deliverers (two hosts, a server and
+  an ingest) never post it at once. Nothing is lost across a restart of either side: undelivered
+  alerts stay in the database until a 2xx. A kill between the receiver's 2xx and the database
+  update posts that alert again: receivers drop repeats by ``X-Reid-Alert-Id`` (at-least-once, as
+  every webhook sender).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import inspect, select, update
+from sqlalchemy.orm import Session
+
+from reid_app import audit
+from reid_app.errors import ReidAppError
+from reid_app.store import (
+    Alert,
+    AuditEntry,
+    Base,
+    Database,
+    Track,
+    Video,
+    WatchEntry,
+    as_utc,
+    bytes_to_vectors,
+    require_nonempty,
+    utc_now,
+    vector_to_bytes,
+)
+
+SIGNATURE_HEADER = "X-Reid-Signature"
+ALERT_ID_HEADER = "X-Reid-Alert-Id"
+#: Seconds a deliverer holds an alert while posting it (another deliverer leaves it alone).
+DELIVERY_LEASE_S = 30.0
+BACKOFF_S = (2, 4, 8, 16, 32, 64, 128, 300)
+POST_TIMEOUT_S = 5.0
+DEFAULT_THRESHOLD = 0.6
+
+
+def ensure_tables(db: Database) -> None:
+    tables = [WatchEntry.__table__, Alert.__table__, AuditEntry.__table__]
+    db.write(lambda session: Base.metadata.create_all(session.connection(), tables=tables))
+
+
+def add_watch(
+    db: Database,
+    name: str,
+    vector: np.ndarray,
+    model_sha256: str,
+    threshold: float = DEFAULT_THRESHOLD,
+    webhook_url: str = "",
+    webhook_secret: str = "",
+    by: str = "",
+) -> int:
+    if not 1 <= len(name.strip()) <= 200:
+        raise ReidAppError("a watchlist name is 1 to 200 characters")
+    if not -1.0 <= threshold <= 1.0:
+        raise ReidAppError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
+    if webhook_url and not webhook_url.startswith(("http://", "https://")):
+        raise ReidAppError(f"--webhook must be an http(s) URL, got {webhook_url[:60]!r}")
+    info = require_nonempty(db)
+    if info.model_weights_sha256 != model_sha256:
+        raise ReidAppError("the watchlist vector must come from the database's own model (use its --weights)")
+    ensure_tables(db)
+    vector = np.asarray(vector, dtype=np.float32)
+    vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+    def work(session: Session) -> int:
+        entry = WatchEntry(name=name.strip(), embedding=vector_to_bytes(vector), model_weights_sha256=model_sha256,
+                           threshold=float(threshold), webhook_url=webhook_url, webhook_secret=webhook_secret,
+                           active=True, created_at=utc_now(), created_by=by)  # fmt: skip
+        session.add(entry)
+        session.flush()
+        audit.add(session, by, "watch.add", f"watch {entry.id}", name=entry.name, threshold=threshold,
+                  webhook=bool(webhook_url))  # fmt: skip
+        return entry.id
+
+    return db.write(work)
+
+
+def case_vector(db: Database, case_id: int) -> np.ndarray:
+    """The mean of a case's confirmed tracks (what a case search queries with)."""
+    from reid_app.cases import _verdicts  # noqa: PLC0415
+
+    info = require_nonempty(db)
+    with db.read() as session:
+        confirmed = [t for t, v in _verdicts(session, case_id).items() if v.verdict == "confirmed"]
+        blobs = session.scalars(select(Track.embedding).where(Track.id.in_(confirmed or [-1]))).all()
+    if not blobs:
+        raise ReidAppError(f"case {case_id} has no confirmed track to watch for")
+    return bytes_to_vectors(list(blobs), int(info.model_dim)).mean(axis=0)
+
+
+def remove_watch(db: Database, watch_id: int, by: str = "") -> None:
+    ensure_tables(db)
+
+    def work(session: Session) -> None:
+        entry = session.get(WatchEntry, int(watch_id))
+        if entry is None or not entry.active:
+            raise ReidAppError(f"no watchlist entry {watch_id}")
+        entry.active = False
+        audit.add(session, by, "watch.remove", f"watch {entry.id}", name=entry.name)
+
+    db.write(work)
+
+
+def list_watches(db: Database) -> list[dict[str, Any]]:
+    ensure_tables(db)
+    with db.read() as session:
+        entries = session.scalars(select(WatchEntry).where(WatchEntry.active).order_by(WatchEntry.id)).all()
+        return [
+            {"watch_id": e.id, "name": e.name, "threshold": e.threshold, "webhook": e.webhook_url,
+             "created_at": as_utc(e.created_at).isoformat()}
+            for e in entries
+        ]  # fmt: skip
+
+
+def alerts_for_tracks(session: Session, tracks: list[tuple[Track, np.ndarray, Video]]) -> int:
+    """Alerts for just-added tracks (rows flushed in ``session``, the ingest's write transaction);
+    returns how many. A database without a watchlist table has no watchlist."""
+    if not tracks or not inspect(session.connection()).has_table(WatchEntry.__tablename__):
+        return 0
+    entries = session.scalars(select(WatchEntry).where(WatchEntry.active)).all()
+    if not entries:
+        return 0
+    dim = len(tracks[0][1])
+    watched = bytes_to_vectors([e.embedding for e in entries], dim)
+    now, made = utc_now(), 0
+    for track, vector, video in tracks:
+        scores = watched @ (vector / max(float(np.linalg.norm(vector)), 1e-12))
+        for entry, score in zip(entries, scores, strict=True):
+            if score >= entry.threshold:
+                seen = as_utc(video.start_time) + timedelta(seconds=float(track.last_timestamp_s))
+                session.add(Alert(watch_id=entry.id, track_id=track.id, camera_id=track.camera_id, score=float(score),
+                                  seen_at=seen, created_at=now, attempts=0, next_attempt_s=0.0))  # fmt: skip
+                audit.add(session, "ingest", "alert", f"watch {entry.id}", track_id=track.id,
+                          score=round(float(score), 4))  # fmt: skip
+                made += 1
+    return made
+
+
+def alerts(db: Database, after_id: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+    """Alerts with an id above ``after_id``, oldest first (what the page's live feed shows)."""
+    ensure_tables(db)
+    with db.read() as session:
+        rows = session.execute(
+            select(Alert, WatchEntry.name).join(WatchEntry, WatchEntry.id == Alert.watch_id)
+            .where(Alert.id > after_id).order_by(Alert.id).limit(limit)
+        ).all()  # fmt: skip
+        best = _best_crops(session, [a.track_id for a, _ in rows])
+        return [_payload(a, name, best.get(a.track_id)) for a, name in rows]
+
+
+def _best_crops(session: Session, track_ids: list[int]) -> dict[int, int]:
+    from reid_app.cases import _best_crops as best  # noqa: PLC0415
+
+    return best(session, track_ids)
+
+
+def _payload(alert: Alert, name: str, detection_id: int | None, base_url: str = "") -> dict[str, Any]:
+    thumbnail = f"{base_url}/api/v1/detections/{detection_id}/thumbnail" if detection_id is not None else None
+    return {"alert_id": alert.id, "watch_id": alert.watch_id, "name": name, "camera": alert.camera_id,
+            "track_id": alert.track_id, "time": as_utc(alert.seen_at).isoformat(), "score": round(alert.score, 4),
+            "thumbnail_url": thumbnail, "delivered": alert.delivered_at is not None}  # fmt: skip
+
+
+def signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def deliver_due(db: Database, base_url: str = "", post: Callable[..., int] | None = None) -> int:
+    """POST every alert that is due (module docstring); returns how many were delivered now."""
+    post = post or _post
+    now = db.server_time()
+    due = (Alert.delivered_at.is_(None), Alert.next_attempt_s <= now, WatchEntry.webhook_url != "")
+    with db.read() as session:  # most rounds find nothing: no write transaction for them
+        if not inspect(session.connection()).has_table(Alert.__tablename__):
+            return 0
+        joined = select(Alert.id).join(WatchEntry, WatchEntry.id == Alert.watch_id)
+        if session.scalar(joined.where(*due).limit(1)) is None:
+            return 0
+
+    def take(session: Session) -> list[tuple[Alert, WatchEntry]]:
+        rows = session.execute(
+            select(Alert, WatchEntry).join(WatchEntry, WatchEntry.id == Alert.watch_id)
+            .where(*due).order_by(Alert.id).limit(50)
+        ).all()  # fmt: skip
+        for alert, _ in rows:
+            alert.next_attempt_s = now + DELIVERY_LEASE_S  # taken: another deliverer leaves it alone
+        session.flush()
+        session.expunge_all()
+        return [(alert, entry) for alert, entry in rows]
+
+    taken = db.write(take)
+    delivered = 0
+    for alert, entry in taken:
+        with db.read() as session:
+            detection = _best_crops(session, [alert.track_id]).get(alert.track_id)
+        body = json.dumps(_payload(alert, entry.name, detection, base_url) | {"delivered": True}).encode()
+        headers = {"Content-Type": "application/json", ALERT_ID_HEADER: str(alert.id)}
+        if entry.webhook_secret:
+            headers[SIGNATURE_HEADER] = signature(entry.webhook_secret, body)
+        try:
+            status, error = post(entry.webhook_url, body, headers), ""
+        except (OSError, ValueError) as exc:
+            status, error = 0, f"{type(exc).__name__}: {exc}"[:300]
+        ok = 200 <= status < 300
+        attempts = alert.attempts + 1
+        retry_at = db.server_time() + BACKOFF_S[min(attempts - 1, len(BACKOFF_S) - 1)]
+        values = {"attempts": attempts, "last_error": "" if ok else (error or f"HTTP {status}")}
+        values |= {"delivered_at": utc_now()} if ok else {"next_attempt_s": retry_at}
+        db.write(lambda session, values=values, alert_id=alert.id: session.execute(
+            update(Alert).where(Alert.id == alert_id).values(**values)))  # fmt: skip
+        delivered += ok
+    return delivered
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=POST_TIMEOUT_S) as response:  # noqa: S310 - operator's URL
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+class Deliverer:
+    """A background thread that runs :func:`deliver_due` every ``interval_s`` until stopped."""
+
+    def __init__(self, db: Database, base_url: str = "", interval_s: float = 1.0) -> None:
+        self.db, self.base_url, self.interval_s = db, base_url, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reid-alert-delivery", daemon=True)
+
+    def start(self) -> Deliverer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):  # a failing round is retried next round; alerts stay stored
+                deliver_due(self.db, self.base_url)
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> None:
+        """Stop after one last round (what was committed last is delivered before the process ends)."""
+        self._stop.set()
+        self._thread.join(timeout=POST_TIMEOUT_S * 2)
+        with contextlib.suppress(Exception):  # stored alerts are delivered by the next deliverer
+            deliver_due(self.db, self.base_url)
