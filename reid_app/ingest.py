@@ -36,6 +36,7 @@ Idempotence and crash safety:
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import time
@@ -77,6 +78,10 @@ from reid_app.track import DEFAULT_LOST_TRACK_SECONDS, PersonTracker, TrackCrops
 from reid_app.video import VideoSource, open_video, sample_step
 from reid_app.watchlist import Deliverer, alerts_for_tracks
 
+logger = logging.getLogger(__name__)
+
+#: Longest wait between two attempts to reconnect a dropped stream (1, 2, 4, ... seconds up to this).
+RECONNECT_MAX_S = 30.0
 #: A track unseen for this long (seconds, beyond the tracker's own lost-track buffer) is finished.
 TRACK_END_MARGIN_S = 1.0
 #: Accepted start times of a video (README.md, Limits). Stored times are start + offset and are
@@ -355,27 +360,53 @@ class _Ingest:
             frames_total = min(frames_total or self.options.max_frames, self.options.max_frames)
         pending: list[TrackCrops] = []
         last_frame_index, first_ts, last_ts = -1, None, 0.0
-        # A stream has no end: Ctrl-C ends its ingest normally (what was seen is stored and the video
-        # marked complete). For a file, Ctrl-C interrupts the run like a kill (redone next time).
+        # A stream's frame numbers start again at each connection: ``offset`` keeps them increasing.
+        offset, drops = 0, 0
+        # A stream has no end: Ctrl-C (or SIGTERM) ends its ingest normally (what was seen is stored
+        # and the video marked complete); when it drops, the ingest reconnects with back-off. For a
+        # file, Ctrl-C interrupts the run like a kill (redone next time).
         try:
-            for frame in video.iter_frames(sample_fps=self.config.sample_fps):
-                first_ts = frame.timestamp_s if first_ts is None else first_ts
-                last_ts, last_frame_index = frame.timestamp_s, frame.index
-                tracked = tracker.update(self.detector.detect(frame.image), frame.image)
-                summary.person_detections += len(tracked)
-                selector.add(frame.index, frame.timestamp_s, frame.image, tracked)
-                pending.extend(selector.finished_tracks(frame.index, max_age))
-                summary.sampled_frames += 1
-                if summary.sampled_frames % self.config.commit_every_frames == 0:
-                    self._commit(pending, frame.index, summary, final=False)
-                    pending = []
-                self._report(summary, frames_total)
-                if self.options.max_frames is not None and summary.sampled_frames >= self.options.max_frames:
+            while True:
+                done = False
+                for frame in video.iter_frames(sample_fps=self.config.sample_fps):
+                    drops = 0
+                    index = frame.index + offset
+                    timestamp = index / video.fps
+                    first_ts = timestamp if first_ts is None else first_ts
+                    last_ts, last_frame_index = timestamp, index
+                    tracked = tracker.update(self.detector.detect(frame.image), frame.image)
+                    summary.person_detections += len(tracked)
+                    selector.add(index, timestamp, frame.image, tracked)
+                    pending.extend(selector.finished_tracks(index, max_age))
+                    summary.sampled_frames += 1
+                    if summary.sampled_frames % self.config.commit_every_frames == 0:
+                        self._commit(pending, index, summary, final=False)
+                        pending = []
+                    self._report(summary, frames_total)
+                    if self.options.max_frames is not None and summary.sampled_frames >= self.options.max_frames:
+                        done = True
+                        break
+                if done or not video.is_stream:
                     break
+                # The stream dropped: the tracks seen so far end here (a person still in view after the
+                # reconnection is a new track, never a duplicate of a stored one), then try again.
+                pending.extend(selector.flush())
+                self._commit(pending, last_frame_index, summary, final=False)
+                pending = []
+                tracker = PersonTracker(frame_rate=video.fps / step)
+                selector = TrackCropSelector(max_crops=self.config.crops_per_track)
+                drops += 1
+                delay = min(RECONNECT_MAX_S, 2.0 ** (drops - 1))
+                why = video.stopped_early or f"stream {video.source} ended"
+                logger.warning("%s; reconnecting in %.0f s", why, delay)
+                video.close()
+                time.sleep(delay)
+                offset = last_frame_index + step
         except KeyboardInterrupt:
             if not video.is_stream:
                 raise
             summary.notes.append(f"stream {video.source}: stopped by the operator; what was seen is stored")
+            video.stopped_early = None
         pending.extend(selector.flush())
         summary.stopped_early = video.stopped_early
         self._commit(pending, last_frame_index, summary, final=True)

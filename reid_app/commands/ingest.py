@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -30,6 +31,10 @@ def warn(message: str | None) -> None:
     """A plain warning line on stderr."""
     if message:
         print(f"warning: {plain(message)}", file=sys.stderr, flush=True)
+
+
+def _stop_like_ctrl_c(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def ingest_command(
@@ -88,6 +93,9 @@ def ingest_command(
         video=video, camera=camera_id, start_time=parse_start_time(start_time), max_frames=max_frames
     )
     source = open_video(video)  # a bad video fails here, before the models load
+    if source.is_stream:
+        # A service manager stops a live ingest with SIGTERM: end it as Ctrl-C does (what was seen is stored).
+        signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     embedder = load_embedder(config, warn)
     warn(embedder.warning())
     person_detector = load_detector(detector, device, config.backend)
