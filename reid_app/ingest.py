@@ -76,7 +76,7 @@ from reid_app.store import (
 from reid_app.thumbnails import finish_file_deletions, stored_crop_side
 from reid_app.track import DEFAULT_LOST_TRACK_SECONDS, PersonTracker, TrackCrops, TrackCropSelector
 from reid_app.video import VideoSource, open_video, sample_step
-from reid_app.watchlist import Deliverer, alerts_for_tracks
+from reid_app.watchlist import Deliverer, alerts_for_tracks, watchlist_active
 
 logger = logging.getLogger(__name__)
 
@@ -362,6 +362,7 @@ class _Ingest:
         last_frame_index, first_ts, last_ts = -1, None, 0.0
         # A stream's frame numbers start again at each connection: ``offset`` keeps them increasing.
         offset, drops = 0, 0
+        watching = watchlist_active(self.db)
         # A stream has no end: Ctrl-C (or SIGTERM) ends its ingest normally (what was seen is stored
         # and the video marked complete); when it drops, the ingest reconnects with back-off. For a
         # file, Ctrl-C interrupts the run like a kill (redone next time).
@@ -379,7 +380,9 @@ class _Ingest:
                     selector.add(index, timestamp, frame.image, tracked)
                     pending.extend(selector.finished_tracks(index, max_age))
                     summary.sampled_frames += 1
-                    if summary.sampled_frames % self.config.commit_every_frames == 0:
+                    # With someone on the watchlist a finished track is committed at once (its alert waits
+                    # for its commit), else every ``commit_every_frames`` frames.
+                    if summary.sampled_frames % self.config.commit_every_frames == 0 or (pending and watching):
                         self._commit(pending, index, summary, final=False)
                         pending = []
                     self._report(summary, frames_total)

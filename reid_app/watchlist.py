@@ -139,6 +139,14 @@ def list_watches(db: Database) -> list[dict[str, Any]]:
         ]  # fmt: skip
 
 
+def watchlist_active(db: Database) -> bool:
+    """Whether anyone is on the watchlist (an ingest then commits finished tracks at once)."""
+    with db.read() as session:
+        if not inspect(session.connection()).has_table(WatchEntry.__tablename__):
+            return False
+        return session.scalar(select(WatchEntry.id).where(WatchEntry.active).limit(1)) is not None
+
+
 def alerts_for_tracks(session: Session, tracks: list[tuple[Track, np.ndarray, Video]]) -> int:
     """Alerts for just-added tracks (rows flushed in ``session``, the ingest's write transaction);
     returns how many. A database without a watchlist table has no watchlist."""

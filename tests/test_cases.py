@@ -161,6 +161,13 @@ def test_cases_over_the_http_api(demo: AppConfig, models) -> None:
         bad = client.put(f"/api/v1/cases/{case_id}/tracks/1", json={"verdict": "maybe"})
         assert bad.status_code == 422 and "error" in bad.json()
         assert any(c["case_id"] == case_id for c in client.get("/api/v1/cases").json()["cases"])
+        # Watching for the case's person from the API, and taking them off again.
+        watched = client.post("/api/v1/watchlist", json={"case_id": case_id, "name": "api case", "threshold": 0.7})
+        assert watched.status_code == 200, watched.text
+        watch_id = watched.json()["watch_id"]
+        assert [w["name"] for w in watched.json()["watchlist"]] == ["api case"]
+        assert client.delete(f"/api/v1/watchlist/{watch_id}").json()["watchlist"] == []
+        assert client.delete(f"/api/v1/watchlist/{watch_id}").status_code == 400
 
 
 def test_the_audit_trail_records_searches_case_changes_and_exports(

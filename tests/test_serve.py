@@ -498,11 +498,15 @@ def test_a_case_in_a_real_browser(served: str) -> None:
             assert not shown & {first_track, second_track}
             export = page.request.get(served + (page.get_attribute("#case-export-html", "href") or ""))
             assert export.ok and export.text().count("data:image/jpeg;base64,") == 2
+            # Watch for the case's person: the watchlist shows the entry.
+            page.click("#case-watch")
+            page.wait_for_selector("#watchlist li[data-watch]")
+            assert "red jacket (browser)" in page.inner_text("#watchlist")
             # The admin view lists what was done, by whom.
             page.click("nav button[data-tab='audit']")
             page.wait_for_selector("#audit-table tr[data-action='case.mark']")
             actions = {r.get_attribute("data-action") for r in page.query_selector_all("#audit-table tbody tr")}
-            assert {"search", "case.create", "case.search", "case.mark", "case.export"} <= actions
+            assert {"search", "case.create", "case.search", "case.mark", "case.export", "watch.add"} <= actions
             assert "api:127.0.0.1" in page.inner_text("#audit-table")
             assert not errors, errors
         finally:
@@ -522,6 +526,8 @@ def test_api_fuzz_never_answers_with_a_server_error(served: str) -> None:
     operations = [result.ok() for result in schema.get_all_operations()]
     # Recomputing identities is a deliberate write (tested above), not a read or a search.
     operations = [op for op in operations if (op.method.upper(), op.path) != ("POST", "/api/v1/identities")]
+    # The alert stream never ends by design (server-sent events): read in test_watchlist instead.
+    operations = [op for op in operations if op.path != "/api/v1/alerts/stream"]
     assert {op.path for op in operations} >= {"/api/v1/search", "/api/v1/tracks/{track_id}", "/api/v1/cameras"}
     calls: list[tuple[str, int]] = []
     for operation in operations:

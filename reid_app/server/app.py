@@ -60,6 +60,9 @@ from reid_app.watchlist import Deliverer
 logger = logging.getLogger("reid_app.server")
 #: Seconds between the alert stream's looks at the database.
 ALERT_POLL_S = 0.5
+#: An alert stream ends after this long; the browser's EventSource reconnects by itself, resuming
+#: after the last alert it got (Last-Event-ID), so no connection is held open forever.
+ALERT_STREAM_S = 300.0
 
 API = "/api/v1"
 STATIC = files("reid_app.server") / "static"
@@ -360,13 +363,18 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
         return {"alerts": watchlist.alerts(state.db, after)}
 
     @app.get(f"{API}/alerts/stream", tags=["watchlist"], response_class=StreamingResponse)
-    async def alert_stream(after: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0) -> StreamingResponse:
+    async def alert_stream(
+        request: Request, after: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0
+    ) -> StreamingResponse:
         """Server-sent events: each new alert as it is stored (``event: alert``, JSON data)."""
+        resumed = request.headers.get("last-event-id", "")
+        after = max(after, int(resumed)) if resumed.isdigit() else after
 
         async def events() -> AsyncIterator[bytes]:
             last = after
             yield b": connected\n\n"
-            while True:
+            ends = anyio.current_time() + ALERT_STREAM_S
+            while anyio.current_time() < ends:
                 new = await anyio.to_thread.run_sync(watchlist.alerts, state.db, last)
                 for alert in new:
                     last = alert["alert_id"]
@@ -378,6 +386,21 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
     @app.get(f"{API}/watchlist", tags=["watchlist"])
     def watch_entries() -> dict[str, Any]:
         """The active watchlist entries."""
+        return {"watchlist": watchlist.list_watches(state.db)}
+
+    @app.post(f"{API}/watchlist", tags=["watchlist"])
+    def watch_case(body: WatchCreate, request: Request) -> dict[str, Any]:
+        """Watch for a case's person (the mean of its confirmed tracks): every ingest alerts on them."""
+        info = require_nonempty(state.db)
+        vector = watchlist.case_vector(state.db, _row_id(body.case_id))
+        watch_id = watchlist.add_watch(state.db, body.name, vector, info.model_weights_sha256 or "", body.threshold,
+                                       body.webhook, body.secret, by=actor(request))  # fmt: skip
+        return {"watch_id": watch_id, "watchlist": watchlist.list_watches(state.db)}
+
+    @app.delete(f"{API}/watchlist/{{watch_id}}", tags=["watchlist"])
+    def unwatch(watch_id: RowId, request: Request) -> dict[str, Any]:
+        """Take an entry off the watchlist (its past alerts stay)."""
+        watchlist.remove_watch(state.db, watch_id, by=actor(request))
         return {"watchlist": watchlist.list_watches(state.db)}
 
     @app.get(f"{API}/audit", tags=["audit"])
@@ -403,6 +426,14 @@ class CaseCreate(BaseModel):
 class CaseUpdate(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=MAX_CASE_NAME)
     notes: str | None = Field(default=None, max_length=MAX_CASE_NOTES)
+
+
+class WatchCreate(BaseModel):
+    case_id: int = Field(ge=1, le=MAX_ROW_ID)
+    name: str = Field(min_length=1, max_length=200)
+    threshold: float = Field(default=watchlist.DEFAULT_THRESHOLD, ge=-1.0, le=1.0)
+    webhook: str = Field(default="", max_length=2000)
+    secret: str = Field(default="", max_length=200)
 
 
 class CaseVerdict(BaseModel):

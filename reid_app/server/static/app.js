@@ -328,7 +328,28 @@ async function recomputeIdentities() {
 }
 
 // ---------------------------------------------------------------- cases
+async function loadWatchlist(entries) {
+  const list = $("watchlist");
+  list.replaceChildren();
+  for (const entry of entries || (await api("/watchlist")).watchlist) {
+    const remove = el("button", { type: "button" }, "remove");
+    remove.addEventListener("click", () => api(`/watchlist/${encodeURIComponent(entry.watch_id)}`, { method: "DELETE" })
+      .then((data) => loadWatchlist(data.watchlist)).catch((e) => showError(e.message)));
+    list.append(el("li", { "data-watch": entry.watch_id },
+      `${entry.name} (similarity ≥ ${entry.threshold}${entry.webhook ? ", webhook" : ""}) `, remove));
+  }
+  if (!list.children.length) list.append(el("li", {}, "Nobody is watched."));
+}
+
+async function watchCase() {
+  const data = await api("/watchlist", { method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ case_id: state.caseId, name: $("case-title").textContent.replace(/^Case \d+: /, ""),
+      threshold: Number($("watch-threshold").value), webhook: $("watch-webhook").value }) });
+  await loadWatchlist(data.watchlist);
+}
+
 async function loadCases() {
+  loadWatchlist().catch((e) => showError(e.message));
   const body = $("cases-table").tBodies[0];
   body.replaceChildren();
   for (const c of (await api("/cases")).cases) {
@@ -440,6 +461,7 @@ function init() {
   $("recompute").addEventListener("click", () => recomputeIdentities().catch((e) => showError(e.message)));
   $("case-search").addEventListener("click", () => searchCase().catch((e) => showError(e.message)));
   $("case-save").addEventListener("click", () => saveNotes().catch((e) => showError(e.message)));
+  $("case-watch").addEventListener("click", () => watchCase().catch((e) => showError(e.message)));
   window.addEventListener("resize", () => state.result && drawQueryBoxes());
   loadStatus().catch((e) => showError(e.message));
   loadCameras().catch((e) => showError(e.message));
