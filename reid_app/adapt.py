@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import select
 
 from reid_app.errors import ReidAppError
+from reid_app.locks import atomic_write_bytes
 from reid_app.store import Database, Detection, Track, Video, as_utc, require_nonempty
 from reid_app.thumbnails import thumbnail_bytes
 
@@ -59,6 +60,7 @@ def export_tracklets(db: Database, folder: Path) -> int:
     from fanet.data.tracklets import Tracklet, write_times  # noqa: PLC0415
 
     require_nonempty(db)
+    shutil.rmtree(folder, ignore_errors=True)  # afresh: forgotten tracks must not be trained on
     folder.mkdir(parents=True, exist_ok=True)
     with db.read() as session:
         rows = session.execute(
@@ -75,12 +77,10 @@ def export_tracklets(db: Database, folder: Path) -> int:
         track_dir = folder / str(camera) / str(track_id)
         track_dir.mkdir(parents=True, exist_ok=True)
         for detection_id in by_track.get(track_id, []):
-            path = track_dir / f"{detection_id}.jpg"
-            if not path.exists():
-                data = thumbnail_bytes(db, detection_id)
-                if data is None:
-                    continue
-                path.write_bytes(data)
+            data = thumbnail_bytes(db, detection_id)
+            if data is None:
+                continue
+            atomic_write_bytes(track_dir / f"{detection_id}.jpg", data)
             written += 1
         origin = as_utc(start).timestamp()
         timed.append(Tracklet(str(camera), str(track_id), (), origin + first_s, origin + last_s))

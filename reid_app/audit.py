@@ -7,7 +7,7 @@ table has no update path in the code, and erasure (``forget``) leaves it alone (
 and counts, no image and no vector).
 
 Who: ``cli:<user>`` for a command (the operating-system account that ran it), ``api:<address>``
-for a request to the server (with ``+token`` when the server requires its access token).
+for a request to the server (the client's address; the server has one access token, no user names).
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from reid_app.store import AuditEntry, Base, Database, as_utc, utc_now
+from reid_app.store import AuditEntry, Database, as_utc, utc_now
 
 MAX_ENTRIES = 10_000
+#: Items of a list kept in an entry's details (the rest is counted), and the details' longest text.
+LIST_ITEMS = 50
+MAX_DETAILS = 4000
 
 
 def cli_actor() -> str:
@@ -33,13 +36,22 @@ def cli_actor() -> str:
 
 
 def ensure_table(db: Database) -> None:
-    db.write(lambda session: Base.metadata.create_all(session.connection(), tables=[AuditEntry.__table__]))
+    db.ensure_tables([AuditEntry.__table__])
 
 
 def add(session: Session, actor: str, action: str, target: str = "", **details: Any) -> None:
     """Append an entry inside the caller's write transaction (the table must exist: :func:`ensure_table`)."""
     session.add(AuditEntry(at=utc_now(), actor=actor[:200], action=action[:64], target=str(target)[:200],
-                           details=json.dumps(details, default=str)[:4000]))  # fmt: skip
+                           details=_details_json(details)))  # fmt: skip
+
+
+def _details_json(details: dict[str, Any]) -> str:
+    """The details as JSON that fits the column whole: long lists keep their first ids and a count."""
+    long_lists = {k: len(v) for k, v in details.items() if isinstance(v, list) and len(v) > LIST_ITEMS}
+    shown = {key: (value[:LIST_ITEMS] if key in long_lists else value) for key, value in details.items()}
+    shown |= {f"{key}_count": count for key, count in long_lists.items()}
+    text = json.dumps(shown, default=str)
+    return text if len(text) <= MAX_DETAILS else json.dumps({"truncated": True, "keys": sorted(details)[:20]})
 
 
 def record(db: Database, actor: str, action: str, target: str = "", **details: Any) -> None:

@@ -33,7 +33,6 @@ from reid_app.errors import ReidAppError
 from reid_app.overview import NotFound, track_dict
 from reid_app.store import (
     AuditEntry,
-    Base,
     Case,
     CaseTrack,
     Database,
@@ -50,13 +49,13 @@ Verdict = Literal["confirmed", "rejected", "undecided"]
 VERDICTS = ("confirmed", "rejected", "undecided")
 MAX_NAME = 200
 MAX_NOTES = 10000
+MAX_CANDIDATES = 1000
 
 
 def ensure_tables(db: Database) -> None:
     """The case tables and the audit trail's, on a database made before them (create_all skips
     existing ones)."""
-    tables = [Case.__table__, CaseTrack.__table__, AuditEntry.__table__]
-    db.write(lambda session: Base.metadata.create_all(session.connection(), tables=tables))
+    db.ensure_tables([Case.__table__, CaseTrack.__table__, AuditEntry.__table__])
 
 
 def _check_text(name: str | None, notes: str | None) -> None:
@@ -204,6 +203,8 @@ def search_case(
     without the tracks already decided (module docstring)."""
     from reid_app.search import hits_for_rows  # noqa: PLC0415 (the same hit rows as a search)
 
+    if not 1 <= top_k <= MAX_CANDIDATES:
+        raise ReidAppError(f"--top-k must be between 1 and {MAX_CANDIDATES}, got {top_k}")
     info = require_nonempty(db)
     ensure_tables(db)
     with db.read() as session:

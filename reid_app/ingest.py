@@ -362,6 +362,7 @@ class _Ingest:
         last_frame_index, first_ts, last_ts = -1, None, 0.0
         # A stream's frame numbers start again at each connection: ``offset`` keeps them increasing.
         offset, drops = 0, 0
+        stream_started = time.monotonic()
         watching = watchlist_active(self.db)
         # A stream has no end: Ctrl-C (or SIGTERM) ends its ingest normally (what was seen is stored
         # and the video marked complete); when it drops, the ingest reconnects with back-off. For a
@@ -404,7 +405,10 @@ class _Ingest:
                 logger.warning("%s; reconnecting in %.0f s", why, delay)
                 video.close()
                 time.sleep(delay)
-                offset = last_frame_index + step
+                # Frame numbers (hence times) keep counting through the outage: the next frame is
+                # numbered by the wall-clock time since the stream's first frame.
+                elapsed = time.monotonic() - stream_started
+                offset = max(last_frame_index + step, math.ceil(elapsed * video.fps / step) * step)
         except KeyboardInterrupt:
             if not video.is_stream:
                 raise
@@ -432,14 +436,15 @@ class _Ingest:
         rows: list[tuple[TrackCrops, np.ndarray, list[bytes]]] = []
         offset = 0
         quality = [cv2.IMWRITE_JPEG_QUALITY, self.config.thumbnail_jpeg_quality]
-        # At least the embedder's input: what `reid-app reembed` needs to embed the crop again.
-        stored_side = stored_crop_side(self.config.thumbnail_max_side, self.embedder.input_size)
+        max_side, input_size = self.config.thumbnail_max_side, self.embedder.input_size
         for track in finished:
             track_vectors = vectors[offset : offset + len(track.crops)]
             offset += len(track.crops)
             jpegs = []
             for crop in track.crops:
-                ok, encoded = cv2.imencode(".jpg", thumbnail_image(crop.image, stored_side), quality)
+                # At least what the embedder's input took of it: what `reid-app reembed` needs.
+                side = stored_crop_side(max_side, input_size, crop.image.shape[:2])
+                ok, encoded = cv2.imencode(".jpg", thumbnail_image(crop.image, side), quality)
                 if not ok:
                     raise ReidAppError(f"cannot encode the thumbnail of a crop of frame {crop.frame_index}")
                 jpegs.append(encoded.tobytes())
@@ -491,14 +496,16 @@ class _Ingest:
                 )
                 committed.append((track_row, pooled_embedding(track_vectors), video))
             # Watchlist alerts in this same transaction: a committed track has its alerts, whatever is killed when.
-            summary.alerts += alerts_for_tracks(session, committed)
+            raised[0] = alerts_for_tracks(session, committed)
             video.last_committed_frame = frame_index
             if final:
                 video.status = VIDEO_COMPLETE
                 video.completed_at = utc_now()
                 claims.release(session, self.video_id, self.owner)
 
+        raised = [0]  # set by the transaction that commits (a retried one sets it again)
         self.db.write(work)
+        summary.alerts += raised[0]
         self.completed = final
         summary.tracks += len(rows)
         summary.crops += len(crops)

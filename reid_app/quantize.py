@@ -296,7 +296,7 @@ def write_accepted(graph_file: Path, destination: Path, record: Int8Record) -> N
 
 
 def remove_int8(float_graph: Path) -> None:
-    """Drop an earlier int8 graph and record of this export (before a new attempt is written)."""
+    """Drop an earlier int8 graph and record of this export (before an accepted new one is written)."""
     graph = int8_graph_path(float_graph)
     for path in (int8_record_path(graph), graph):
         with contextlib.suppress(FileNotFoundError):
@@ -366,8 +366,8 @@ def quantise_checkpoint(
             feature_cosine=round(cosine, 6), calibration=source, calibration_crops=len(images), figures=figures,
             accepted=passes(figures), onnxruntime=onnxruntime.__version__,
         )  # fmt: skip
-        remove_int8(float_graph)
         if record.accepted:
+            remove_int8(float_graph)
             write_accepted(candidate, int8_graph_path(float_graph), record)
     return record
 

@@ -49,6 +49,7 @@ from reid_app.store import (
     Database,
     DatabaseInfo,
     Detection,
+    IngestClaim,
     ReembedJob,
     ReembedVector,
     Thumbnail,
@@ -111,7 +112,7 @@ def _release(session: Session, job_id: int, owner: str) -> None:
 def _run(
     db: Database, embedder: Any, progress: Progress | None, job_id: int, owner: str, kept: int, info: DatabaseInfo
 ) -> ReembedReport:
-    previous = info.model_name
+    previous, from_sha = info.model_name, info.model_weights_sha256
     embedded = 0
     for _ in range(SWITCH_ATTEMPTS):
         total = _count(db, Detection)
@@ -119,7 +120,8 @@ def _run(
             embedded = done - kept
             if progress is not None:
                 progress(done, total)
-        switched = db.write(lambda session: _switch(session, db, job_id, owner, info.model_weights_sha256))
+        now = db.server_time()
+        switched = db.write(lambda session, now=now: _switch(session, db, job_id, owner, from_sha, now))
         if switched is not None:
             return ReembedReport(embedder.model_name, previous, embedded, switched[0], switched[1], resumed_crops=kept)
     raise ReidAppError(
@@ -245,7 +247,7 @@ def _stored_crop(db: Database, row: Any, jpeg: bytes | None, input_size: tuple[i
     stored_h, stored_w = pixels.shape[:2]
     box_h, box_w = float(y2) - float(y1), float(x2) - float(x1)
     needed_h, needed_w = min(box_h, input_size[0]), min(box_w, input_size[1])
-    if stored_h + SIZE_SLACK_PX < needed_h and stored_w + SIZE_SLACK_PX < needed_w:
+    if stored_h + SIZE_SLACK_PX < needed_h or stored_w + SIZE_SLACK_PX < needed_w:
         raise ReidAppError(
             f"crop {detection_id} is stored at {stored_w}x{stored_h} px, smaller than the "
             f"{input_size[1]}x{input_size[0]} input of the new model (the person was {box_w:.0f}x{box_h:.0f} px): "
@@ -254,7 +256,9 @@ def _stored_crop(db: Database, row: Any, jpeg: bytes | None, input_size: tuple[i
     return pixels
 
 
-def _switch(session: Session, db: Database, job_id: int, owner: str, from_sha: str | None) -> tuple[int, int] | None:
+def _switch(
+    session: Session, db: Database, job_id: int, owner: str, from_sha: str | None, now: float
+) -> tuple[int, int] | None:
     """The switch (module docstring); None when crops committed since need embedding first."""
     job = session.get(ReembedJob, job_id)
     if job is None or job.owner != owner:
@@ -264,6 +268,14 @@ def _switch(session: Session, db: Database, job_id: int, owner: str, from_sha: s
         raise ReidAppError(
             f"the database was moved to model {info.model_name if info else '?'} by another run while this "
             "reembed ran: nothing switched"
+        )
+    # An ingest running now would fail its next commit against the new model and discard its video:
+    # the switch waits until none holds a claim (its staged work is kept; run reembed again).
+    live = session.scalars(select(IngestClaim).where(IngestClaim.lease_until_s > now)).first()
+    if live is not None:
+        raise ReidAppError(
+            f"an ingest is running on this database (host {live.host}, pid {live.pid}): stop it or let it finish, "
+            "then run reembed again (the crops embedded so far are kept)"
         )
     staged = exists().where(ReembedVector.job_id == job_id, ReembedVector.detection_id == Detection.id)
     if session.scalar(select(Detection.id).where(~staged).limit(1)) is not None:

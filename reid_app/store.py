@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import numpy as np
@@ -586,6 +586,16 @@ class Database:
                 "restart it (on the restored file, or after `reid-app ingest` created a new one)"
             )
 
+    def ensure_tables(self, tables: list[Any]) -> None:
+        """Create ``tables`` on a database made before they existed; when they exist (every call but
+        the first) this is one read, never a write transaction."""
+        from sqlalchemy import inspect  # noqa: PLC0415
+
+        names = {table.name for table in tables}
+        if names <= set(inspect(self.engine).get_table_names()):
+            return
+        self.write(lambda session: Base.metadata.create_all(session.connection(), tables=tables))
+
     def has_schema(self) -> bool:
         from sqlalchemy import inspect
 
@@ -686,11 +696,13 @@ class DeletedRows:
 def delete_tracks(session: Session, track_ids: list[int]) -> DeletedRows:
     """Delete tracks with their crops, thumbnails and vectors, logging the deleted ids (and older
     rows' thumbnail files) in the same transaction: a kill either leaves all of it or none. Case
-    verdicts on those tracks go with them (erasure leaves no trace of the person in a case)."""
+    verdicts and watchlist alerts on those tracks go with them (erasure leaves no trace of the
+    person in a case or an alert; the audit trail keeps its ids)."""
     from sqlalchemy import inspect  # noqa: PLC0415
 
     deleted = DeletedRows()
-    has_cases = inspect(session.connection()).has_table(CaseTrack.__tablename__)
+    tables = set(inspect(session.connection()).get_table_names())
+    has_cases, has_alerts = CaseTrack.__tablename__ in tables, Alert.__tablename__ in tables
     for start in range(0, len(track_ids), _ID_CHUNK):
         chunk = track_ids[start : start + _ID_CHUNK]
         rows = session.execute(
@@ -706,6 +718,8 @@ def delete_tracks(session: Session, track_ids: list[int]) -> DeletedRows:
             session.execute(delete(Detection).where(Detection.id.in_(id_chunk)))
         if has_cases:  # a database made before cases has no verdicts to erase
             session.execute(delete(CaseTrack).where(CaseTrack.track_id.in_(chunk)))
+        if has_alerts:  # nor one made before the watchlist alerts
+            session.execute(delete(Alert).where(Alert.track_id.in_(chunk)))
         session.execute(delete(Track).where(Track.id.in_(chunk)))
         deleted.tracks += chunk
         deleted.detections += detection_ids

@@ -18,6 +18,7 @@ is ever read on a row's say-so.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,10 +35,16 @@ MAX_THUMBNAIL_BYTES = 4 << 20
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def stored_crop_side(thumbnail_max_side: int, input_size: tuple[int, int]) -> int:
-    """The longest side ingest stores a crop at: the configured one, or the embedder's input when
-    that is larger, so that ``reid-app reembed`` with a model of that input size sees enough."""
-    return max(int(thumbnail_max_side), *(int(v) for v in input_size))
+def stored_crop_side(thumbnail_max_side: int, input_size: tuple[int, int], crop_hw: tuple[int, int]) -> int:
+    """The longest side ingest stores a crop of ``crop_hw`` (height, width) pixels at: at most the
+    configured side, unless one of the crop's sides would then fall below what the embedder's input
+    (height, width) takes of it, so that ``reid-app reembed`` with a model of that input size gets
+    at least the pixels ingest gave the embedder."""
+    height, width = crop_hw
+    long_side = max(height, width, 1)
+    scale = min(1.0, thumbnail_max_side / long_side)
+    scale = max(scale, min(height, input_size[0]) / max(height, 1), min(width, input_size[1]) / max(width, 1))
+    return math.ceil(min(1.0, scale) * long_side)
 
 
 def confined_thumbnail(data_dir: Path, stored: object) -> str | None:

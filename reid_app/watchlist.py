@@ -23,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from datetime import timedelta
@@ -40,8 +42,8 @@ from reid_app.errors import ReidAppError
 from reid_app.store import (
     Alert,
     AuditEntry,
-    Base,
     Database,
+    DatabaseInfo,
     Track,
     Video,
     WatchEntry,
@@ -58,12 +60,13 @@ ALERT_ID_HEADER = "X-Reid-Alert-Id"
 DELIVERY_LEASE_S = 30.0
 BACKOFF_S = (2, 4, 8, 16, 32, 64, 128, 300)
 POST_TIMEOUT_S = 5.0
+#: Alerts taken per round: all of them are posted well within their lease, even if every post times out.
+ALERTS_PER_ROUND = max(1, int(DELIVERY_LEASE_S / (2 * POST_TIMEOUT_S)))
 DEFAULT_THRESHOLD = 0.6
 
 
 def ensure_tables(db: Database) -> None:
-    tables = [WatchEntry.__table__, Alert.__table__, AuditEntry.__table__]
-    db.write(lambda session: Base.metadata.create_all(session.connection(), tables=tables))
+    db.ensure_tables([WatchEntry.__table__, Alert.__table__, AuditEntry.__table__])
 
 
 def add_watch(
@@ -90,6 +93,9 @@ def add_watch(
     vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
 
     def work(session: Session) -> int:
+        current = session.get(DatabaseInfo, 1)
+        if current is None or current.model_weights_sha256 != model_sha256:  # moved by a reembed meanwhile
+            raise ReidAppError("the database's model changed while the entry was made: add it again")
         entry = WatchEntry(name=name.strip(), embedding=vector_to_bytes(vector), model_weights_sha256=model_sha256,
                            threshold=float(threshold), webhook_url=webhook_url, webhook_secret=webhook_secret,
                            active=True, created_at=utc_now(), created_by=by)  # fmt: skip
@@ -130,11 +136,13 @@ def remove_watch(db: Database, watch_id: int, by: str = "") -> None:
 
 def list_watches(db: Database) -> list[dict[str, Any]]:
     ensure_tables(db)
+    info = db.info()
+    current = info.model_weights_sha256 if info is not None else None
     with db.read() as session:
         entries = session.scalars(select(WatchEntry).where(WatchEntry.active).order_by(WatchEntry.id)).all()
         return [
-            {"watch_id": e.id, "name": e.name, "threshold": e.threshold, "webhook": e.webhook_url,
-             "created_at": as_utc(e.created_at).isoformat()}
+            {"watch_id": e.id, "name": e.name, "threshold": e.threshold, "webhook": _shown_url(e.webhook_url),
+             "created_at": as_utc(e.created_at).isoformat(), "stale": e.model_weights_sha256 != current}
             for e in entries
         ]  # fmt: skip
 
@@ -147,12 +155,26 @@ def watchlist_active(db: Database) -> bool:
         return session.scalar(select(WatchEntry.id).where(WatchEntry.active).limit(1)) is not None
 
 
+def _shown_url(url: str) -> str:
+    """A webhook URL without its credentials and query (which may carry a key)."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+
+
 def alerts_for_tracks(session: Session, tracks: list[tuple[Track, np.ndarray, Video]]) -> int:
     """Alerts for just-added tracks (rows flushed in ``session``, the ingest's write transaction);
     returns how many. A database without a watchlist table has no watchlist."""
     if not tracks or not inspect(session.connection()).has_table(WatchEntry.__tablename__):
         return 0
-    entries = session.scalars(select(WatchEntry).where(WatchEntry.active)).all()
+    info = session.get(DatabaseInfo, 1)
+    current = info.model_weights_sha256 if info is not None else None
+    # Entries of another model (the database was reembedded since) cannot be compared: `watch list`
+    # shows them as stale, to be added again.
+    entries = session.scalars(
+        select(WatchEntry).where(WatchEntry.active, WatchEntry.model_weights_sha256 == current)
+    ).all()
     if not entries:
         return 0
     dim = len(tracks[0][1])
@@ -215,7 +237,7 @@ def deliver_due(db: Database, base_url: str = "", post: Callable[..., int] | Non
     def take(session: Session) -> list[tuple[Alert, WatchEntry]]:
         rows = session.execute(
             select(Alert, WatchEntry).join(WatchEntry, WatchEntry.id == Alert.watch_id)
-            .where(*due).order_by(Alert.id).limit(50)
+            .where(*due).order_by(Alert.id).limit(ALERTS_PER_ROUND)
         ).all()  # fmt: skip
         for alert, _ in rows:
             alert.next_attempt_s = now + DELIVERY_LEASE_S  # taken: another deliverer leaves it alone
@@ -234,7 +256,7 @@ def deliver_due(db: Database, base_url: str = "", post: Callable[..., int] | Non
             headers[SIGNATURE_HEADER] = signature(entry.webhook_secret, body)
         try:
             status, error = post(entry.webhook_url, body, headers), ""
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             status, error = 0, f"{type(exc).__name__}: {exc}"[:300]
         ok = 200 <= status < 300
         attempts = alert.attempts + 1
@@ -247,10 +269,20 @@ def deliver_due(db: Database, base_url: str = "", post: Callable[..., int] | Non
     return delivered
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A webhook answers where it was configured: a redirect is not followed (it counts as a failure)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=POST_TIMEOUT_S) as response:  # noqa: S310 - operator's URL
+        with _OPENER.open(request, timeout=POST_TIMEOUT_S) as response:
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)

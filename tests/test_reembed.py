@@ -241,6 +241,7 @@ def test_bad_input_is_one_line_and_switches_nothing(
 def test_ingest_stores_crops_at_least_as_large_as_the_model_input() -> None:
     from reid_app.thumbnails import stored_crop_side  # noqa: PLC0415
 
-    assert stored_crop_side(256, (256, 128)) == 256
-    assert stored_crop_side(256, (384, 128)) == 384
-    assert stored_crop_side(512, (256, 128)) == 512
+    assert stored_crop_side(256, (256, 128), (100, 40)) == 100  # small crops are kept whole
+    assert stored_crop_side(256, (256, 128), (600, 200)) == 384  # 384x128: the input's width
+    assert stored_crop_side(256, (256, 128), (600, 400)) == 256  # 256x171 covers 256x128
+    assert stored_crop_side(256, (384, 128), (500, 200)) == 384

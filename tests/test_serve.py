@@ -8,6 +8,7 @@ rules are tested on the ASGI app as a client sees them, and ``serve`` itself as 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -410,57 +411,9 @@ def chromium_path() -> str | None:
     return None
 
 
-def test_the_page_in_a_real_browser(served: str, tmp_path: Path) -> None:
-    """Chromium opens the page, uploads the demo query; the grid and the timeline show the camera-2 hit."""
-    browser_path = chromium_path()
-    if browser_path is None:
-        pytest.skip("no Chromium binary found (install Debian's chromium: apt-get install -y chromium)")
-    from playwright.sync_api import expect, sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-            page.goto(served + "/")
-            page.wait_for_selector("#camera-filter input")  # the cameras overview answered
-            # The form starts from the server's calibrated defaults, not from numbers of its own.
-            expect(page.locator("#threshold")).to_have_value(str(AppConfig.search_threshold))
-            expect(page.locator("#identity-threshold")).to_have_value(str(AppConfig.identity_threshold))
-            page.set_input_files("#image-input", str(DEMO_QUERY))
-            page.wait_for_selector("#results figure", timeout=120_000)
-            page.wait_for_selector("#timeline svg .bar-group", timeout=60_000)
-            figures = page.query_selector_all("#results figure")
-            ranked = [
-                (int(f.get_attribute("data-rank")), int(f.get_attribute("data-camera")), f.get_attribute("data-track"))
-                for f in figures
-            ]
-            camera2 = [(rank, track) for rank, camera, track in ranked if camera == 2 and rank <= 2]
-            assert camera2, ranked
-            track = camera2[0][1]
-            assert page.query_selector(f"#timeline .bar-group[data-camera='2'][data-track='{track}']")
-            assert page.query_selector(f"#trajectory li[data-camera='2'][data-track='{track}']")
-            assert page.is_hidden("#warning")  # the shipped model is trained: no warning
-            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-            # A click shows the full frame with the box and the track's other crops.
-            page.click(f"#results figure[data-track='{track}']")
-            page.wait_for_selector("#detail-crops figure")
-            # Polled from here: the page's CSP (no eval) forbids Playwright's in-page wait_for_function.
-            width, deadline = 0, time.monotonic() + 60
-            while width == 0 and time.monotonic() < deadline:
-                width = page.evaluate("document.getElementById('detail-frame').naturalWidth")
-                page.wait_for_timeout(200)
-            assert width == 640
-            assert not errors, errors
-        finally:
-            browser.close()
-
-
-def test_a_case_in_a_real_browser(served: str) -> None:
-    """Search → start a case from the camera-1 hit → search again → confirm the camera-2 candidate →
-    the case's timeline holds exactly the two confirmed tracks → the HTML export has both."""
+@contextlib.contextmanager
+def browser_page(served: str) -> Iterator[tuple[object, list[str]]]:
+    """The page opened in the system Chromium, with the page's script errors collected."""
     browser_path = chromium_path()
     if browser_path is None:
         pytest.skip("no Chromium binary found (install Debian's chromium: apt-get install -y chromium)")
@@ -472,45 +425,88 @@ def test_a_case_in_a_real_browser(served: str) -> None:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
             page.goto(served + "/")
-            page.wait_for_selector("#camera-filter input")
-            page.set_input_files("#image-input", str(DEMO_QUERY))
-            page.wait_for_selector("#results figure", timeout=120_000)
-            page.fill("#case-name", "red jacket (browser)")
-            first = page.query_selector("#results figure[data-rank='1']")
-            assert first is not None and first.get_attribute("data-camera") == "1"
-            first_track = first.get_attribute("data-track")
-            first.query_selector("button.start-case").click()
-            page.wait_for_selector("#case-candidates figure.candidate", timeout=60_000)
-            assert "red jacket (browser)" in page.inner_text("#case-title")
-            candidate = page.query_selector("#case-candidates figure.candidate[data-camera='2']")
-            assert candidate is not None
-            second_track = candidate.get_attribute("data-track")
-            candidate.query_selector("button[data-verdict='confirmed']").click()
-            page.wait_for_selector(f"#case-timeline .bar-group[data-track='{second_track}']", timeout=60_000)
-            bars = {(g.get_attribute("data-camera"), g.get_attribute("data-track"))
-                    for g in page.query_selector_all("#case-timeline .bar-group")}  # fmt: skip
-            assert bars == {("1", first_track), ("2", second_track)}
-            # The candidates no longer hold the confirmed tracks: they are drawn apart.
-            page.wait_for_selector("#case-candidates figure.candidate", timeout=60_000)
-            figures = page.query_selector_all("#case-candidates figure.candidate")
-            shown = {f.get_attribute("data-track") for f in figures}
-            assert not shown & {first_track, second_track}
-            export = page.request.get(served + (page.get_attribute("#case-export-html", "href") or ""))
-            assert export.ok and export.text().count("data:image/jpeg;base64,") == 2
-            # Watch for the case's person: the watchlist shows the entry.
-            page.click("#case-watch")
-            page.wait_for_selector("#watchlist li[data-watch]")
-            assert "red jacket (browser)" in page.inner_text("#watchlist")
-            # The admin view lists what was done, by whom.
-            page.click("nav button[data-tab='audit']")
-            page.wait_for_selector("#audit-table tr[data-action='case.mark']")
-            actions = {r.get_attribute("data-action") for r in page.query_selector_all("#audit-table tbody tr")}
-            assert {"search", "case.create", "case.search", "case.mark", "case.export", "watch.add"} <= actions
-            assert "api:127.0.0.1" in page.inner_text("#audit-table")
-            assert not errors, errors
+            page.wait_for_selector("#camera-filter input")  # the cameras overview answered
+            yield page, errors
         finally:
             browser.close()
+
+
+def test_the_page_in_a_real_browser(served: str, tmp_path: Path) -> None:
+    """Chromium opens the page, uploads the demo query; the grid and the timeline show the camera-2 hit."""
+    with browser_page(served) as (page, errors):
+        from playwright.sync_api import expect
+
+        # The form starts from the server's calibrated defaults, not from numbers of its own.
+        expect(page.locator("#threshold")).to_have_value(str(AppConfig.search_threshold))
+        expect(page.locator("#identity-threshold")).to_have_value(str(AppConfig.identity_threshold))
+        page.set_input_files("#image-input", str(DEMO_QUERY))
+        page.wait_for_selector("#results figure", timeout=120_000)
+        page.wait_for_selector("#timeline svg .bar-group", timeout=60_000)
+        figures = page.query_selector_all("#results figure")
+        ranked = [
+            (int(f.get_attribute("data-rank")), int(f.get_attribute("data-camera")), f.get_attribute("data-track"))
+            for f in figures
+        ]
+        camera2 = [(rank, track) for rank, camera, track in ranked if camera == 2 and rank <= 2]
+        assert camera2, ranked
+        track = camera2[0][1]
+        assert page.query_selector(f"#timeline .bar-group[data-camera='2'][data-track='{track}']")
+        assert page.query_selector(f"#trajectory li[data-camera='2'][data-track='{track}']")
+        assert page.is_hidden("#warning")  # the shipped model is trained: no warning
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        # A click shows the full frame with the box and the track's other crops.
+        page.click(f"#results figure[data-track='{track}']")
+        page.wait_for_selector("#detail-crops figure")
+        # Polled from here: the page's CSP (no eval) forbids Playwright's in-page wait_for_function.
+        width, deadline = 0, time.monotonic() + 60
+        while width == 0 and time.monotonic() < deadline:
+            width = page.evaluate("document.getElementById('detail-frame').naturalWidth")
+            page.wait_for_timeout(200)
+        assert width == 640
+        assert not errors, errors
+
+
+def test_a_case_in_a_real_browser(served: str) -> None:
+    """Search → start a case from the camera-1 hit → search again → confirm the camera-2 candidate →
+    the case's timeline holds exactly the two confirmed tracks → the HTML export has both."""
+    with browser_page(served) as (page, errors):
+        page.set_input_files("#image-input", str(DEMO_QUERY))
+        page.wait_for_selector("#results figure", timeout=120_000)
+        page.fill("#case-name", "red jacket (browser)")
+        first = page.query_selector("#results figure[data-rank='1']")
+        assert first is not None and first.get_attribute("data-camera") == "1"
+        first_track = first.get_attribute("data-track")
+        first.query_selector("button.start-case").click()
+        page.wait_for_selector("#case-candidates figure.candidate", timeout=60_000)
+        assert "red jacket (browser)" in page.inner_text("#case-title")
+        candidate = page.query_selector("#case-candidates figure.candidate[data-camera='2']")
+        assert candidate is not None
+        second_track = candidate.get_attribute("data-track")
+        candidate.query_selector("button[data-verdict='confirmed']").click()
+        page.wait_for_selector(f"#case-timeline .bar-group[data-track='{second_track}']", timeout=60_000)
+        bars = {(g.get_attribute("data-camera"), g.get_attribute("data-track"))
+                for g in page.query_selector_all("#case-timeline .bar-group")}  # fmt: skip
+        assert bars == {("1", first_track), ("2", second_track)}
+        # The candidates no longer hold the confirmed tracks: they are drawn apart.
+        page.wait_for_selector("#case-candidates figure.candidate", timeout=60_000)
+        figures = page.query_selector_all("#case-candidates figure.candidate")
+        shown = {f.get_attribute("data-track") for f in figures}
+        assert not shown & {first_track, second_track}
+        export = page.request.get(served + (page.get_attribute("#case-export-html", "href") or ""))
+        assert export.ok and export.text().count("data:image/jpeg;base64,") == 2
+        # Watch for the case's person: the watchlist shows the entry.
+        page.click("#case-watch")
+        page.wait_for_selector("#watchlist li[data-watch]")
+        assert "red jacket (browser)" in page.inner_text("#watchlist")
+        # The admin view lists what was done, by whom.
+        page.click("nav button[data-tab='audit']")
+        page.wait_for_selector("#audit-table tr[data-action='case.mark']")
+        actions = {r.get_attribute("data-action") for r in page.query_selector_all("#audit-table tbody tr")}
+        assert {"search", "case.create", "case.search", "case.mark", "case.export", "watch.add"} <= actions
+        assert "api:127.0.0.1" in page.inner_text("#audit-table")
+        assert not errors, errors
 
 
 # ------------------------------------------------------------------------------ API fuzzing (schemathesis)

@@ -152,7 +152,7 @@ def audit_command(
     if since is not None:
         try:
             start = datetime.fromisoformat(since)
-            start = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
+            start = start.astimezone(UTC) if start.tzinfo is not None else start.replace(tzinfo=UTC)
         except ValueError:
             try:
                 start = utc_now() - parse_age(since)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -368,7 +369,7 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
     ) -> StreamingResponse:
         """Server-sent events: each new alert as it is stored (``event: alert``, JSON data)."""
         resumed = request.headers.get("last-event-id", "")
-        after = max(after, int(resumed)) if resumed.isdigit() else after
+        after = max(after, int(resumed)) if re.fullmatch(r"[0-9]{1,18}", resumed) else after
 
         async def events() -> AsyncIterator[bytes]:
             last = after
