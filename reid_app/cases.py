@@ -31,12 +31,12 @@ from sqlalchemy.orm import Session
 from reid_app import audit
 from reid_app.errors import ReidAppError
 from reid_app.overview import NotFound, track_dict
+from reid_app.search import best_detections
 from reid_app.store import (
     AuditEntry,
     Case,
     CaseTrack,
     Database,
-    Detection,
     Track,
     Video,
     bytes_to_vectors,
@@ -167,7 +167,7 @@ def case_detail(db: Database, case_id: int) -> dict[str, Any]:
         rows = session.execute(
             select(Track, Video).join(Video, Video.id == Track.video_id).where(Track.id.in_(list(verdicts) or [-1]))
         ).all()
-        best = _best_crops(session, [track.id for track, _ in rows])
+        best = {t: d.id for t, d in best_detections(session, [track.id for track, _ in rows]).items()}
         tracks = []
         for track, video in rows:
             entry = track_dict(track, video)
@@ -181,19 +181,6 @@ def case_detail(db: Database, case_id: int) -> dict[str, Any]:
             "trajectory": [t for t in tracks if t["verdict"] == "confirmed"],
             "rejected": [t for t in tracks if t["verdict"] == "rejected"],
         }  # fmt: skip
-
-
-def _best_crops(session: Session, track_ids: list[int]) -> dict[int, int]:
-    """Each track's crop with the highest detector score (what a thumbnail shows)."""
-    best: dict[int, tuple[float, int]] = {}
-    if not track_ids:
-        return {}
-    for detection_id, track_id, score in session.execute(
-        select(Detection.id, Detection.track_id, Detection.score).where(Detection.track_id.in_(track_ids))
-    ):
-        if track_id not in best or score > best[track_id][0]:
-            best[track_id] = (score, detection_id)
-    return {track_id: detection_id for track_id, (_, detection_id) in best.items()}
 
 
 def search_case(

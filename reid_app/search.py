@@ -252,7 +252,7 @@ def _allowed_ids(session: Session, level: SearchLevel, options: SearchOptions) -
     return np.asarray(session.scalars(query).all(), dtype=np.int64)
 
 
-def _best_detections(session: Session, track_ids: list[int]) -> dict[int, Detection]:
+def best_detections(session: Session, track_ids: list[int]) -> dict[int, Detection]:
     """The crop that represents each track: its highest-scoring stored detection (ties: lowest id)."""
     best: dict[int, Detection] = {}
     query = (
@@ -301,7 +301,7 @@ def _hits_read_together(
     row_ids = [row_id for _, row_id in ranked]
     if level == "tracks":
         tracks = _rows_by_id(session, Track, row_ids)
-        detections = _best_detections(session, list(tracks))
+        detections = best_detections(session, list(tracks))
         pairs = [(tracks.get(row_id), detections.get(row_id)) for row_id in row_ids]
     else:
         by_id = _rows_by_id(session, Detection, row_ids)
@@ -325,7 +325,7 @@ def _rows_of_one(
     """The track, crop and video of one index row, read alone (None where gone)."""
     if level == "tracks":
         track = session.get(Track, row_id)
-        detection = _best_detections(session, [row_id]).get(row_id)
+        detection = best_detections(session, [row_id]).get(row_id)
     else:
         detection = session.get(Detection, row_id)
         track = session.get(Track, detection.track_id) if detection is not None else None

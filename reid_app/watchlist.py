@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from reid_app import audit
 from reid_app.errors import ReidAppError
+from reid_app.search import best_detections
 from reid_app.store import (
     Alert,
     AuditEntry,
@@ -201,14 +202,8 @@ def alerts(db: Database, after_id: int = 0, limit: int = 100) -> list[dict[str, 
             select(Alert, WatchEntry.name).join(WatchEntry, WatchEntry.id == Alert.watch_id)
             .where(Alert.id > after_id).order_by(Alert.id).limit(limit)
         ).all()  # fmt: skip
-        best = _best_crops(session, [a.track_id for a, _ in rows])
+        best = {t: d.id for t, d in best_detections(session, [a.track_id for a, _ in rows]).items()}
         return [_payload(a, name, best.get(a.track_id)) for a, name in rows]
-
-
-def _best_crops(session: Session, track_ids: list[int]) -> dict[int, int]:
-    from reid_app.cases import _best_crops as best  # noqa: PLC0415
-
-    return best(session, track_ids)
 
 
 def _payload(alert: Alert, name: str, detection_id: int | None, base_url: str = "") -> dict[str, Any]:
@@ -249,7 +244,8 @@ def deliver_due(db: Database, base_url: str = "", post: Callable[..., int] | Non
     delivered = 0
     for alert, entry in taken:
         with db.read() as session:
-            detection = _best_crops(session, [alert.track_id]).get(alert.track_id)
+            best = best_detections(session, [alert.track_id]).get(alert.track_id)
+            detection = best.id if best is not None else None
         body = json.dumps(_payload(alert, entry.name, detection, base_url) | {"delivered": True}).encode()
         headers = {"Content-Type": "application/json", ALERT_ID_HEADER: str(alert.id)}
         if entry.webhook_secret:
