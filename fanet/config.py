@@ -196,6 +196,11 @@ def parse_sources(text: str) -> tuple[DatasetName, tuple[DatasetName, ...]]:
 class OptimizerName(StrEnum):
     SGD = "sgd"  # the paper's
     ADAM = "adam"  # as in Luo et al.'s "Bag of Tricks" baseline: robust for short CPU schedules
+    # Adam with decoupled weight decay (Loshchilov & Hutter, ICLR 2019). Adam's own (L2 added to
+    # the gradient, then normalised) shrinks each classifier row by ~lr every step its person is
+    # not in the batch: with 1,304 people (16 a batch) the rows stayed at norm ~0.25 and the
+    # person-ID loss at ~5.4, logits four times too small (measured; benchmarks/RESULTS.md).
+    ADAMW = "adamw"
 
 
 @dataclass

@@ -28,6 +28,9 @@ DB_URL_ENV = "REID_APP_DB"
 DATA_DIR_ENV = "REID_APP_DATA_DIR"
 #: Seconds an ingest's claim on a video lasts unless renewed (reid_app.claims).
 CLAIM_LEASE_ENV = "REID_APP_CLAIM_LEASE_S"
+#: The address operators reach `reid-app serve` at (stands in for ``--public-url``).
+PUBLIC_URL_ENV = "REID_APP_PUBLIC_URL"
+PUBLIC_URL_HELP = f"Address of `reid-app serve`, for the thumbnail links of watchlist alerts (or ${PUBLIC_URL_ENV})."
 
 
 @dataclass
@@ -60,6 +63,9 @@ class AppConfig:
     device: str = "auto"
     backend: str = "auto"  # embedder runtime: auto, torch, onnxruntime, openvino (reid_app.backends)
     int8: bool = False  # embed with the int8 graph `reid-app quantize` accepted (reid_app.quantize)
+    #: Where `reid-app serve` is reached (http://host:port, behind any proxy): watchlist webhooks
+    #: link thumbnails under it. Empty: serve uses its own address, an ingest a relative link.
+    public_url: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -70,6 +76,7 @@ class AppConfig:
         if self.data_dir is not None:
             self.data_dir = Path(self.data_dir)
         self.backend = parse_backend(self.backend).value
+        self.public_url = check_public_url(self.public_url)
 
     @classmethod
     def from_env(cls, db_url: str | None = None, data_dir: str | Path | None = None, **kwargs) -> AppConfig:
@@ -84,6 +91,8 @@ class AppConfig:
                 raise ReidAppError(f"${CLAIM_LEASE_ENV} must be a number of seconds, got {lease[:40]!r}") from None
             if not 1 <= kwargs["claim_lease_s"] <= 86_400:
                 raise ReidAppError(f"${CLAIM_LEASE_ENV} must be between 1 and 86400 seconds, got {lease[:40]!r}")
+        if not kwargs.get("public_url"):
+            kwargs["public_url"] = os.environ.get(PUBLIC_URL_ENV, "")
         return cls(db_url=db_url, data_dir=Path(data_dir) if data_dir else None, **kwargs)
 
     @property
@@ -126,6 +135,22 @@ class AppConfig:
             return True
         sqlite_path = self.sqlite_path
         return sqlite_path is None or sqlite_path.exists()
+
+
+def check_public_url(url: str) -> str:
+    """``--public-url``: empty, or an http(s) URL with a host (kept without a trailing slash)."""
+    url = (url or "").strip()
+    if not url:
+        return ""
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ReidAppError(
+            f"--public-url (or ${PUBLIC_URL_ENV}) must be an http(s) URL such as https://reid.example.org, "
+            f"got {url[:60]!r}"
+        )
+    return url.rstrip("/")
 
 
 #: Largest camera ID: it must fit a 32-bit INTEGER column (PostgreSQL's, not only SQLite's).

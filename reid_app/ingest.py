@@ -50,7 +50,7 @@ from typing import Any
 import cv2
 import numpy as np
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from reid_app import claims
@@ -76,7 +76,7 @@ from reid_app.store import (
 from reid_app.thumbnails import finish_file_deletions, stored_crop_side
 from reid_app.track import DEFAULT_LOST_TRACK_SECONDS, PersonTracker, TrackCrops, TrackCropSelector
 from reid_app.video import VideoSource, open_video, sample_step
-from reid_app.watchlist import Deliverer, alerts_for_tracks, watchlist_active
+from reid_app.watchlist import Deliverer, WatchVectors, alerts_for_tracks, drop_unmatched_alerts, watch_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,14 @@ logger = logging.getLogger(__name__)
 RECONNECT_MAX_S = 30.0
 #: A track unseen for this long (seconds, beyond the tracker's own lost-track buffer) is finished.
 TRACK_END_MARGIN_S = 1.0
+#: With someone on the watchlist, an open track is compared with it once it has this many tracked
+#: detections (ByteTrack confirms a person on the second sighting: about 1.5 s after they appear at
+#: 2 fps), and again every WATCH_RECHECK_S while it stays unmatched; a match commits the track so
+#: far at once with its alert, instead of when the person leaves the view.
+WATCH_MIN_DETECTIONS = 2
+WATCH_RECHECK_S = 2.0
+#: Seconds between two reads of the watchlist by a running ingest (entries added during a stream count).
+WATCH_REFRESH_S = 10.0
 #: Accepted start times of a video (README.md, Limits). Stored times are start + offset and are
 #: shifted and formatted later: a start near year 9999 would overflow every read of the database.
 EARLIEST_START_TIME = datetime(1970, 1, 1, tzinfo=UTC)
@@ -217,9 +225,11 @@ def _checked_uuid(value: object) -> str:
         ) from None
 
 
-def _delete_video_rows(session: Session, video_id: int, *, delete_video: bool) -> None:
-    """A video's tracks, crops, thumbnails (logged for every host's index), and its row if asked."""
-    delete_tracks(session, list(session.scalars(select(Track.id).where(Track.video_id == video_id))))
+def _delete_video_rows(session: Session, video_id: int, *, delete_video: bool, keep_alerts: bool = False) -> None:
+    """A video's tracks, crops, thumbnails (logged for every host's index), and its row if asked;
+    ``keep_alerts``: the redo of a file, which makes the same tracks again, keeps their alerts."""
+    track_ids = list(session.scalars(select(Track.id).where(Track.video_id == video_id)))
+    delete_tracks(session, track_ids, keep_alerts=keep_alerts)
     if delete_video:
         session.execute(delete(claims.IngestClaim).where(claims.IngestClaim.video_id == video_id))
         session.execute(delete(Video).where(Video.id == video_id))
@@ -247,6 +257,13 @@ class _Ingest:
         self.db_uuid: str | None = None
         self.owner = claims.new_owner()  # this run's name in the claim row
         self.completed = False  # its final commit went through
+        self.deliverer: Deliverer | None = None
+        # Early watchlist checks: crop vectors by tracker id and frame (each crop is embedded once,
+        # for the check and the commit), the frame of each open track's last check, and the
+        # tracks already cut for an alert (their later segments are committed as usual).
+        self._crop_vectors: dict[int, dict[int, np.ndarray]] = {}
+        self._checked_at: dict[int, int] = {}
+        self._alerted: set[int] = set()
 
     # -- validation (nothing written) ------------------------------------------------------
     def validate(self) -> VideoSource:
@@ -274,12 +291,13 @@ class _Ingest:
         summary = IngestSummary(video_id=0, video_path=video.source, camera=self.options.camera, status="ingested")
         # The claim row, renewed for the whole run: a second ingest of the same video and camera,
         # on any host, must not take this one's unfinished rows for those of a killed run.
-        existing = self._claim_video(video, sha256, start_time, summary)
-        if existing == VIDEO_COMPLETE:
-            return summary
-        # Alerts of this run's tracks are POSTed while it runs (and any left undelivered before it).
-        deliverer = Deliverer(self.db).start()
+        # Alerts of this run's tracks are POSTed while it runs (and any left undelivered before it,
+        # also when the video turns out to be ingested already: a run killed after its last commit).
+        self.deliverer = Deliverer(self.db, self.config.public_url).start()
         try:
+            existing = self._claim_video(video, sha256, start_time, summary)
+            if existing == VIDEO_COMPLETE:
+                return summary
             with claims.Heartbeat(self.db, self.video_id, self.owner, self.config.claim_lease_s):
                 try:
                     self.indexes.sync_all()  # drop vectors of a redone run's deleted rows
@@ -288,7 +306,7 @@ class _Ingest:
                     self._discard()
                     raise
         finally:
-            deliverer.stop()
+            self.deliverer.stop()
         return summary
 
     def _claim_video(self, video: VideoSource, sha256: str, start_time: datetime, summary: IngestSummary) -> str | None:
@@ -312,7 +330,8 @@ class _Ingest:
             else:
                 claims.take(session, row.id, self.owner, now_s, self.config.claim_lease_s, what)
                 previous = row.status
-                _delete_video_rows(session, row.id, delete_video=False)
+                # A stream's "redo" sees other moments: its old alerts are not this run's appearances.
+                _delete_video_rows(session, row.id, delete_video=False, keep_alerts=not video.is_stream)
             row.path = str(Path(video.source).resolve()) if not video.is_stream else video.source
             row.fps, row.frame_count = video.fps, video.frame_count or 0
             row.width, row.height = video.width, video.height
@@ -360,10 +379,12 @@ class _Ingest:
             frames_total = min(frames_total or self.options.max_frames, self.options.max_frames)
         pending: list[TrackCrops] = []
         last_frame_index, first_ts, last_ts = -1, None, 0.0
-        # A stream's frame numbers start again at each connection: ``offset`` keeps them increasing.
-        offset, drops = 0, 0
+        # A stream's frame numbers start again at each connection: ``offset`` keeps them increasing;
+        # and so do its tracker's ids: ``id_offset`` keeps them unique within the video.
+        offset, drops, id_offset, last_id = 0, 0, 0, 0
         stream_started = time.monotonic()
-        watching = watchlist_active(self.db)
+        watch, watch_read_at = watch_vectors(self.db), time.monotonic()
+        recheck_frames = max(1, round(WATCH_RECHECK_S * video.fps))
         # A stream has no end: Ctrl-C (or SIGTERM) ends its ingest normally (what was seen is stored
         # and the video marked complete); when it drops, the ingest reconnects with back-off. For a
         # file, Ctrl-C interrupts the run like a kill (redone next time).
@@ -377,13 +398,20 @@ class _Ingest:
                     first_ts = timestamp if first_ts is None else first_ts
                     last_ts, last_frame_index = timestamp, index
                     tracked = tracker.update(self.detector.detect(frame.image), frame.image)
+                    if id_offset:
+                        tracked = [d.with_track_id(d.track_id + id_offset) if d.track_id else d for d in tracked]
+                    last_id = max([last_id, *(d.track_id for d in tracked if d.track_id is not None)])
                     summary.person_detections += len(tracked)
                     selector.add(index, timestamp, frame.image, tracked)
-                    pending.extend(selector.finished_tracks(index, max_age))
+                    pending.extend(self._ended(selector.finished_tracks(index, max_age)))
                     summary.sampled_frames += 1
-                    # With someone on the watchlist a finished track is committed at once (its alert waits
-                    # for its commit), else every ``commit_every_frames`` frames.
-                    if summary.sampled_frames % self.config.commit_every_frames == 0 or (pending and watching):
+                    if time.monotonic() - watch_read_at > WATCH_REFRESH_S:
+                        watch, watch_read_at = self._reread_watchlist(watch), time.monotonic()
+                    if watch is not None:
+                        pending.extend(self._watch_cuts(selector, watch, index, recheck_frames))
+                    # With someone on the watchlist a finished (or cut) track is committed at once (its
+                    # alert waits for its commit), else every ``commit_every_frames`` frames.
+                    if summary.sampled_frames % self.config.commit_every_frames == 0 or (pending and watch is not None):
                         self._commit(pending, index, summary, final=False)
                         pending = []
                     self._report(summary, frames_total)
@@ -394,10 +422,11 @@ class _Ingest:
                     break
                 # The stream dropped: the tracks seen so far end here (a person still in view after the
                 # reconnection is a new track, never a duplicate of a stored one), then try again.
-                pending.extend(selector.flush())
+                pending.extend(self._ended(selector.flush()))
                 self._commit(pending, last_frame_index, summary, final=False)
                 pending = []
                 tracker = PersonTracker(frame_rate=video.fps / step)
+                id_offset = last_id
                 selector = TrackCropSelector(max_crops=self.config.crops_per_track)
                 drops += 1
                 delay = min(RECONNECT_MAX_S, 2.0 ** (drops - 1))
@@ -414,12 +443,65 @@ class _Ingest:
                 raise
             summary.notes.append(f"stream {video.source}: stopped by the operator; what was seen is stored")
             video.stopped_early = None
-        pending.extend(selector.flush())
+        pending.extend(self._ended(selector.flush()))
         summary.stopped_early = video.stopped_early
         self._commit(pending, last_frame_index, summary, final=True)
         self._report(summary, frames_total)
         summary.elapsed_s = time.perf_counter() - started
         summary.video_seconds = (last_ts - (first_ts or 0.0)) + step / video.fps if first_ts is not None else 0.0
+
+    def _reread_watchlist(self, current: WatchVectors | None) -> WatchVectors | None:
+        """The watchlist now; the one read before if the database cannot answer this time (a
+        long stream must not end, and lose its rows, over a passing database error)."""
+        try:
+            return watch_vectors(self.db)
+        except SQLAlchemyError as exc:
+            logger.warning("could not read the watchlist again (%s); keeping the previous one", type(exc).__name__)
+            return current
+
+    def _ended(self, tracks: list[TrackCrops]) -> list[TrackCrops]:
+        """Tracks that ended: their early-check state goes with them."""
+        for track in tracks:
+            self._checked_at.pop(track.track_id, None)
+            self._alerted.discard(track.track_id)
+        return tracks
+
+    def _watch_cuts(
+        self, selector: TrackCropSelector, watch: WatchVectors, frame_index: int, recheck_frames: int
+    ) -> list[TrackCrops]:
+        """Open tracks that already match the watchlist, cut to be committed (and alerted) now."""
+        cuts = []
+        for track_id in selector.open_track_ids:
+            checked = self._checked_at.get(track_id)
+            if track_id in self._alerted or (checked is not None and frame_index - checked < recheck_frames):
+                continue
+            segment = selector.peek(track_id)
+            if segment.num_detections < WATCH_MIN_DETECTIONS:
+                continue
+            self._checked_at[track_id] = frame_index
+            if watch.matches(pooled_embedding(self._track_vectors([segment])[0])):
+                self._alerted.add(track_id)
+                cuts.append(selector.cut(track_id))
+        return cuts
+
+    def _track_vectors(self, tracks: list[TrackCrops]) -> list[np.ndarray]:
+        """Each track's crop vectors, embedding (in one batch) only crops not embedded before."""
+        missing = [
+            (track.track_id, crop) for track in tracks for crop in track.crops
+            if crop.frame_index not in self._crop_vectors.get(track.track_id, {})
+        ]  # fmt: skip
+        if missing:
+            vectors = self.embedder.embed([crop.image for _, crop in missing])
+            for (track_id, crop), vector in zip(missing, vectors, strict=True):
+                self._crop_vectors.setdefault(track_id, {})[crop.frame_index] = vector
+        empty = np.zeros((0, self.embedder.dim), dtype=np.float32)
+        vectors = []
+        for track in tracks:
+            cached = self._crop_vectors.get(track.track_id, {})
+            vectors.append(np.stack([cached[c.frame_index] for c in track.crops]) if track.crops else empty)
+            # Only the crops chosen now stay cached: a long open track does not pile up vectors.
+            self._crop_vectors[track.track_id] = {c.frame_index: cached[c.frame_index] for c in track.crops}
+        return vectors
 
     def _report(self, summary: IngestSummary, frames_total: int | None) -> None:
         if self.on_progress is not None:
@@ -432,14 +514,13 @@ class _Ingest:
     def _commit(self, finished: list[TrackCrops], frame_index: int, summary: IngestSummary, *, final: bool) -> None:
         """Embed the finished tracks and store them with their vectors in one transaction."""
         crops = [c for track in finished for c in track.crops]
-        vectors = self.embedder.embed([c.image for c in crops]) if crops else np.zeros((0, self.embedder.dim))
+        per_track = self._track_vectors(finished)
+        for track in finished:  # committed: a later segment of the same id has later frames
+            self._crop_vectors.pop(track.track_id, None)
         rows: list[tuple[TrackCrops, np.ndarray, list[bytes]]] = []
-        offset = 0
         quality = [cv2.IMWRITE_JPEG_QUALITY, self.config.thumbnail_jpeg_quality]
         max_side, input_size = self.config.thumbnail_max_side, self.embedder.input_size
-        for track in finished:
-            track_vectors = vectors[offset : offset + len(track.crops)]
-            offset += len(track.crops)
+        for track, track_vectors in zip(finished, per_track, strict=True):
             jpegs = []
             for crop in track.crops:
                 # At least what the embedder's input took of it: what `reid-app reembed` needs.
@@ -499,6 +580,7 @@ class _Ingest:
             raised[0] = alerts_for_tracks(session, committed)
             video.last_committed_frame = frame_index
             if final:
+                drop_unmatched_alerts(session, self.video_id)
                 video.status = VIDEO_COMPLETE
                 video.completed_at = utc_now()
                 claims.release(session, self.video_id, self.owner)
@@ -506,6 +588,8 @@ class _Ingest:
         raised = [0]  # set by the transaction that commits (a retried one sets it again)
         self.db.write(work)
         summary.alerts += raised[0]
+        if raised[0] and self.deliverer is not None:
+            self.deliverer.wake()
         self.completed = final
         summary.tracks += len(rows)
         summary.crops += len(crops)

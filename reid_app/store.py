@@ -356,7 +356,12 @@ class Alert(Base):
     track_id: Mapped[int] = mapped_column(StoredInteger)
     camera_id: Mapped[int] = mapped_column(StoredInteger)
     score: Mapped[float] = mapped_column(StoredFloat)
-    seen_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))  # the track's last frame
+    seen_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))  # the frame that decided
+    # The appearance (one tracked person in one video): it alerts once per watch, through every
+    # segment of the track and a redo of an interrupted ingest. None on rows of the first version.
+    video_id: Mapped[int | None] = mapped_column(StoredInteger)
+    tracker_id: Mapped[int | None] = mapped_column(StoredInteger)
+    first_seen_at: Mapped[datetime | None] = mapped_column(StoredDateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))
     delivered_at: Mapped[datetime | None] = mapped_column(StoredDateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(StoredInteger, default=0)
@@ -587,14 +592,36 @@ class Database:
             )
 
     def ensure_tables(self, tables: list[Any]) -> None:
-        """Create ``tables`` on a database made before they existed; when they exist (every call but
-        the first) this is one read, never a write transaction."""
+        """Create ``tables`` (and columns added to them since) on a database made before they
+        existed; when everything exists (every call but the first) this only reads the schema."""
         from sqlalchemy import inspect  # noqa: PLC0415
 
-        names = {table.name for table in tables}
-        if names <= set(inspect(self.engine).get_table_names()):
+        inspector = inspect(self.engine)
+        existing = set(inspector.get_table_names())
+        missing = [
+            (table, column)
+            for table in tables
+            if table.name in existing
+            for column in table.columns
+            if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
+        ]
+        if {table.name for table in tables} <= existing and not missing:
             return
-        self.write(lambda session: Base.metadata.create_all(session.connection(), tables=tables))
+
+        def work(session: Session) -> None:
+            Base.metadata.create_all(session.connection(), tables=tables)
+            # Columns added to a table since it was made (all nullable: old rows read as "unknown").
+            dialect = session.connection().dialect
+            present = inspect(session.connection())
+            for table, column in missing:
+                if column.name in {c["name"] for c in present.get_columns(table.name)}:
+                    continue  # another process added it meanwhile
+                kind = column.type.compile(dialect=dialect)
+                names = dialect.identifier_preparer
+                added = f"{names.quote(column.name)} {kind}"
+                session.execute(text(f"ALTER TABLE {names.format_table(table)} ADD COLUMN {added}"))
+
+        self.write(work)
 
     def has_schema(self) -> bool:
         from sqlalchemy import inspect
@@ -693,11 +720,13 @@ class DeletedRows:
     files: list[str] = field(default_factory=list)  # thumbnail files of older rows, to remove after commit
 
 
-def delete_tracks(session: Session, track_ids: list[int]) -> DeletedRows:
+def delete_tracks(session: Session, track_ids: list[int], *, keep_alerts: bool = False) -> DeletedRows:
     """Delete tracks with their crops, thumbnails and vectors, logging the deleted ids (and older
     rows' thumbnail files) in the same transaction: a kill either leaves all of it or none. Case
     verdicts and watchlist alerts on those tracks go with them (erasure leaves no trace of the
-    person in a case or an alert; the audit trail keeps its ids)."""
+    person in a case or an alert; the audit trail keeps its ids) — except alerts when
+    ``keep_alerts``: an interrupted ingest's redo makes the same tracks again and gives each kept
+    alert its new track (no second alert for one appearance)."""
     from sqlalchemy import inspect  # noqa: PLC0415
 
     deleted = DeletedRows()
@@ -719,7 +748,9 @@ def delete_tracks(session: Session, track_ids: list[int]) -> DeletedRows:
         if has_cases:  # a database made before cases has no verdicts to erase
             session.execute(delete(CaseTrack).where(CaseTrack.track_id.in_(chunk)))
         if has_alerts:  # nor one made before the watchlist alerts
-            session.execute(delete(Alert).where(Alert.track_id.in_(chunk)))
+            erased = delete(Alert).where(Alert.track_id.in_(chunk))
+            # Kept: those a redo can give their track again (alerts of the first version cannot).
+            session.execute(erased.where(Alert.video_id.is_(None)) if keep_alerts else erased)
         session.execute(delete(Track).where(Track.id.in_(chunk)))
         deleted.tracks += chunk
         deleted.detections += detection_ids

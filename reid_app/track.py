@@ -335,6 +335,15 @@ class TrackCropSelector:
         ]
         return [self._finish(self._tracks.pop(track_id)) for track_id in sorted(finished)]
 
+    def peek(self, track_id: int) -> TrackCrops:
+        """What an open track would be if it ended now (it stays open)."""
+        return self._finish(self._tracks[track_id])
+
+    def cut(self, track_id: int) -> TrackCrops:
+        """End an open track here (an early watchlist alert commits it at once); the tracker's next
+        detections of the same id start a new segment of it."""
+        return self._finish(self._tracks.pop(track_id))
+
     def flush(self) -> list[TrackCrops]:
         """Remove and return every open track (end of video)."""
         tracks = [self._finish(self._tracks[track_id]) for track_id in sorted(self._tracks)]

@@ -5,7 +5,13 @@
   optionally a webhook URL and its signing secret.
 * **Alerts are made in the ingest's own transaction** (:func:`alerts_for_tracks`, called by
   :mod:`reid_app.ingest` as it commits tracks): a committed track has its alerts, an uncommitted one
-  has none, whatever is killed when. A (watch, track) pair alerts once (a unique constraint).
+  has none, whatever is killed when. An ingest does not wait for a watched person to leave the
+  view: it compares each open track with the watchlist once the tracker has confirmed it, and
+  commits a matching track at once (the rest of it follows as a later segment). One appearance
+  (a video's tracker id) alerts once per entry, through its segments and through the redo of an
+  interrupted ingest (which moves the alert to the track made again instead of raising another).
+  An ingest that stops on an error (not a kill) discards its video's rows, alerts with them: its
+  rerun alerts again.
 * **Delivery** (:func:`deliver_due`, run by every ingest and by ``reid-app serve`` in the
   background, and by ``reid-app watch deliver``): each alert not yet delivered is POSTed as JSON
   (alert id, name, camera, time, score, thumbnail URL) with ``X-Reid-Signature: sha256=<HMAC-SHA256
@@ -30,6 +36,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -148,12 +155,46 @@ def list_watches(db: Database) -> list[dict[str, Any]]:
         ]  # fmt: skip
 
 
-def watchlist_active(db: Database) -> bool:
-    """Whether anyone is on the watchlist (an ingest then commits finished tracks at once)."""
+@dataclass(frozen=True)
+class WatchVectors:
+    """The active entries an ingest compares tracks with (those of the database's current model)."""
+
+    ids: list[int]
+    vectors: np.ndarray  # one unit row per entry
+    thresholds: np.ndarray
+
+    def matches(self, vector: np.ndarray) -> bool:
+        """Whether a (pooled) track vector reaches any entry's threshold."""
+        unit = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        return bool(np.any(self.vectors @ unit >= self.thresholds))
+
+
+def watch_vectors(db: Database) -> WatchVectors | None:
+    """The watchlist as an ingest reads it now; None when nobody is on it (tracks are then committed
+    in batches and never checked early). Adds the columns of a table made by an older version."""
     with db.read() as session:
         if not inspect(session.connection()).has_table(WatchEntry.__tablename__):
-            return False
-        return session.scalar(select(WatchEntry.id).where(WatchEntry.active).limit(1)) is not None
+            return None
+    ensure_tables(db)
+    with db.read() as session:
+        entries = _current_entries(session)
+        if not entries:
+            return None
+        dim = len(entries[0].embedding) // 4
+        # float64 thresholds: the same comparison as alerts_for_tracks' (a float32 score against a
+        # Python float), so a track cut for a match always gets its alert.
+        return WatchVectors([e.id for e in entries], bytes_to_vectors([e.embedding for e in entries], dim),
+                            np.asarray([e.threshold for e in entries], dtype=np.float64))  # fmt: skip
+
+
+def _current_entries(session: Session) -> list[WatchEntry]:
+    info = session.get(DatabaseInfo, 1)
+    current = info.model_weights_sha256 if info is not None else None
+    # Entries of another model (the database was reembedded since) cannot be compared: `watch list`
+    # shows them as stale, to be added again.
+    return list(session.scalars(
+        select(WatchEntry).where(WatchEntry.active, WatchEntry.model_weights_sha256 == current)
+    ).all())  # fmt: skip
 
 
 def _shown_url(url: str) -> str:
@@ -166,16 +207,14 @@ def _shown_url(url: str) -> str:
 
 def alerts_for_tracks(session: Session, tracks: list[tuple[Track, np.ndarray, Video]]) -> int:
     """Alerts for just-added tracks (rows flushed in ``session``, the ingest's write transaction);
-    returns how many. A database without a watchlist table has no watchlist."""
+    returns how many are new. A database without a watchlist table has no watchlist.
+
+    One appearance (a video's tracker id) alerts once per entry: the later segments of a track cut
+    early for its alert raise none, and the redo of an interrupted ingest, which makes the same
+    tracks again, moves the kept alert to its new track instead of raising (and posting) another."""
     if not tracks or not inspect(session.connection()).has_table(WatchEntry.__tablename__):
         return 0
-    info = session.get(DatabaseInfo, 1)
-    current = info.model_weights_sha256 if info is not None else None
-    # Entries of another model (the database was reembedded since) cannot be compared: `watch list`
-    # shows them as stale, to be added again.
-    entries = session.scalars(
-        select(WatchEntry).where(WatchEntry.active, WatchEntry.model_weights_sha256 == current)
-    ).all()
+    entries = _current_entries(session)
     if not entries:
         return 0
     dim = len(tracks[0][1])
@@ -184,14 +223,46 @@ def alerts_for_tracks(session: Session, tracks: list[tuple[Track, np.ndarray, Vi
     for track, vector, video in tracks:
         scores = watched @ (vector / max(float(np.linalg.norm(vector)), 1e-12))
         for entry, score in zip(entries, scores, strict=True):
-            if score >= entry.threshold:
-                seen = as_utc(video.start_time) + timedelta(seconds=float(track.last_timestamp_s))
-                session.add(Alert(watch_id=entry.id, track_id=track.id, camera_id=track.camera_id, score=float(score),
-                                  seen_at=seen, created_at=now, attempts=0, next_attempt_s=0.0))  # fmt: skip
-                audit.add(session, "ingest", "alert", f"watch {entry.id}", track_id=track.id,
-                          score=round(float(score), 4))  # fmt: skip
-                made += 1
+            if score < entry.threshold:
+                continue
+            start = as_utc(video.start_time)
+            first_seen = start + timedelta(seconds=float(track.first_timestamp_s))
+            earlier = session.scalars(
+                select(Alert).where(Alert.watch_id == entry.id, Alert.video_id == track.video_id,
+                                    Alert.tracker_id == track.tracker_id)
+            ).first()  # fmt: skip
+            if earlier is not None:
+                if session.get(Track, earlier.track_id) is not None:
+                    continue  # a later segment of an appearance that already alerted
+                if earlier.first_seen_at is not None and abs(as_utc(earlier.first_seen_at) - first_seen) < _SAME_TIME:
+                    earlier.track_id = track.id  # its track was redone: this is it now
+                    continue
+                # The same tracker id on another appearance (a redo that tracked differently): its own alert.
+            session.add(Alert(watch_id=entry.id, track_id=track.id, camera_id=track.camera_id, score=float(score),
+                              seen_at=start + timedelta(seconds=float(track.last_timestamp_s)),
+                              first_seen_at=first_seen,
+                              video_id=track.video_id, tracker_id=track.tracker_id,
+                              created_at=now, attempts=0, next_attempt_s=0.0))  # fmt: skip
+            audit.add(session, "ingest", "alert", f"watch {entry.id}", track_id=track.id,
+                      score=round(float(score), 4))  # fmt: skip
+            made += 1
     return made
+
+
+#: Two first-seen times this close are the same frame (a redo recomputes them from the same numbers).
+_SAME_TIME = timedelta(milliseconds=1)
+
+
+def drop_unmatched_alerts(session: Session, video_id: int) -> int:
+    """After a redo of ``video_id`` is complete: its kept alerts whose appearance was not made
+    again and that were never posted go (nothing points at them). Posted ones stay as sent."""
+    if not inspect(session.connection()).has_table(Alert.__tablename__):
+        return 0
+    kept = session.scalars(select(Alert).where(Alert.video_id == video_id, Alert.delivered_at.is_(None)))
+    orphans = [alert for alert in kept if session.get(Track, alert.track_id) is None]
+    for alert in orphans:
+        session.delete(alert)
+    return len(orphans)
 
 
 def alerts(db: Database, after_id: int = 0, limit: int = 100) -> list[dict[str, Any]]:
@@ -207,10 +278,13 @@ def alerts(db: Database, after_id: int = 0, limit: int = 100) -> list[dict[str, 
 
 
 def _payload(alert: Alert, name: str, detection_id: int | None, base_url: str = "") -> dict[str, Any]:
-    thumbnail = f"{base_url}/api/v1/detections/{detection_id}/thumbnail" if detection_id is not None else None
+    path = f"/api/v1/detections/{detection_id}/thumbnail"
+    thumbnail = base_url.rstrip("/") + path if detection_id is not None else None
+    first_seen = as_utc(alert.first_seen_at).isoformat() if alert.first_seen_at is not None else None
     return {"alert_id": alert.id, "watch_id": alert.watch_id, "name": name, "camera": alert.camera_id,
-            "track_id": alert.track_id, "time": as_utc(alert.seen_at).isoformat(), "score": round(alert.score, 4),
-            "thumbnail_url": thumbnail, "delivered": alert.delivered_at is not None}  # fmt: skip
+            "track_id": alert.track_id, "time": as_utc(alert.seen_at).isoformat(), "first_seen": first_seen,
+            "score": round(alert.score, 4), "thumbnail_url": thumbnail,
+            "delivered": alert.delivered_at is not None}  # fmt: skip
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -225,13 +299,21 @@ def deliver_due(db: Database, base_url: str = "", post: Callable[..., int] | Non
     with db.read() as session:  # most rounds find nothing: no write transaction for them
         if not inspect(session.connection()).has_table(Alert.__tablename__):
             return 0
-        joined = select(Alert.id).join(WatchEntry, WatchEntry.id == Alert.watch_id)
+    if not getattr(db, "_watchlist_schema_checked", False):  # once per process and database
+        ensure_tables(db)  # a table of the first version gets its newer columns
+        db._watchlist_schema_checked = True  # type: ignore[attr-defined]
+    with db.read() as session:
+        # Only alerts whose track exists: one kept through the redo of an interrupted ingest waits
+        # until the redo gives it its track again (or drops it).
+        joined = (select(Alert.id).join(WatchEntry, WatchEntry.id == Alert.watch_id)
+                  .join(Track, Track.id == Alert.track_id))  # fmt: skip
         if session.scalar(joined.where(*due).limit(1)) is None:
             return 0
 
     def take(session: Session) -> list[tuple[Alert, WatchEntry]]:
         rows = session.execute(
             select(Alert, WatchEntry).join(WatchEntry, WatchEntry.id == Alert.watch_id)
+            .join(Track, Track.id == Alert.track_id)
             .where(*due).order_by(Alert.id).limit(ALERTS_PER_ROUND)
         ).all()  # fmt: skip
         for alert, _ in rows:
@@ -290,21 +372,28 @@ class Deliverer:
     def __init__(self, db: Database, base_url: str = "", interval_s: float = 1.0) -> None:
         self.db, self.base_url, self.interval_s = db, base_url, interval_s
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reid-alert-delivery", daemon=True)
 
     def start(self) -> Deliverer:
         self._thread.start()
         return self
 
+    def wake(self) -> None:
+        """Run a round now (an ingest just committed alerts): no wait for the next interval."""
+        self._wake.set()
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()
             with contextlib.suppress(Exception):  # a failing round is retried next round; alerts stay stored
                 deliver_due(self.db, self.base_url)
-            self._stop.wait(self.interval_s)
+            self._wake.wait(self.interval_s)
 
     def stop(self) -> None:
         """Stop after one last round (what was committed last is delivered before the process ends)."""
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=POST_TIMEOUT_S * 2)
         with contextlib.suppress(Exception):  # stored alerts are delivered by the next deliverer
             deliver_due(self.db, self.base_url)

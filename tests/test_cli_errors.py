@@ -286,3 +286,15 @@ def test_same_video_being_ingested_by_another_process(filled: Path, video: Path,
     with sqlite3.connect(filled / "reid.db") as connection:
         connection.execute("DELETE FROM ingest_claims WHERE video_id = ?", (video_id,))
         connection.execute("DELETE FROM videos WHERE id = ?", (video_id,))
+
+
+@pytest.mark.parametrize("url", ["ftp://reid.example.org", "reid.example.org:8000", "http://", "http://x/?key=1"])
+def test_public_url_must_be_an_http_address(url: str, filled: Path, video: Path, capsys, monkeypatch) -> None:
+    before = snapshot(filled)
+    for command in (["ingest", str(video), "--camera", "1", *UNTRAINED], ["watch", "deliver"]):
+        code, _, err = run_cli([*command, "--db", db_url(filled), "--public-url", url], capsys, monkeypatch)
+        assert_one_error_line(code, err, "must be an http(s) URL", "--public-url")
+    monkeypatch.setenv("REID_APP_PUBLIC_URL", url)  # the environment is checked the same way
+    code, _, err = run_cli(["watch", "deliver", "--db", db_url(filled)], capsys, monkeypatch)
+    assert_one_error_line(code, err, "must be an http(s) URL", "--public-url")
+    assert snapshot(filled) == before

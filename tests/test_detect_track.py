@@ -330,6 +330,24 @@ def test_crop_selector_keeps_a_few_crops_spread_over_the_track(bus: np.ndarray) 
     assert selector.flush() == []
 
 
+def test_crop_selector_cuts_an_open_track_into_segments(bus: np.ndarray) -> None:
+    selector = TrackCropSelector(max_crops=2)
+    box = BUS_PEOPLE[0]
+    for frame_index in range(6):
+        selector.add(frame_index, frame_index / 10, bus, [Detection(box, 0.5, track_id=3)])
+    seen = selector.peek(3)  # what an early watchlist check embeds: the track stays open
+    assert selector.open_track_ids == [3] and seen.num_detections == 6
+    cut = selector.cut(3)
+    assert (cut.first_frame, cut.last_frame) == (0, 5) and [c.frame_index for c in cut.crops] == [
+        c.frame_index for c in seen.crops
+    ]
+    assert selector.open_track_ids == []
+    for frame_index in range(6, 9):  # the same person, still tracked: a second segment of id 3
+        selector.add(frame_index, frame_index / 10, bus, [Detection(box, 0.5, track_id=3)])
+    (rest,) = selector.flush()
+    assert rest.track_id == 3 and (rest.first_frame, rest.last_frame, rest.num_detections) == (6, 8, 3)
+
+
 def test_crop_selector_on_a_tracked_clip(yolo: PersonDetector) -> None:
     video = open_video(str(CAM2))
     tracker = PersonTracker(frame_rate=5.0)

@@ -102,3 +102,6 @@ def test_live_stream_reconnects_after_a_server_restart_and_stops_cleanly(tmp_pat
     spans = rows(db, "SELECT first_frame, last_frame FROM tracks")
     assert len(spans) > before_restart and len(set(spans)) == len(spans)
     assert rows(db, "SELECT count(*) FROM tracks WHERE id NOT IN (SELECT track_id FROM detections)") == [(0,)]
+    # The tracker starts again at each connection, its ids do not: each stored track has its own.
+    tracker_ids = rows(db, "SELECT tracker_id FROM tracks")
+    assert len(set(tracker_ids)) == len(tracker_ids)

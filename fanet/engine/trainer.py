@@ -474,6 +474,9 @@ class Trainer:
         if solver.optimizer is OptimizerName.ADAM:
             return torch.optim.Adam(groups, lr=solver.base_lr, betas=solver.adam_betas,
                                     weight_decay=solver.weight_decay)
+        if solver.optimizer is OptimizerName.ADAMW:
+            return torch.optim.AdamW(groups, lr=solver.base_lr, betas=solver.adam_betas,
+                                     weight_decay=solver.weight_decay)
         return torch.optim.SGD(groups, lr=solver.base_lr, momentum=solver.momentum,
                                weight_decay=solver.weight_decay)
 

@@ -21,7 +21,7 @@ from reid_app.images import check_image_file
 SOURCE_SEPARATOR = "+"  # fanet.config.SOURCE_SEPARATOR, kept here so the CLI imports no torch to parse flags
 DATASETS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folder", "peta")
 BACKBONES = ("resnet50", "mobilenetv2", "osnet")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 VARIANTS = ("baseline", "tem", "tem_bg", "tem_bg_ia", "tem_bg_ia_tal", "fanet")
 TAL_VARIANTS = ("eq4", "v1", "v2", "none")
 PROTOCOLS = ("standard", "dg")
@@ -231,7 +231,7 @@ def train_command(
         float | None, typer.Option(help="Base learning rate (paper: 0.6); the warmup starts at a tenth of it.")
     ] = None,
     optimizer: Annotated[
-        str | None, typer.Option(help="sgd (paper; momentum 0.9) or adam.")
+        str | None, typer.Option(help="sgd (paper; momentum 0.9), adam, or adamw (decoupled weight decay).")
     ] = None,
     warmup_epochs: Annotated[int | None, typer.Option(help="Linear warmup epochs (paper: 10).")] = None,
     milestones: Annotated[

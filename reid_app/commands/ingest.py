@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from reid_app.backends import BACKEND_HELP, INT8_HELP
-from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig, parse_camera_id
+from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, PUBLIC_URL_HELP, AppConfig, parse_camera_id
 from reid_app.errors import ReidAppError
 from reid_app.ingest import (
     IngestOptions,
@@ -69,6 +69,7 @@ def ingest_command(
         "--batch-frames",
         help=f"Sampled frames per database transaction (default {AppConfig.commit_every_frames}).",
     ),
+    public_url: str = typer.Option("", "--public-url", help=PUBLIC_URL_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Detect, track and embed the people of VIDEO and store them for camera ID."""
@@ -76,7 +77,9 @@ def ingest_command(
     if fps is not None and every_frame:
         raise ReidAppError("use either --fps or --every-frame, not both")
     check_sample_fps(fps)
-    config = AppConfig.from_env(db, data_dir, weights=weights, device=device, backend=backend, int8=int8)
+    config = AppConfig.from_env(
+        db, data_dir, weights=weights, device=device, backend=backend, int8=int8, public_url=public_url
+    )
     if every_frame:
         config.sample_fps = None
     elif fps is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 
@@ -10,7 +11,7 @@ import typer
 
 from reid_app.backends import BACKEND_HELP, INT8_HELP
 from reid_app.commands.ingest import warn
-from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig
+from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, PUBLIC_URL_ENV, AppConfig
 from reid_app.errors import ReidAppError
 from reid_app.server.security import TOKEN_ENV, is_loopback, load_token, require_token_for
 
@@ -36,6 +37,10 @@ def serve_command(
     backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
     int8: bool = typer.Option(False, "--int8", help=INT8_HELP),
     weights: str | None = typer.Option(None, "--weights", help="FA-Net weights (must be those of the database)."),
+    public_url: str = typer.Option(
+        "", "--public-url", help=f"Address operators reach this server at, for the thumbnail links of watchlist alerts "
+        f"(or ${PUBLIC_URL_ENV}; default: http://HOST:PORT as bound)."
+    ),  # fmt: skip
 ) -> None:
     """Serve the search page and the HTTP API (/api/v1) over the database."""
     if not 0 <= port <= 65535:
@@ -44,7 +49,11 @@ def serve_command(
         raise ReidAppError(f"--max-upload-mb must be between 1 and 1024, got {max_upload_mb}")
     token = load_token(token_file)
     require_token_for(host, token)
-    config = AppConfig.from_env(db, data_dir, weights=weights, device=device, backend=backend, int8=int8)
+    if not public_url and port:  # alerts link thumbnails here from the first delivery round on
+        public_url = os.environ.get(PUBLIC_URL_ENV) or f"http://{url_host(host)}:{port}"
+    config = AppConfig.from_env(
+        db, data_dir, weights=weights, device=device, backend=backend, int8=int8, public_url=public_url
+    )
     if config.is_sqlite and config.sqlite_path is None:
         # Each connection of an in-memory database is a database of its own, and an empty one.
         raise ReidAppError("serve needs a database file or server in --db, not an in-memory SQLite database")
@@ -76,11 +85,20 @@ def serve_command(
     async def startup(sockets=None) -> None:  # noqa: ANN001 - uvicorn's own signature
         await original_startup(sockets)
         bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
+        if not config.public_url:  # --port 0: the bound port is known only now
+            app.state.deliverer.base_url = f"http://{url_host(host)}:{bound}"
         hint = " (first visit: add ?token=YOUR_TOKEN)" if token else ""
         print(f"reid-app serving {config.safe_db_url} on http://{shown}:{bound}/{hint}", file=sys.stderr, flush=True)
 
     server.startup = startup  # type: ignore[method-assign]
     server.run()
+
+
+def url_host(host: str) -> str:
+    """The host part of this server's own URL: the machine's name when it listens on every address."""
+    if host in ("0.0.0.0", "::", ""):
+        return socket.getfqdn()
+    return f"[{host}]" if ":" in host else host
 
 
 def check_port_free(host: str, port: int) -> None:

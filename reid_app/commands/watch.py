@@ -9,7 +9,7 @@ import typer
 from reid_app.audit import cli_actor
 from reid_app.backends import BACKEND_HELP
 from reid_app.commands.ingest import warn
-from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig
+from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, PUBLIC_URL_HELP, AppConfig
 from reid_app.errors import ReidAppError
 
 watch_app = typer.Typer(help="Watchlist: be alerted when a person appears again.", no_args_is_help=True)
@@ -80,12 +80,16 @@ def remove_command(
 
 
 @watch_app.command("deliver")
-def deliver_command(db: str | None = typer.Option(None, "--db", help=DB_HELP)) -> None:
+def deliver_command(
+    db: str | None = typer.Option(None, "--db", help=DB_HELP),
+    public_url: str = typer.Option("", "--public-url", help=PUBLIC_URL_HELP),
+) -> None:
     """POST the alerts that are due now (ingests and the server do this by themselves)."""
     from reid_app.store import Database  # noqa: PLC0415
     from reid_app.watchlist import deliver_due  # noqa: PLC0415
 
-    typer.echo(f"{deliver_due(Database(AppConfig.from_env(db)))} alerts delivered")
+    config = AppConfig.from_env(db, public_url=public_url)
+    typer.echo(f"{deliver_due(Database(config), config.public_url)} alerts delivered")
 
 
 def register(app: typer.Typer) -> None:

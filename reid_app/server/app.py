@@ -122,7 +122,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # The threads that run requests: as many as the database pool serves (ServerState.load).
     anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
     # Watchlist alerts left undelivered by any ingest (or stopped host) are POSTed from here too.
-    deliverer = Deliverer(app.state.reid.db).start()
+    deliverer = app.state.deliverer = Deliverer(app.state.reid.db, app.state.reid.config.public_url).start()
     try:
         yield
     finally:
