@@ -49,7 +49,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from sqlalchemy import delete, select
+from sqlalchemy import delete, inspect, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -60,6 +60,7 @@ from reid_app.index import IndexManager
 from reid_app.store import (
     VIDEO_COMPLETE,
     VIDEO_INGESTING,
+    Alert,
     Database,
     DatabaseInfo,
     Detection,
@@ -76,7 +77,14 @@ from reid_app.store import (
 from reid_app.thumbnails import finish_file_deletions, stored_crop_side
 from reid_app.track import DEFAULT_LOST_TRACK_SECONDS, PersonTracker, TrackCrops, TrackCropSelector
 from reid_app.video import VideoSource, open_video, sample_step
-from reid_app.watchlist import Deliverer, WatchVectors, alerts_for_tracks, drop_unmatched_alerts, watch_vectors
+from reid_app.watchlist import (
+    Deliverer,
+    WatchVectors,
+    alerts_for_tracks,
+    drop_unmatched_alerts,
+    watch_vectors,
+)
+from reid_app.watchlist import prepare as prepare_watchlist
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +238,9 @@ def _delete_video_rows(session: Session, video_id: int, *, delete_video: bool, k
     ``keep_alerts``: the redo of a file, which makes the same tracks again, keeps their alerts."""
     track_ids = list(session.scalars(select(Track.id).where(Track.video_id == video_id)))
     delete_tracks(session, track_ids, keep_alerts=keep_alerts)
+    if not keep_alerts and inspect(session.connection()).has_table(Alert.__tablename__):
+        # Also those an earlier redo kept, whose tracks were already gone.
+        session.execute(delete(Alert).where(Alert.video_id == video_id))
     if delete_video:
         session.execute(delete(claims.IngestClaim).where(claims.IngestClaim.video_id == video_id))
         session.execute(delete(Video).where(Video.id == video_id))
@@ -293,6 +304,7 @@ class _Ingest:
         # on any host, must not take this one's unfinished rows for those of a killed run.
         # Alerts of this run's tracks are POSTed while it runs (and any left undelivered before it,
         # also when the video turns out to be ingested already: a run killed after its last commit).
+        prepare_watchlist(self.db)  # an older alerts table gets its columns before the claim reads them
         self.deliverer = Deliverer(self.db, self.config.public_url).start()
         try:
             existing = self._claim_video(video, sha256, start_time, summary)
@@ -479,7 +491,11 @@ class _Ingest:
             if segment.num_detections < WATCH_MIN_DETECTIONS:
                 continue
             self._checked_at[track_id] = frame_index
-            if watch.matches(pooled_embedding(self._track_vectors([segment])[0])):
+            matched = watch.matches(pooled_embedding(self._track_vectors([segment])[0]))
+            # Only the crops chosen now stay cached: a long open track does not pile up vectors.
+            cached = self._crop_vectors[track_id]
+            self._crop_vectors[track_id] = {c.frame_index: cached[c.frame_index] for c in segment.crops}
+            if matched:
                 self._alerted.add(track_id)
                 cuts.append(selector.cut(track_id))
         return cuts
@@ -495,13 +511,10 @@ class _Ingest:
             for (track_id, crop), vector in zip(missing, vectors, strict=True):
                 self._crop_vectors.setdefault(track_id, {})[crop.frame_index] = vector
         empty = np.zeros((0, self.embedder.dim), dtype=np.float32)
-        vectors = []
-        for track in tracks:
-            cached = self._crop_vectors.get(track.track_id, {})
-            vectors.append(np.stack([cached[c.frame_index] for c in track.crops]) if track.crops else empty)
-            # Only the crops chosen now stay cached: a long open track does not pile up vectors.
-            self._crop_vectors[track.track_id] = {c.frame_index: cached[c.frame_index] for c in track.crops}
-        return vectors
+        return [
+            np.stack([self._crop_vectors[t.track_id][c.frame_index] for c in t.crops]) if t.crops else empty
+            for t in tracks
+        ]
 
     def _report(self, summary: IngestSummary, frames_total: int | None) -> None:
         if self.on_progress is not None:

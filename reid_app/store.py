@@ -65,7 +65,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -362,6 +362,7 @@ class Alert(Base):
     video_id: Mapped[int | None] = mapped_column(StoredInteger)
     tracker_id: Mapped[int | None] = mapped_column(StoredInteger)
     first_seen_at: Mapped[datetime | None] = mapped_column(StoredDateTime(timezone=True))
+    first_frame: Mapped[int | None] = mapped_column(StoredInteger)  # of the appearance's first segment
     created_at: Mapped[datetime] = mapped_column(StoredDateTime(timezone=True))
     delivered_at: Mapped[datetime | None] = mapped_column(StoredDateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(StoredInteger, default=0)
@@ -518,6 +519,7 @@ class Database:
         # removed or replaced, or it goes on reading the deleted footage and writing into a file
         # nobody will see again.
         self._file_identity = _file_identity(sqlite_path) if sqlite_path is not None else None
+        self._tables_ensured: set[frozenset[str]] = set()  # ensure_tables: found up to date
         try:
             self.engine = self._make_engine(config, pool_size)
         except ImportError as exc:  # the URL's DB-API driver is not installed
@@ -596,6 +598,9 @@ class Database:
         existed; when everything exists (every call but the first) this only reads the schema."""
         from sqlalchemy import inspect  # noqa: PLC0415
 
+        wanted = frozenset(table.name for table in tables)
+        if wanted in self._tables_ensured:  # checked once per process: not on every page poll
+            return
         inspector = inspect(self.engine)
         existing = set(inspector.get_table_names())
         missing = [
@@ -606,6 +611,7 @@ class Database:
             if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
         ]
         if {table.name for table in tables} <= existing and not missing:
+            self._tables_ensured.add(wanted)
             return
 
         def work(session: Session) -> None:
@@ -621,7 +627,15 @@ class Database:
                 added = f"{names.quote(column.name)} {kind}"
                 session.execute(text(f"ALTER TABLE {names.format_table(table)} ADD COLUMN {added}"))
 
-        self.write(work)
+        try:
+            self.write(work)
+        except (OperationalError, ProgrammingError) as exc:  # e.g. a PostgreSQL role that may not ALTER
+            what = ", ".join(f"{t.name}.{c.name}" for t, c in missing) or ", ".join(sorted(wanted - existing))
+            raise ReidAppError(
+                f"cannot bring the database schema up to date ({what}): {str(exc.orig).strip().splitlines()[0]}; "
+                "run this version once as the database's owner"
+            ) from None
+        self._tables_ensured.add(wanted)
 
     def has_schema(self) -> bool:
         from sqlalchemy import inspect

@@ -169,6 +169,13 @@ class WatchVectors:
         return bool(np.any(self.vectors @ unit >= self.thresholds))
 
 
+def prepare(db: Database) -> None:
+    """Bring a watchlist made by an older version up to date (before an ingest touches alerts)."""
+    with db.read() as session:
+        if inspect(session.connection()).has_table(WatchEntry.__tablename__):
+            ensure_tables(db)
+
+
 def watch_vectors(db: Database) -> WatchVectors | None:
     """The watchlist as an ingest reads it now; None when nobody is on it (tracks are then committed
     in batches and never checked early). Adds the columns of a table made by an older version."""
@@ -223,25 +230,24 @@ def alerts_for_tracks(session: Session, tracks: list[tuple[Track, np.ndarray, Vi
     for track, vector, video in tracks:
         scores = watched @ (vector / max(float(np.linalg.norm(vector)), 1e-12))
         for entry, score in zip(entries, scores, strict=True):
-            if score < entry.threshold:
+            if float(score) < entry.threshold:  # float64, as WatchVectors.matches compares
+                continue
+            appearance = (Alert.watch_id == entry.id, Alert.video_id == track.video_id,
+                          Alert.tracker_id == track.tracker_id)  # fmt: skip
+            if session.scalar(select(Alert.id).join(Track, Track.id == Alert.track_id).where(*appearance).limit(1)):
+                continue  # a later segment of an appearance that already alerted
+            kept = session.scalars(
+                select(Alert).outerjoin(Track, Track.id == Alert.track_id)
+                .where(*appearance, Alert.first_frame == track.first_frame, Track.id.is_(None))
+            ).first()  # fmt: skip
+            if kept is not None:  # kept through the redo of an interrupted ingest: this is its track now
+                kept.track_id = track.id
                 continue
             start = as_utc(video.start_time)
-            first_seen = start + timedelta(seconds=float(track.first_timestamp_s))
-            earlier = session.scalars(
-                select(Alert).where(Alert.watch_id == entry.id, Alert.video_id == track.video_id,
-                                    Alert.tracker_id == track.tracker_id)
-            ).first()  # fmt: skip
-            if earlier is not None:
-                if session.get(Track, earlier.track_id) is not None:
-                    continue  # a later segment of an appearance that already alerted
-                if earlier.first_seen_at is not None and abs(as_utc(earlier.first_seen_at) - first_seen) < _SAME_TIME:
-                    earlier.track_id = track.id  # its track was redone: this is it now
-                    continue
-                # The same tracker id on another appearance (a redo that tracked differently): its own alert.
             session.add(Alert(watch_id=entry.id, track_id=track.id, camera_id=track.camera_id, score=float(score),
                               seen_at=start + timedelta(seconds=float(track.last_timestamp_s)),
-                              first_seen_at=first_seen,
-                              video_id=track.video_id, tracker_id=track.tracker_id,
+                              first_seen_at=start + timedelta(seconds=float(track.first_timestamp_s)),
+                              video_id=track.video_id, tracker_id=track.tracker_id, first_frame=track.first_frame,
                               created_at=now, attempts=0, next_attempt_s=0.0))  # fmt: skip
             audit.add(session, "ingest", "alert", f"watch {entry.id}", track_id=track.id,
                       score=round(float(score), 4))  # fmt: skip
@@ -249,17 +255,17 @@ def alerts_for_tracks(session: Session, tracks: list[tuple[Track, np.ndarray, Vi
     return made
 
 
-#: Two first-seen times this close are the same frame (a redo recomputes them from the same numbers).
-_SAME_TIME = timedelta(milliseconds=1)
-
-
 def drop_unmatched_alerts(session: Session, video_id: int) -> int:
     """After a redo of ``video_id`` is complete: its kept alerts whose appearance was not made
-    again and that were never posted go (nothing points at them). Posted ones stay as sent."""
+    again and that no deliverer ever took go (nothing points at them, nobody was told). One that
+    was taken may have reached its receiver: it stays, as the record of what was sent."""
     if not inspect(session.connection()).has_table(Alert.__tablename__):
         return 0
-    kept = session.scalars(select(Alert).where(Alert.video_id == video_id, Alert.delivered_at.is_(None)))
-    orphans = [alert for alert in kept if session.get(Track, alert.track_id) is None]
+    kept = session.scalars(
+        select(Alert).outerjoin(Track, Track.id == Alert.track_id)
+        .where(Alert.video_id == video_id, Track.id.is_(None), Alert.attempts == 0, Alert.next_attempt_s == 0.0)
+    ).all()  # fmt: skip
+    orphans = list(kept)
     for alert in orphans:
         session.delete(alert)
     return len(orphans)
@@ -299,9 +305,7 @@ def deliver_due(db: Database, base_url: str = "", post: Callable[..., int] | Non
     with db.read() as session:  # most rounds find nothing: no write transaction for them
         if not inspect(session.connection()).has_table(Alert.__tablename__):
             return 0
-    if not getattr(db, "_watchlist_schema_checked", False):  # once per process and database
-        ensure_tables(db)  # a table of the first version gets its newer columns
-        db._watchlist_schema_checked = True  # type: ignore[attr-defined]
+    ensure_tables(db)  # a table of the first version gets its newer columns (checked once per process)
     with db.read() as session:
         # Only alerts whose track exists: one kept through the redo of an interrupted ingest waits
         # until the redo gives it its track again (or drops it).
