@@ -603,13 +603,8 @@ class Database:
             return
         inspector = inspect(self.engine)
         existing = set(inspector.get_table_names())
-        missing = [
-            (table, column)
-            for table in tables
-            if table.name in existing
-            for column in table.columns
-            if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
-        ]
+        columns = {t.name: {c["name"] for c in inspector.get_columns(t.name)} for t in tables if t.name in existing}
+        missing = [(t, c) for t in tables if t.name in columns for c in t.columns if c.name not in columns[t.name]]
         if {table.name for table in tables} <= existing and not missing:
             self._tables_ensured.add(wanted)
             return
@@ -619,8 +614,9 @@ class Database:
             # Columns added to a table since it was made (all nullable: old rows read as "unknown").
             dialect = session.connection().dialect
             present = inspect(session.connection())
+            now = {name: {c["name"] for c in present.get_columns(name)} for name in {t.name for t, _ in missing}}
             for table, column in missing:
-                if column.name in {c["name"] for c in present.get_columns(table.name)}:
+                if column.name in now[table.name]:
                     continue  # another process added it meanwhile
                 kind = column.type.compile(dialect=dialect)
                 names = dialect.identifier_preparer

@@ -159,39 +159,42 @@ def list_watches(db: Database) -> list[dict[str, Any]]:
 class WatchVectors:
     """The active entries an ingest compares tracks with (those of the database's current model)."""
 
-    ids: list[int]
     vectors: np.ndarray  # one unit row per entry
     thresholds: np.ndarray
 
+    @classmethod
+    def of(cls, entries: list[WatchEntry], dim: int) -> WatchVectors:
+        vectors = bytes_to_vectors([e.embedding for e in entries], dim)
+        return cls(vectors, np.asarray([e.threshold for e in entries], dtype=np.float64))
+
+    def passed(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each entry's score for a (pooled) track vector, and whether it reaches the entry's threshold:
+        the one comparison for the early check and for the alerts (a cut track always gets its alert)."""
+        scores = self.vectors @ (vector / max(float(np.linalg.norm(vector)), 1e-12))
+        return scores, scores >= self.thresholds
+
     def matches(self, vector: np.ndarray) -> bool:
-        """Whether a (pooled) track vector reaches any entry's threshold."""
-        unit = vector / max(float(np.linalg.norm(vector)), 1e-12)
-        return bool(np.any(self.vectors @ unit >= self.thresholds))
+        return bool(np.any(self.passed(vector)[1]))
 
 
-def prepare(db: Database) -> None:
-    """Bring a watchlist made by an older version up to date (before an ingest touches alerts)."""
+def prepare(db: Database) -> bool:
+    """Whether a watchlist exists; one made by an older version is brought up to date (before an
+    ingest touches alerts)."""
     with db.read() as session:
-        if inspect(session.connection()).has_table(WatchEntry.__tablename__):
-            ensure_tables(db)
+        if not inspect(session.connection()).has_table(WatchEntry.__tablename__):
+            return False
+    ensure_tables(db)
+    return True
 
 
 def watch_vectors(db: Database) -> WatchVectors | None:
     """The watchlist as an ingest reads it now; None when nobody is on it (tracks are then committed
-    in batches and never checked early). Adds the columns of a table made by an older version."""
-    with db.read() as session:
-        if not inspect(session.connection()).has_table(WatchEntry.__tablename__):
-            return None
-    ensure_tables(db)
+    in batches and never checked early)."""
+    if not prepare(db):
+        return None
     with db.read() as session:
         entries = _current_entries(session)
-        if not entries:
-            return None
-        dim = len(entries[0].embedding) // 4
-        # float64 thresholds: the same comparison as alerts_for_tracks' (a float32 score against a
-        # Python float), so a track cut for a match always gets its alert.
-        return WatchVectors([e.id for e in entries], bytes_to_vectors([e.embedding for e in entries], dim),
-                            np.asarray([e.threshold for e in entries], dtype=np.float64))  # fmt: skip
+        return WatchVectors.of(entries, len(entries[0].embedding) // 4) if entries else None
 
 
 def _current_entries(session: Session) -> list[WatchEntry]:
@@ -224,13 +227,12 @@ def alerts_for_tracks(session: Session, tracks: list[tuple[Track, np.ndarray, Vi
     entries = _current_entries(session)
     if not entries:
         return 0
-    dim = len(tracks[0][1])
-    watched = bytes_to_vectors([e.embedding for e in entries], dim)
+    watched = WatchVectors.of(entries, len(tracks[0][1]))
     now, made = utc_now(), 0
     for track, vector, video in tracks:
-        scores = watched @ (vector / max(float(np.linalg.norm(vector)), 1e-12))
-        for entry, score in zip(entries, scores, strict=True):
-            if float(score) < entry.threshold:  # float64, as WatchVectors.matches compares
+        scores, passed = watched.passed(vector)
+        for entry, score, alerting in zip(entries, scores, passed, strict=True):
+            if not alerting:
                 continue
             appearance = (Alert.watch_id == entry.id, Alert.video_id == track.video_id,
                           Alert.tracker_id == track.tracker_id)  # fmt: skip
@@ -261,11 +263,10 @@ def drop_unmatched_alerts(session: Session, video_id: int) -> int:
     was taken may have reached its receiver: it stays, as the record of what was sent."""
     if not inspect(session.connection()).has_table(Alert.__tablename__):
         return 0
-    kept = session.scalars(
+    orphans = session.scalars(
         select(Alert).outerjoin(Track, Track.id == Alert.track_id)
         .where(Alert.video_id == video_id, Track.id.is_(None), Alert.attempts == 0, Alert.next_attempt_s == 0.0)
     ).all()  # fmt: skip
-    orphans = list(kept)
     for alert in orphans:
         session.delete(alert)
     return len(orphans)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import sys
 
@@ -49,11 +48,11 @@ def serve_command(
         raise ReidAppError(f"--max-upload-mb must be between 1 and 1024, got {max_upload_mb}")
     token = load_token(token_file)
     require_token_for(host, token)
-    if not public_url and port:  # alerts link thumbnails here from the first delivery round on
-        public_url = os.environ.get(PUBLIC_URL_ENV) or f"http://{url_host(host)}:{port}"
     config = AppConfig.from_env(
         db, data_dir, weights=weights, device=device, backend=backend, int8=int8, public_url=public_url
     )
+    if not config.public_url and port:  # alerts link thumbnails here from the first delivery round on
+        config.public_url = own_url(host, port)
     if config.is_sqlite and config.sqlite_path is None:
         # Each connection of an in-memory database is a database of its own, and an empty one.
         raise ReidAppError("serve needs a database file or server in --db, not an in-memory SQLite database")
@@ -86,7 +85,7 @@ def serve_command(
         await original_startup(sockets)
         bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
         if not config.public_url:  # --port 0: the bound port is known only now
-            app.state.deliverer.base_url = f"http://{url_host(host)}:{bound}"
+            app.state.deliverer.base_url = own_url(host, bound)
         hint = " (first visit: add ?token=YOUR_TOKEN)" if token else ""
         print(f"reid-app serving {config.safe_db_url} on http://{shown}:{bound}/{hint}", file=sys.stderr, flush=True)
 
@@ -94,11 +93,11 @@ def serve_command(
     server.run()
 
 
-def url_host(host: str) -> str:
-    """The host part of this server's own URL: the machine's name when it listens on every address."""
+def own_url(host: str, port: int) -> str:
+    """This server's own URL: the machine's name when it listens on every address."""
     if host in ("0.0.0.0", "::", ""):
-        return socket.getfqdn()
-    return f"[{host}]" if ":" in host else host
+        host = socket.getfqdn()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def check_port_free(host: str, port: int) -> None:
