@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -450,3 +451,57 @@ def test_a_resumed_run_follows_a_changed_schedule(tiny_market_root: Path, tmp_pa
     rows = read_results_csv(tmp_path / "run" / "results.csv")
     assert [float(row["lr"]) for row in rows] == pytest.approx([0.05, 0.005])
     assert read_checkpoint(tmp_path / "run" / "last.pt")["scheduler"]["milestones"] == [1]
+
+
+def test_average_of_two_stages_is_their_mean_and_starts_or_exports(tiny_market_root: Path, tmp_path: Path) -> None:
+    """``reid-app average``: the mean of every float weight of two runs of one model, integer
+    buffers from the last, no optimiser state; the result starts a new stage and exports with
+    the inputs named. Another architecture, one checkpoint, an inference checkpoint and the
+    output overwriting an input are refused in one line, writing nothing."""
+    for name, seed in (("a", 0), ("b", 1)):
+        Trainer(tiny_config(tiny_market_root, tmp_path / name, solver=SolverConfig(epochs=1), seed=seed),
+                show_progress=False).train()
+    a, b = (read_checkpoint(tmp_path / name / "last.pt") for name in ("a", "b"))
+    soup = tmp_path / "soup.pt"
+    runner = CliRunner()
+    result = runner.invoke(typer_app, ["average", str(tmp_path / "a" / "last.pt"), str(tmp_path / "b" / "last.pt"),
+                                       "--output", str(soup)])
+    assert result.exit_code == 0, result.output
+    averaged = read_checkpoint(soup)
+    floats = [k for k, v in a["state_dict"].items() if v.is_floating_point()]
+    assert any(not torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in floats)
+    for name, tensor in averaged["state_dict"].items():
+        expected = (a["state_dict"][name] + b["state_dict"][name]) / 2 if name in floats else b["state_dict"][name]
+        assert torch.allclose(tensor, expected, atol=1e-7), name
+    assert "optimizer" not in averaged and averaged["kind"] == "training"
+    assert averaged["averaged_from"] == [{"source": "last.pt", "epoch": 1}, {"source": "last.pt", "epoch": 1}]
+
+    config = tiny_config(tiny_market_root, tmp_path / "next", solver=SolverConfig(epochs=1), random_init=False,
+                         init_from=str(soup))
+    following = Trainer(config, show_progress=False)
+    for name, tensor in following.model.state_dict().items():
+        assert torch.equal(tensor, averaged["state_dict"][name]), name
+    exported = tmp_path / "soup_inference.pt"
+    result = runner.invoke(typer_app, ["export", "--checkpoint", str(soup), "--inference-checkpoint", str(exported)])
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(exported)["meta"]["averaged_from"] == averaged["averaged_from"]
+
+    other = tiny_config(tiny_market_root, tmp_path / "c", solver=SolverConfig(epochs=1))
+    other.model = dataclasses.replace(other.model, use_hpp=False)
+    Trainer(other, show_progress=False).train()
+    refused = tmp_path / "refused.pt"
+    for args, message in (
+        ([tmp_path / "a" / "last.pt", tmp_path / "c" / "last.pt"], "another model .*use_hpp"),
+        ([tmp_path / "a" / "last.pt"], "at least two"),
+        ([tmp_path / "a" / "last.pt", exported], "not a training checkpoint"),
+        ([tmp_path / "a" / "last.pt", tmp_path / "missing.pt"], "missing.pt"),
+    ):
+        result = runner.invoke(typer_app, ["average", *map(str, args), "--output", str(refused)])
+        assert result.exit_code != 0 and isinstance(result.exception, ReidAppError), result.output
+        assert re.search(message, str(result.exception)) and "\n" not in str(result.exception)
+        assert not refused.exists()
+    inputs = [str(tmp_path / "a" / "last.pt"), str(tmp_path / "b" / "last.pt")]
+    before = (tmp_path / "b" / "last.pt").read_bytes()
+    result = runner.invoke(typer_app, ["average", *inputs, "--output", inputs[1]])
+    assert isinstance(result.exception, ReidAppError) and "one of the checkpoints" in str(result.exception)
+    assert (tmp_path / "b" / "last.pt").read_bytes() == before

@@ -611,6 +611,8 @@ def export_command(
                 meta.setdefault("stages", stages)
             meta.setdefault("dataset", payload.get("train_config", {}).get("data", {}).get("dataset"))
             meta.setdefault("best_map", payload.get("best_map"))
+            if payload.get("averaged_from"):
+                meta.setdefault("averaged_from", payload["averaged_from"])
         input_size = checkpoint_input_size(payload)
         meta.setdefault("input_size", list(input_size))
         height, width = height or input_size[0], width or input_size[1]
@@ -638,6 +640,31 @@ def export_command(
                 typer.echo(f"onnxruntime matches PyTorch: max abs difference {difference:.2e}")
 
 
+# --------------------------------------------------------------------------------------------
+# average
+
+
+def average_command(
+    checkpoints: Annotated[
+        list[str], typer.Argument(help="Two or more training checkpoints (last.pt) of one model.", show_default=False)
+    ],
+    output: Annotated[Path, typer.Option(help="Training checkpoint to write (their uniform average).")],
+) -> None:
+    """Average the weights of training checkpoints of one model (a model soup): the ends of
+    successive stages or learning-rate cycles. The result starts a further stage (train
+    --init-from) or is exported (export --checkpoint)."""
+    with fanet_errors():
+        from fanet.engine.averaging import write_average  # noqa: PLC0415
+
+        if Path(output).resolve() in {Path(c).resolve() for c in checkpoints}:
+            raise ReidAppError(f"--output {output} is one of the checkpoints to average: write elsewhere")
+        try:
+            write_average(checkpoints, output)
+        except OSError as exc:
+            raise ReidAppError(f"cannot write {output}: {exc.strerror or exc}") from None
+    typer.echo(f"wrote {output} (uniform average of {len(checkpoints)} checkpoints)")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("evaluate")(evaluate_command)
@@ -645,3 +672,4 @@ def register(app: typer.Typer) -> None:
     app.command("eval", hidden=True)(evaluate_command)
     app.command("visualize")(visualize_command)
     app.command("export")(export_command)
+    app.command("average")(average_command)
