@@ -26,6 +26,7 @@ from fanet.data.peta import DG_TEST_SUBSETS, find_peta_folder, read_peta_labels
 from fanet.evaluation.dg import evaluate_dg, fanet_embedder
 from fanet.weights import REPO_WEIGHTS_DIR
 from reid_app.adapt import run_adapt
+from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -57,7 +58,7 @@ def score(weights: Path, peta: Path, name: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", type=Path, default=REPO_WEIGHTS_DIR / "fanet_mobilenetv2_cuhk03.pt")
+    parser.add_argument("--weights", type=Path, default=REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--sets", nargs="+", default=list(DG_TEST_SUBSETS), choices=DG_TEST_SUBSETS)
     parser.add_argument("--work", type=Path, default=Path("/tmp/adapt_dg"))

@@ -29,6 +29,7 @@ import numpy as np
 
 from fanet.weights import REPO_WEIGHTS_DIR
 from reid_app.config import AppConfig
+from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS
 from reid_app.store import Database, DatabaseInfo, Detection, Thumbnail, Track, Video, vector_to_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -117,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crops", type=int, nargs="+", default=[1000, 5000, 20000])
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--weights", default=str(REPO_WEIGHTS_DIR / "fanet_mobilenetv2_cuhk03.pt"))
+    parser.add_argument("--weights", default=str(REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/adapt_scale"))
     parser.add_argument("--skip-adapt", action="store_true")
     parser.add_argument("--skip-reembed", action="store_true")

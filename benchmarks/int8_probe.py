@@ -27,7 +27,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from fanet.inference import preprocess_bgr
 from fanet.weights import REPO_WEIGHTS_DIR
-from reid_app.embed import Embedder
+from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS, Embedder
 from reid_app.external_model import ExternalReIDModel, InputConvention
 
 IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "peta_reid" / "images"
@@ -62,7 +62,7 @@ def speed(run, images: np.ndarray, repeats: int = 5) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", default=str(REPO_WEIGHTS_DIR / "fanet_mobilenetv2_cuhk03.pt"))
+    parser.add_argument("--weights", default=str(REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS))
     parser.add_argument("--method", choices=sorted(METHODS), default="minmax")
     parser.add_argument("--calibration", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)

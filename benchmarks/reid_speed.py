@@ -30,7 +30,7 @@ from fanet.checkpoint import checkpoint_input_size, read_checkpoint
 from fanet.inference import embed_images
 from fanet.weights import REPO_WEIGHTS_DIR
 from reid_app.backends import InferenceBackend, is_installed
-from reid_app.embed import Embedder
+from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS, Embedder
 from reid_app.external_model import ExternalReIDModel, InputConvention
 from reid_app.quantize import accepted_int8_graph
 
@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--weights", nargs="+", default=[str(REPO_WEIGHTS_DIR / "fanet_mobilenetv2_cuhk03.pt")],
+        "--weights", nargs="+", default=[str(REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS)],
         help="one or more FA-Net checkpoints, timed in this run (default: the shipped model)",
     )  # fmt: skip
     parser.add_argument("--height", type=int, help="default: the checkpoint's input height")

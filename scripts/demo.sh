@@ -15,7 +15,8 @@ weights=()
 # data/demo belongs to the demo: when the re-ID weights changed since it was built (a new shipped
 # model after a pull, or REID_DEMO_WEIGHTS), the database would refuse the other model's vectors,
 # so the demo starts it again instead.
-weights_file=${REID_DEMO_WEIGHTS:-weights/fanet_mobilenetv2_cuhk03.pt}
+default_weights=$(python -c "from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS as w; print(w)")
+weights_file=${REID_DEMO_WEIGHTS:-weights/$default_weights}
 built_with=untrained
 [ ! -f "$weights_file" ] || built_with=$(sha256sum "$weights_file" | cut -d' ' -f1)
 if [ -d "$db_dir" ] && [ "$(cat "$db_dir/.built_with" 2>/dev/null)" != "$built_with" ]; then
