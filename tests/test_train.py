@@ -500,6 +500,8 @@ def test_average_of_two_stages_is_their_mean_and_starts_or_exports(tiny_market_r
         assert result.exit_code != 0 and isinstance(result.exception, ReidAppError), result.output
         assert re.search(message, str(result.exception)) and "\n" not in str(result.exception)
         assert not refused.exists()
+    with pytest.raises(CheckpointError, match="averaged weights .*--init-from"):
+        Trainer(resume=soup, show_progress=False)
     inputs = [str(tmp_path / "a" / "last.pt"), str(tmp_path / "b" / "last.pt")]
     before = (tmp_path / "b" / "last.pt").read_bytes()
     result = runner.invoke(typer_app, ["average", *inputs, "--output", inputs[1]])

@@ -328,6 +328,11 @@ class Trainer:
         if resume is not None:
             resume_path = resolve_resume_path(resume)
             self.resume_payload = read_training_checkpoint(resume_path)
+            if "optimizer" not in self.resume_payload:
+                raise CheckpointError(
+                    f"{resume_path} holds averaged weights (reid-app average), no run to resume: "
+                    "start a new stage from it with --init-from"
+                )
             if config is None:
                 config = TrainConfig.from_dict(self.resume_payload["train_config"])
             self.run_dir = resume_path.parent
