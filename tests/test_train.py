@@ -500,6 +500,9 @@ def test_average_of_two_stages_is_their_mean_and_starts_or_exports(tiny_market_r
         assert result.exit_code != 0 and isinstance(result.exception, ReidAppError), result.output
         assert re.search(message, str(result.exception)) and "\n" not in str(result.exception)
         assert not refused.exists()
+    result = runner.invoke(typer_app, ["average", str(tmp_path / "a" / "last.pt"), str(tmp_path / "b" / "last.pt"),
+                                       "--output", str(tmp_path / "a" / "last.pt" / "under_a_file.pt")])
+    assert isinstance(result.exception, ReidAppError) and str(result.exception).startswith("cannot write")
     with pytest.raises(CheckpointError, match="averaged weights .*--init-from"):
         Trainer(resume=soup, show_progress=False)
     inputs = [str(tmp_path / "a" / "last.pt"), str(tmp_path / "b" / "last.pt")]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fanet.checkpoint import CheckpointError, save_atomically
+from fanet.checkpoint import CheckpointError
 from fanet.config import FANetConfig, config_from_dict, model_config_to_dict
 from fanet.engine.trainer import read_training_checkpoint
 
@@ -52,11 +52,6 @@ def average_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> dict[str, An
         for path, payload in zip(paths, payloads, strict=True)
     ]
     return averaged
-
-
-def write_average(paths: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str]) -> Path:
-    """:func:`average_checkpoints` of ``paths`` written atomically to ``output``."""
-    return save_atomically(average_checkpoints(paths), output)
 
 
 def _check_same_model(first: dict[str, Any], first_path: object, other: dict[str, Any], path: object) -> None:

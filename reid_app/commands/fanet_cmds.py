@@ -654,12 +654,14 @@ def average_command(
     successive stages or learning-rate cycles. The result starts a further stage (train
     --init-from) or is exported (export --checkpoint)."""
     with fanet_errors():
-        from fanet.engine.averaging import write_average  # noqa: PLC0415
+        from fanet.checkpoint import save_atomically  # noqa: PLC0415
+        from fanet.engine.averaging import average_checkpoints  # noqa: PLC0415
 
         if Path(output).resolve() in {Path(c).resolve() for c in checkpoints}:
             raise ReidAppError(f"--output {output} is one of the checkpoints to average: write elsewhere")
+        averaged = average_checkpoints(checkpoints)
         try:
-            write_average(checkpoints, output)
+            save_atomically(averaged, output)
         except OSError as exc:
             raise ReidAppError(f"cannot write {output}: {exc.strerror or exc}") from None
     typer.echo(f"wrote {output} (uniform average of {len(checkpoints)} checkpoints)")
