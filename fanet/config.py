@@ -225,12 +225,22 @@ class SolverConfig:
     # backbone already trained for re-ID it holds the early, domain-general features that a small
     # training set would otherwise pull towards its own cameras.
     freeze_low_level: bool = False
+    # MixStyle (Zhou et al., ICLR 2021; fanet/engine/mixstyle.py): probability per batch of mixing
+    # feature statistics between images after the low-level module and the branches' first stage
+    # (0 = off, the paper), and the Beta(alpha, alpha) of the mixing weight (the MixStyle paper's 0.1).
+    mixstyle_prob: float = 0.0
+    mixstyle_alpha: float = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
         self.optimizer = OptimizerName(self.optimizer)
         self.milestones = tuple(self.milestones)
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        if not 0.0 <= self.mixstyle_prob <= 1.0 or self.mixstyle_alpha <= 0:
+            raise ValueError(
+                "mixstyle_prob must be in [0, 1] and mixstyle_alpha > 0, "
+                f"got {self.mixstyle_prob} and {self.mixstyle_alpha}"
+            )
 
 
 @dataclass
@@ -316,3 +326,14 @@ def _jsonable(value: Any) -> Any:
 
 def model_config_to_dict(config: FANetConfig) -> dict[str, Any]:
     return _jsonable(dataclasses.asdict(config))
+
+
+def model_config_differences(saved: dict[str, Any], current: dict[str, Any] | FANetConfig) -> list[str]:
+    """The fields (sorted) in which two model configs differ. Both go through the dataclass, so a
+    field added since a checkpoint was written (e.g. the backbone) compares as its default instead
+    of as a difference; raises ``ValueError``/``TypeError`` on a config that is not a FANetConfig."""
+    if not isinstance(current, FANetConfig):
+        current = config_from_dict(FANetConfig, current)
+    ours = model_config_to_dict(config_from_dict(FANetConfig, saved))
+    theirs = model_config_to_dict(current)
+    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))

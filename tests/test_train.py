@@ -185,6 +185,40 @@ def test_freeze_low_level_keeps_the_stem_as_loaded_and_trains_the_rest(
     assert changed
 
 
+def test_mixstyle_mixes_feature_styles_only_while_training(tiny_market_root: Path, tmp_path: Path) -> None:
+    """--mixstyle-prob: while training, the low-level module's output has each image's channel
+    statistics replaced by a mix of its own and another image's (so every per-channel mean lies
+    within the batch's range, and they change); in eval mode and when off, the output is the
+    module's own; bad values are one-line errors."""
+    from reid_app.commands.fanet_cmds import build_train_config  # noqa: PLC0415
+
+    base = tiny_config(tiny_market_root, tmp_path / "run")
+    assert base.solver.mixstyle_prob == 0.0  # not the paper's, so off by default
+    config = build_train_config(base, mixstyle_prob=1.0)
+    assert TrainConfig.from_dict(config.to_dict()).solver.mixstyle_prob == 1.0
+    trainer = Trainer(config, show_progress=False)
+    model = trainer.model
+    images = next(iter(trainer.train_loader))["image"].to(memory_format=torch.channels_last)
+    model.train()
+    with torch.no_grad():
+        own = model.low_level.forward(images)  # forward() bypasses the hooks
+        mixed = model.low_level(images)
+    assert mixed.shape == own.shape and not torch.allclose(mixed, own, atol=1e-4)
+    own_means, mixed_means = own.mean(dim=(2, 3)), mixed.mean(dim=(2, 3))
+    assert (mixed_means >= own_means.min(dim=0).values - 1e-4).all()
+    assert (mixed_means <= own_means.max(dim=0).values + 1e-4).all()
+    assert math.isfinite(float(trainer.train_step(next(iter(trainer.train_loader)))["total"]))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.low_level(images), model.low_level.forward(images))
+
+    plain = Trainer(base, show_progress=False).model.train()
+    with torch.no_grad():
+        assert torch.equal(plain.low_level(images), plain.low_level.forward(images))
+    with pytest.raises(ReidAppError, match="mixstyle_prob must be in"):
+        build_train_config(base, mixstyle_prob=1.5)
+
+
 def test_training_run_writes_files_and_resumes_exactly(tiny_market_root: Path, tmp_path: Path) -> None:
     """2 epochs in one go == 1 epoch, then resume from last.pt for the 2nd: same losses, same weights."""
     solver = SolverConfig(epochs=2, base_lr=0.05, warmup_start_lr=0.005, warmup_epochs=2)

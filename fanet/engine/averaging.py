@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from fanet.checkpoint import CheckpointError
-from fanet.config import FANetConfig, config_from_dict, model_config_to_dict
+from fanet.config import model_config_differences
 from fanet.engine.trainer import read_training_checkpoint
 
 #: Training-state entries of the last checkpoint that do not describe the averaged weights.
@@ -55,15 +55,11 @@ def average_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> dict[str, An
 
 
 def _check_same_model(first: dict[str, Any], first_path: object, other: dict[str, Any], path: object) -> None:
-    def model_config(payload: dict[str, Any]) -> dict[str, Any]:
-        return model_config_to_dict(config_from_dict(FANetConfig, payload["config"]))
-
     try:
-        configs = model_config(first), model_config(other)
+        changed = model_config_differences(other["config"], first["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} has an unreadable model config ({exc})") from None
-    if configs[0] != configs[1]:
-        changed = sorted(k for k in set(configs[0]) | set(configs[1]) if configs[0].get(k) != configs[1].get(k))
+    if changed:
         raise CheckpointError(f"{path} is another model than {first_path} (differs in {', '.join(changed)})")
     for key in ("num_classes", "num_cameras"):
         if first.get(key) != other.get(key):

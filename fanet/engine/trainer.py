@@ -58,11 +58,13 @@ from fanet.config import (
     TALVariant,
     TrainConfig,
     config_from_dict,
+    model_config_differences,
     model_config_to_dict,
 )
 from fanet.engine import distributed
 from fanet.engine.distillation import TEACHER_CACHE_FILE, TeacherFeatures
 from fanet.engine.distributed import DistContext
+from fanet.engine.mixstyle import attach_mixstyle
 from fanet.engine.scheduler import WarmupMultiStepLR
 from fanet.losses import FANetLoss
 from fanet.model import FANet
@@ -431,6 +433,8 @@ class Trainer:
             model.load_state_dict(init_payload["state_dict"])
         if config.solver.freeze_low_level:
             model.freeze_low_level()
+        if config.solver.mixstyle_prob > 0:
+            attach_mixstyle(model, config.solver.mixstyle_prob, config.solver.mixstyle_alpha)
         if self.sync_bn and self.context.is_distributed:
             if self.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -486,15 +490,9 @@ class Trainer:
                                weight_decay=solver.weight_decay)
 
     def _check_resume_compatible(self, payload: dict[str, Any], action: str = "resume") -> None:
-        # Through the dataclass, so fields added since the checkpoint was written (e.g. the
-        # backbone) compare as their defaults instead of as differences.
-        saved = model_config_to_dict(config_from_dict(FANetConfig, payload["config"]))
-        current = model_config_to_dict(self.config.model)
-        if saved != current:
-            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            raise CheckpointError(
-                f"cannot {action}: the checkpoint's model config differs in {', '.join(changed)}"
-            )
+        changed = model_config_differences(payload["config"], self.config.model)
+        if changed:
+            raise CheckpointError(f"cannot {action}: the checkpoint's model config differs in {', '.join(changed)}")
         expected = (int(payload["num_classes"]), int(payload["num_cameras"]))
         if expected != (self.num_classes, self.num_cameras):
             raise CheckpointError(

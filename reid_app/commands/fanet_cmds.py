@@ -87,6 +87,7 @@ def build_train_config(
     amp: bool | None = None,
     cpu_bf16: bool | None = None,
     freeze_low_level: bool | None = None,
+    mixstyle_prob: float | None = None,
     teacher: str | None = None,
     distill_weight: float | None = None,
     distill_temperature: float | None = None,
@@ -144,6 +145,7 @@ def build_train_config(
             ("amp", amp),
             ("cpu_bf16", cpu_bf16),
             ("freeze_low_level", freeze_low_level),
+            ("mixstyle_prob", mixstyle_prob),
             ("optimizer", optimizer),
             ("warmup_epochs", warmup_epochs),
             ("pretrained_lr_mult", pretrained_lr_mult),
@@ -180,7 +182,10 @@ def build_train_config(
         data: DataConfig = dataclasses.replace(base.data, **data_changes)
     except ValueError as exc:
         raise ReidAppError(str(exc)) from None
-    solver: SolverConfig = dataclasses.replace(base.solver, **solver_changes)
+    try:
+        solver: SolverConfig = dataclasses.replace(base.solver, **solver_changes)
+    except ValueError as exc:
+        raise ReidAppError(str(exc)) from None
     try:
         loss: LossConfig = dataclasses.replace(base.loss, **loss_changes)
     except ValueError as exc:
@@ -288,6 +293,11 @@ def train_command(
                      help="Keep the shared stem (up to the stride-8 stage) as loaded: half the CPU step "
                           "for osnet (default: train it, as the paper)."),
     ] = None,
+    mixstyle_prob: Annotated[
+        float | None,
+        typer.Option(help="MixStyle: probability per batch of mixing feature statistics between images "
+                          "(a domain-generalisation augmentation; default 0 = off, as the paper)."),
+    ] = None,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across GPUs (torchrun).")] = False,
     teacher: Annotated[
         str | None,
@@ -374,6 +384,7 @@ def train_command(
             amp=amp,
             cpu_bf16=cpu_bf16,
             freeze_low_level=freeze_low_level,
+            mixstyle_prob=mixstyle_prob,
             teacher=teacher,
             distill_weight=distill_weight,
             distill_temperature=distill_temperature,

@@ -1,0 +1,67 @@
+"""MixStyle (Zhou et al., "Domain Generalization with MixStyle", ICLR 2021): a training-only
+feature augmentation for cameras the model has never seen.
+
+Why: the channel-wise mean and standard deviation of an early feature map carry an image's
+"style" (light, colour cast, sensor, background tint: what a camera adds) more than the person.
+Mixing those statistics between two images of a batch, with a random weight, shows the network
+new styles built from its training cameras, so it learns features that depend less on them. The
+paper's re-ID experiments put it after OSNet's conv2 and conv3 stages; here that is after the
+shared low-level module (whose last stage is conv2 for OSNet) and after the first stage of each
+branch (conv3). It has no parameters, so a model trained with it has exactly the structure and
+checkpoint of one trained without (the two can be averaged), and it does nothing at inference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+class MixStyle:
+    """A forward hook that, while ``owner`` is training and with probability ``prob`` per batch,
+    replaces each sample's channel statistics by a Beta(``alpha``, ``alpha``)-weighted mix of its own
+    and those of a random other sample of the batch (the paper's random-shuffle variant; the
+    statistics are not back-propagated through, as in the paper)."""
+
+    def __init__(self, owner: nn.Module, prob: float = 0.5, alpha: float = 0.1, eps: float = 1e-6) -> None:
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"MixStyle probability must be in [0, 1], got {prob}")
+        if alpha <= 0:
+            raise ValueError(f"MixStyle alpha must be > 0, got {alpha}")
+        self.owner = owner
+        self.prob = prob
+        self.beta = torch.distributions.Beta(alpha, alpha)
+        self.eps = eps
+
+    def mix(self, features: Tensor) -> Tensor:
+        batch = features.size(0)
+        if batch < 2:
+            return features
+        # float32 statistics whatever the autocast dtype: a bf16 variance of small maps is too coarse
+        x = features.float()
+        mean = x.mean(dim=(2, 3), keepdim=True).detach()
+        std = (x.var(dim=(2, 3), keepdim=True) + self.eps).sqrt().detach()
+        weight = self.beta.sample((batch, 1, 1, 1)).to(x.device)
+        other = torch.randperm(batch, device=x.device)
+        mixed_mean = weight * mean + (1 - weight) * mean[other]
+        mixed_std = weight * std + (1 - weight) * std[other]
+        return ((x - mean) / std * mixed_std + mixed_mean).to(features.dtype)
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+        if not self.owner.training or self.prob == 0 or torch.rand(()).item() >= self.prob:
+            return None  # keep the module's output
+        return self.mix(output)
+
+
+def attach_mixstyle(model: nn.Module, prob: float, alpha: float) -> list[RemovableHandle]:
+    """Hook MixStyle after ``model.low_level`` and after the first module (stage or block) of each branch of a FANet;
+    returns the hook handles (``handle.remove()`` detaches it)."""
+    hook = MixStyle(model, prob, alpha)
+    targets = [model.low_level]
+    for branch in (model.foreground_branch, model.background_branch):
+        if branch is not None:
+            targets.append(next(iter(branch.children())))
+    return [target.register_forward_hook(hook) for target in targets]
