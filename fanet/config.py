@@ -230,12 +230,18 @@ class SolverConfig:
     # (0 = off, the paper), and the Beta(alpha, alpha) of the mixing weight (the MixStyle paper's 0.1).
     mixstyle_prob: float = 0.0
     mixstyle_alpha: float = 0.1
+    # Training batches over which a fresh stage first re-estimates every BatchNorm's statistics
+    # (0 = off): for weights that are an average (reid-app average), whose stored statistics are
+    # not those of their own activations. Not the paper's.
+    recalibrate_bn_batches: int = 0
     adam_betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
         self.optimizer = OptimizerName(self.optimizer)
         self.milestones = tuple(self.milestones)
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        if self.recalibrate_bn_batches < 0:
+            raise ValueError(f"recalibrate_bn_batches must be >= 0, got {self.recalibrate_bn_batches}")
         if not 0.0 <= self.mixstyle_prob <= 1.0 or self.mixstyle_alpha <= 0:
             raise ValueError(
                 "mixstyle_prob must be in [0, 1] and mixstyle_alpha > 0, "

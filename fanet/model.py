@@ -118,6 +118,9 @@ class FANet(nn.Module):
     (N, 3, H, W) and returns the foreground features (N, ``config.feature_dim``).
     """
 
+    #: Attributes holding the backbone's modules (state-dict prefixes of the backbone's tensors).
+    BACKBONE_MODULES = ("low_level", "foreground_branch", "background_branch")
+
     def __init__(
         self,
         config: FANetConfig | None = None,
@@ -162,10 +165,15 @@ class FANet(nn.Module):
     def feature_dim(self) -> int:
         return self.config.feature_dim
 
+    def backbone_modules(self) -> list[nn.Module]:
+        """The modules built from the backbone (and loaded from its pretrained weights): the shared
+        low-level module and the two branches (attribute names in ``BACKBONE_MODULES``)."""
+        modules = [getattr(self, name) for name in self.BACKBONE_MODULES]
+        return [m for m in modules if m is not None]
+
     def pretrained_parameters(self) -> list[nn.Parameter]:
         """Backbone parameters that train (at ``pretrained_lr_mult`` x the base lr)."""
-        modules = [self.low_level, self.foreground_branch, self.background_branch]
-        return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+        return [p for m in self.backbone_modules() for p in m.parameters() if p.requires_grad]
 
     def freeze_low_level(self) -> None:
         """Keep the shared low-level module as it is: no gradients, and its norm layers use their
@@ -182,8 +190,7 @@ class FANet(nn.Module):
 
     def new_parameters(self) -> list[nn.Parameter]:
         """Parameters FA-Net adds on top of the backbone (TEM, stripe embeddings, classifiers)."""
-        modules = [self.low_level, self.foreground_branch, self.background_branch]
-        backbone = {id(p) for m in modules if m is not None for p in m.parameters()}
+        backbone = {id(p) for m in self.backbone_modules() for p in m.parameters()}
         return [p for p in self.parameters() if id(p) not in backbone]
 
     def drop_background(self) -> None:

@@ -7,6 +7,7 @@ put back on top it gives OpenVINO's embeddings of real person crops.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import cv2
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from typer.testing import CliRunner
 
 from fanet import FANet, FANetConfig
 from fanet.backbones.osnet import (
@@ -24,8 +26,12 @@ from fanet.backbones.osnet import (
     load_0267_weights,
     read_onnx_initializers,
 )
-from fanet.config import TrainConfig
-from fanet.engine.trainer import PretrainedWeightsError, resolve_imagenet_weights
+from fanet.checkpoint import read_checkpoint
+from fanet.config import DataConfig, OptimizerName, SolverConfig, TrainConfig
+from fanet.engine.recalibration import recalibrate_batchnorm
+from fanet.engine.trainer import PretrainedWeightsError, Trainer, resolve_imagenet_weights
+from reid_app.cli import typer_app
+from reid_app.errors import ReidAppError
 from reid_app.external_model import openvino_core
 
 OMZ = Path("weights/openvino_omz_person_reid/intel")
@@ -160,3 +166,76 @@ def test_training_without_the_0267_file_names_it_and_its_source(monkeypatch, tmp
     config = TrainConfig(model=FANetConfig(backbone="osnet"))
     with pytest.raises(PretrainedWeightsError, match="person-reidentification-retail-0267.onnx.*Open Model Zoo"):
         resolve_imagenet_weights(config)
+
+
+def test_a_run_moved_towards_0267_keeps_its_head_and_a_stage_recalibrates_batchnorm(
+    file_0267: Path, shared_dir: Path, tiny_market_root: Path, tmp_path: Path
+) -> None:
+    """``reid-app average RUN --pretrained 0267 --pretrained-weight w`` (WiSE-FT): every float tensor
+    of the backbone becomes (1 - w) * run + w * 0267, FA-Net's own layers stay the run's; a wrong
+    file or weight is a one-line error writing nothing. ``train --recalibrate-bn N`` from the result
+    re-estimates BatchNorm statistics, the frozen low-level module's included."""
+    config = TrainConfig(
+        model=FANetConfig(backbone="osnet", last_stride=1),
+        data=DataConfig(root=str(tiny_market_root), height=128, width=64, num_identities=4, num_instances=2,
+                        workers=0),
+        solver=SolverConfig(optimizer=OptimizerName.ADAMW, epochs=1, base_lr=1e-3, warmup_start_lr=1e-3,
+                            warmup_epochs=0, milestones=()),
+        pretrained=str(file_0267), eval_period=0, max_iters_per_epoch=2, output_dir=str(tmp_path / "run"),
+    )
+    Trainer(config, show_progress=False).train()
+    run = read_checkpoint(tmp_path / "run" / "last.pt")
+    moved_file = tmp_path / "moved.pt"
+    runner = CliRunner()
+    result = runner.invoke(typer_app, ["average", str(tmp_path / "run" / "last.pt"), "--pretrained", str(file_0267),
+                                       "--pretrained-weight", "0.25", "--output", str(moved_file)])
+    assert result.exit_code == 0, result.output
+    moved = read_checkpoint(moved_file)
+    start = FANet(config.model, run["num_classes"], run["num_cameras"], file_0267).state_dict()
+    backbone_names = [k for k, v in run["state_dict"].items()
+                      if k.split(".")[0] in FANet.BACKBONE_MODULES and v.is_floating_point()]
+    assert len(backbone_names) > 700 and any(k.startswith("background_branch.") for k in backbone_names)
+    assert any(not torch.equal(run["state_dict"][k], start[k]) for k in backbone_names)  # the run trained
+    for name, tensor in moved["state_dict"].items():
+        if name in backbone_names:
+            torch.testing.assert_close(tensor, 0.75 * run["state_dict"][name] + 0.25 * start[name], msg=name)
+        else:
+            assert torch.equal(tensor, run["state_dict"][name]), name
+    assert moved["toward_pretrained"] == {"source": file_0267.name, "weight": 0.25}
+    assert "optimizer" not in moved
+    refused = tmp_path / "refused.pt"
+    for args, message in (
+        (["--pretrained", str(shared_dir / "weights/osnet_x0_25_msmt17.onnx")], "not a osnet weights file"),
+        (["--pretrained", str(file_0267), "--pretrained-weight", "1"], "between 0 and 1"),
+        ([], "at least two"),
+    ):
+        result = runner.invoke(typer_app, ["average", str(tmp_path / "run" / "last.pt"), *args,
+                                           "--output", str(refused)])
+        assert isinstance(result.exception, ReidAppError), result.output
+        assert message in str(result.exception) and "\n" not in str(result.exception)
+        assert not refused.exists()
+
+    # The BN update itself: one batch, so each running mean/var is that batch's statistics.
+    model = FANet(config.model, run["num_classes"], run["num_cameras"])
+    model.load_state_dict(moved["state_dict"])
+    model.freeze_low_level()
+    norm = model.low_level.conv2[0].conv1.bn
+    seen: list[torch.Tensor] = []
+    handle = norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    images = torch.rand(6, 3, 128, 64, generator=torch.Generator().manual_seed(0))
+    assert recalibrate_batchnorm(model, [images]) == 1
+    handle.remove()
+    torch.testing.assert_close(norm.running_mean, seen[0].mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(norm.running_var, seen[0].var(dim=(0, 2, 3)))
+    assert norm.momentum == 0.1 and model.training and not model.low_level.training  # as they were
+
+    stage = dataclasses.replace(
+        config, pretrained=None, init_from=str(moved_file), output_dir=str(tmp_path / "stage"),
+        solver=dataclasses.replace(config.solver, freeze_low_level=True, recalibrate_bn_batches=1),
+    )
+    Trainer(stage, show_progress=False).train()
+    after = read_checkpoint(tmp_path / "stage" / "last.pt")["state_dict"]
+    key = "low_level.conv2.0.conv1.bn.running_mean"  # frozen: only the recalibration moves it
+    assert not torch.equal(after[key], moved["state_dict"][key])
+    weight = "low_level.conv2.0.conv1.conv.weight"
+    assert torch.equal(after[weight], moved["state_dict"][weight])

@@ -7,11 +7,20 @@ point that ranks people better than any of them — on cameras never seen as wel
 training domain. The result is a training checkpoint (every weight, classifiers included), so a
 further stage can start from it (``--init-from``) and ``export`` writes its inference model; it
 carries no optimiser state, so it cannot be resumed.
+
+:func:`toward_pretrained` moves the backbone part of such weights back towards the backbone's
+pretrained weights (WiSE-FT, Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022):
+fine-tuning on a few training cameras pulls a re-ID-trained backbone towards them, and a weighted
+mean of the fine-tuned and the pretrained backbone keeps much of what the pretraining knew about
+cameras never seen. The averaged BatchNorm statistics are not those of the averaged weights; a
+stage started from the result can re-estimate them first (``train --recalibrate-bn``,
+:func:`fanet.engine.recalibration.recalibrate_batchnorm`).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,8 +28,9 @@ from typing import Any
 import torch
 
 from fanet.checkpoint import CheckpointError
-from fanet.config import model_config_differences
+from fanet.config import FANetConfig, config_from_dict, model_config_differences
 from fanet.engine.trainer import read_training_checkpoint
+from fanet.model import FANet
 
 #: Training-state entries of the last checkpoint that do not describe the averaged weights.
 RUN_STATE_KEYS = ("optimizer", "scheduler", "scaler", "rng", "iteration")
@@ -76,3 +86,29 @@ def _check_same_model(first: dict[str, Any], first_path: object, other: dict[str
                 f"{path} and {first_path} differ in the shape of {name} "
                 f"({tuple(theirs[name].shape)} vs {tuple(tensor.shape)})"
             )
+
+
+def toward_pretrained(payload: dict[str, Any], weights_file: str | os.PathLike[str], weight: float) -> dict[str, Any]:
+    """``payload`` (a training checkpoint, e.g. an average) with every floating-point tensor of its
+    backbone modules replaced by ``(1 - weight) * fine_tuned + weight * pretrained``, the pretrained
+    tensors read from ``weights_file`` as training does (``--pretrained``); FA-Net's own layers
+    (TEM, stripe embeddings, classifiers) are kept. Records ``toward_pretrained``."""
+    if not 0.0 < weight < 1.0:
+        raise CheckpointError(f"the pretrained weight must be between 0 and 1 (exclusive), got {weight}")
+    config = config_from_dict(FANetConfig, payload["config"])
+    try:
+        start = FANet(config, int(payload["num_classes"]), int(payload["num_cameras"]), weights_file).state_dict()
+    except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{weights_file} is not a {config.backbone.value} weights file FA-Net can start from ({reason})"
+        ) from None
+    state = dict(payload["state_dict"])
+    for name, tensor in state.items():
+        if name.split(".", 1)[0] in FANet.BACKBONE_MODULES and tensor.is_floating_point():
+            state[name] = ((1 - weight) * tensor.float() + weight * start[name].float()).to(tensor.dtype)
+    moved = {k: v for k, v in payload.items() if k not in RUN_STATE_KEYS}
+    moved["state_dict"] = state
+    moved["toward_pretrained"] = {"source": Path(weights_file).name, "weight": weight}
+    return moved
+

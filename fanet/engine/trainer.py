@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -65,6 +66,7 @@ from fanet.engine import distributed
 from fanet.engine.distillation import TEACHER_CACHE_FILE, TeacherFeatures
 from fanet.engine.distributed import DistContext
 from fanet.engine.mixstyle import attach_mixstyle
+from fanet.engine.recalibration import recalibrate_batchnorm
 from fanet.engine.scheduler import WarmupMultiStepLR
 from fanet.losses import FANetLoss
 from fanet.model import FANet
@@ -567,6 +569,8 @@ class Trainer:
                 config.data.height, config.data.width, self.run_dir / TEACHER_CACHE_FILE, log=self.log,
                 earlier_cache=Path(config.init_from).parent / TEACHER_CACHE_FILE if config.init_from else None,
             )  # fmt: skip
+        if self.start_epoch == 0 and config.solver.recalibrate_bn_batches > 0:
+            self._recalibrate_batchnorm(config.solver.recalibrate_bn_batches)
         try:
             for epoch in range(self.start_epoch, config.solver.epochs):
                 result = self._train_epoch(epoch, iterations)
@@ -579,6 +583,15 @@ class Trainer:
         finally:
             distributed.shutdown(self.context)
         return TrainResult(self.run_dir, results, self.best_map, final)
+
+    def _recalibrate_batchnorm(self, batches: int) -> None:
+        _set_loader_epoch(self.train_loader, 0)
+        images = (
+            batch["image"].to(self.device).contiguous(memory_format=self.memory_format)
+            for batch in itertools.islice(self.train_loader, batches)
+        )
+        seen = recalibrate_batchnorm(self.model, images)
+        self.log(f"BatchNorm statistics re-estimated on {seen} training batches")
 
     def _train_epoch(self, epoch: int, iterations: int) -> EpochResult:
         self.train_model.train()

@@ -88,6 +88,7 @@ def build_train_config(
     cpu_bf16: bool | None = None,
     freeze_low_level: bool | None = None,
     mixstyle_prob: float | None = None,
+    recalibrate_bn: int | None = None,
     teacher: str | None = None,
     distill_weight: float | None = None,
     distill_temperature: float | None = None,
@@ -146,6 +147,7 @@ def build_train_config(
             ("cpu_bf16", cpu_bf16),
             ("freeze_low_level", freeze_low_level),
             ("mixstyle_prob", mixstyle_prob),
+            ("recalibrate_bn_batches", recalibrate_bn),
             ("optimizer", optimizer),
             ("warmup_epochs", warmup_epochs),
             ("pretrained_lr_mult", pretrained_lr_mult),
@@ -298,6 +300,11 @@ def train_command(
         typer.Option(help="MixStyle: probability per batch of mixing feature statistics between images "
                           "(a domain-generalisation augmentation; default 0 = off, as the paper)."),
     ] = None,
+    recalibrate_bn: Annotated[
+        int | None,
+        typer.Option(help="Before the first step, re-estimate BatchNorm statistics on this many training "
+                          "batches (for --init-from an average; default 0 = off)."),
+    ] = None,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across GPUs (torchrun).")] = False,
     teacher: Annotated[
         str | None,
@@ -385,6 +392,7 @@ def train_command(
             cpu_bf16=cpu_bf16,
             freeze_low_level=freeze_low_level,
             mixstyle_prob=mixstyle_prob,
+            recalibrate_bn=recalibrate_bn,
             teacher=teacher,
             distill_weight=distill_weight,
             distill_temperature=distill_temperature,
@@ -622,8 +630,9 @@ def export_command(
                 meta.setdefault("stages", stages)
             meta.setdefault("dataset", payload.get("train_config", {}).get("data", {}).get("dataset"))
             meta.setdefault("best_map", payload.get("best_map"))
-            if payload.get("averaged_from"):
-                meta.setdefault("averaged_from", payload["averaged_from"])
+            for key in ("averaged_from", "toward_pretrained"):
+                if payload.get(key):
+                    meta.setdefault(key, payload[key])
         input_size = checkpoint_input_size(payload)
         meta.setdefault("input_size", list(input_size))
         height, width = height or input_size[0], width or input_size[1]
@@ -660,22 +669,40 @@ def average_command(
         list[str], typer.Argument(help="Two or more training checkpoints (last.pt) of one model.", show_default=False)
     ],
     output: Annotated[Path, typer.Option(help="Training checkpoint to write (their uniform average).")],
+    pretrained: Annotated[
+        str | None,
+        typer.Option(help="Also move the backbone towards these pretrained weights (the file train "
+                          "--pretrained took; WiSE-FT); then one checkpoint is enough."),
+    ] = None,
+    pretrained_weight: Annotated[
+        float, typer.Option(help="Share of the pretrained weights in the backbone (with --pretrained).")
+    ] = 0.25,
 ) -> None:
     """Average the weights of training checkpoints of one model (a model soup): the ends of
-    successive stages or learning-rate cycles. The result starts a further stage (train
+    successive stages or learning-rate cycles; with --pretrained, then move the backbone part a
+    share of the way back to its pretrained weights. The result starts a further stage (train
     --init-from) or is exported (export --checkpoint)."""
     with fanet_errors():
         from fanet.checkpoint import save_atomically  # noqa: PLC0415
-        from fanet.engine.averaging import average_checkpoints  # noqa: PLC0415
+        from fanet.engine.averaging import average_checkpoints, toward_pretrained  # noqa: PLC0415
+        from fanet.engine.trainer import read_training_checkpoint  # noqa: PLC0415
 
         if Path(output).resolve() in {Path(c).resolve() for c in checkpoints}:
             raise ReidAppError(f"--output {output} is one of the checkpoints to average: write elsewhere")
-        averaged = average_checkpoints(checkpoints)
+        if pretrained is not None and len(checkpoints) == 1:
+            averaged = read_training_checkpoint(checkpoints[0])
+        else:
+            averaged = average_checkpoints(checkpoints)
+        if pretrained is not None:
+            averaged = toward_pretrained(averaged, pretrained, pretrained_weight)
         try:
             save_atomically(averaged, output)
         except OSError as exc:
             raise ReidAppError(f"cannot write {output}: {exc.strerror or exc}") from None
-    typer.echo(f"wrote {output} (uniform average of {len(checkpoints)} checkpoints)")
+    what = f"uniform average of {len(checkpoints)} checkpoints" if len(checkpoints) > 1 else checkpoints[0]
+    if pretrained is not None:
+        what += f", backbone {pretrained_weight:g} of the way to {Path(pretrained).name}"
+    typer.echo(f"wrote {output} ({what})")
 
 
 def register(app: typer.Typer) -> None:
