@@ -225,9 +225,10 @@ class SolverConfig:
     # backbone already trained for re-ID it holds the early, domain-general features that a small
     # training set would otherwise pull towards its own cameras.
     freeze_low_level: bool = False
-    # MixStyle (Zhou et al., ICLR 2021; fanet/engine/mixstyle.py): probability per batch of mixing
-    # feature statistics between images after the low-level module and the branches' first stage
-    # (0 = off, the paper), and the Beta(alpha, alpha) of the mixing weight (the MixStyle paper's 0.1).
+    # MixStyle (Zhou et al., ICLR 2021; fanet/engine/mixstyle.py): probability, drawn per batch at
+    # each place, of mixing feature statistics between images after the low-level module and after
+    # each branch's first stage (0 = off, the paper), and the Beta(alpha, alpha) of the mixing
+    # weight (the MixStyle paper's 0.1).
     mixstyle_prob: float = 0.0
     mixstyle_alpha: float = 0.1
     # Training batches over which a fresh stage first re-estimates every BatchNorm's statistics

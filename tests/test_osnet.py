@@ -28,6 +28,7 @@ from fanet.backbones.osnet import (
 )
 from fanet.checkpoint import read_checkpoint
 from fanet.config import DataConfig, OptimizerName, SolverConfig, TrainConfig
+from fanet.engine.mixstyle import attach_mixstyle
 from fanet.engine.recalibration import recalibrate_batchnorm
 from fanet.engine.trainer import PretrainedWeightsError, Trainer, resolve_imagenet_weights
 from reid_app.cli import typer_app
@@ -201,12 +202,15 @@ def test_a_run_moved_towards_0267_keeps_its_head_and_a_stage_recalibrates_batchn
             torch.testing.assert_close(tensor, 0.75 * run["state_dict"][name] + 0.25 * start[name], msg=name)
         else:
             assert torch.equal(tensor, run["state_dict"][name]), name
-    assert moved["toward_pretrained"] == {"source": file_0267.name, "weight": 0.25}
+    assert moved["toward_pretrained"] == {"source": file_0267.name, "weight": 0.25, "from": "last.pt"}
+    assert "best_map" not in moved  # the run's figure is not these weights
     assert "optimizer" not in moved
     refused = tmp_path / "refused.pt"
     for args, message in (
-        (["--pretrained", str(shared_dir / "weights/osnet_x0_25_msmt17.onnx")], "not a osnet weights file"),
+        (["--pretrained", str(shared_dir / "weights/osnet_x0_25_msmt17.onnx")],
+         "not a weights file of the osnet backbone"),
         (["--pretrained", str(file_0267), "--pretrained-weight", "1"], "between 0 and 1"),
+        (["--pretrained-weight", "0.5"], "needs --pretrained"),
         ([], "at least two"),
     ):
         result = runner.invoke(typer_app, ["average", str(tmp_path / "run" / "last.pt"), *args,
@@ -215,19 +219,44 @@ def test_a_run_moved_towards_0267_keeps_its_head_and_a_stage_recalibrates_batchn
         assert message in str(result.exception) and "\n" not in str(result.exception)
         assert not refused.exists()
 
-    # The BN update itself: one batch, so each running mean/var is that batch's statistics.
+    pretrained_copy = tmp_path / file_0267.name  # never risk the shared file itself
+    pretrained_copy.write_bytes(file_0267.read_bytes())
+    result = runner.invoke(typer_app, ["average", str(tmp_path / "run" / "last.pt"), "--pretrained",
+                                       str(pretrained_copy), "--output", str(pretrained_copy)])
+    assert isinstance(result.exception, ReidAppError) and "is the --pretrained file" in str(result.exception)
+    assert pretrained_copy.read_bytes() == file_0267.read_bytes()
+
+    # The BN update itself: each running mean/var becomes the plain average of the batches' own
+    # statistics (the frozen stem's too), measured without MixStyle even where it is attached.
     model = FANet(config.model, run["num_classes"], run["num_cameras"])
     model.load_state_dict(moved["state_dict"])
     model.freeze_low_level()
-    norm = model.low_level.conv2[0].conv1.bn
-    seen: list[torch.Tensor] = []
-    handle = norm.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
-    images = torch.rand(6, 3, 128, 64, generator=torch.Generator().manual_seed(0))
-    assert recalibrate_batchnorm(model, [images]) == 1
-    handle.remove()
-    torch.testing.assert_close(norm.running_mean, seen[0].mean(dim=(0, 2, 3)))
-    torch.testing.assert_close(norm.running_var, seen[0].var(dim=(0, 2, 3)))
-    assert norm.momentum == 0.1 and model.training and not model.low_level.training  # as they were
+    stem_norm, late_norm = model.low_level.conv2[0].conv1.bn, model.foreground_branch.conv4[0].conv1.bn
+    seen: dict[str, list[torch.Tensor]] = {"stem": [], "late": []}
+    handles = [
+        norm.register_forward_hook(lambda module, inputs, output, key=key: seen[key].append(inputs[0].detach()))
+        for key, norm in (("stem", stem_norm), ("late", late_norm))
+    ]
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.rand(6, 3, 128, 64, generator=generator), torch.rand(6, 3, 128, 64, generator=generator) * 0.5]
+    attach_mixstyle(model, prob=1.0, alpha=0.1)
+    assert recalibrate_batchnorm(model, batches) == 2
+    for handle in handles:
+        handle.remove()
+    for key, norm in (("stem", stem_norm), ("late", late_norm)):
+        means = [x.mean(dim=(0, 2, 3)) for x in seen[key]]
+        variances = [x.var(dim=(0, 2, 3)) for x in seen[key]]
+        torch.testing.assert_close(norm.running_mean, (means[0] + means[1]) / 2, msg=key)
+        torch.testing.assert_close(norm.running_var, (variances[0] + variances[1]) / 2, msg=key)
+    plain = FANet(config.model, run["num_classes"], run["num_cameras"])
+    plain.load_state_dict(moved["state_dict"])
+    recalibrate_batchnorm(plain, batches)
+    torch.testing.assert_close(late_norm.running_var, plain.foreground_branch.conv4[0].conv1.bn.running_var)
+    assert stem_norm.momentum == 0.1 and model.training and not model.low_level.training  # as they were
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no batch"):
+        recalibrate_batchnorm(model, [])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # left as it was
 
     stage = dataclasses.replace(
         config, pretrained=None, init_from=str(moved_file), output_dir=str(tmp_path / "stage"),

@@ -204,6 +204,10 @@ def test_mixstyle_mixes_feature_styles_only_while_training(tiny_market_root: Pat
         own = model.low_level.forward(images)  # forward() bypasses the hooks
         mixed = model.low_level(images)
     assert mixed.shape == own.shape and not torch.allclose(mixed, own, atol=1e-4)
+    first_stage = next(iter(model.foreground_branch.children()))  # the branch's hook
+    with torch.no_grad():
+        branch_input = model.low_level.forward(images)
+        assert not torch.allclose(first_stage(branch_input), first_stage.forward(branch_input), atol=1e-4)
     own_means, mixed_means = own.mean(dim=(2, 3)), mixed.mean(dim=(2, 3))
     assert (mixed_means >= own_means.min(dim=0).values - 1e-4).all()
     assert (mixed_means <= own_means.max(dim=0).values + 1e-4).all()
@@ -215,8 +219,9 @@ def test_mixstyle_mixes_feature_styles_only_while_training(tiny_market_root: Pat
     plain = Trainer(base, show_progress=False).model.train()
     with torch.no_grad():
         assert torch.equal(plain.low_level(images), plain.low_level.forward(images))
-    with pytest.raises(ReidAppError, match="mixstyle_prob must be in"):
+    with pytest.raises(ReidAppError, match="mixstyle_prob must be in") as refused:
         build_train_config(base, mixstyle_prob=1.5)
+    assert "\n" not in str(refused.value)
 
 
 def test_training_run_writes_files_and_resumes_exactly(tiny_market_root: Path, tmp_path: Path) -> None:

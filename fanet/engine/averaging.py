@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fanet.checkpoint import CheckpointError
+from fanet.checkpoint import CheckpointError, state_dict_mismatch
 from fanet.config import FANetConfig, config_from_dict, model_config_differences
 from fanet.engine.trainer import read_training_checkpoint
 from fanet.model import FANet
@@ -55,7 +55,7 @@ def average_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> dict[str, An
             state[name] = (total / len(payloads)).to(tensor.dtype)
         else:
             state[name] = tensor.clone()
-    averaged = {k: v for k, v in payloads[-1].items() if k not in RUN_STATE_KEYS}
+    averaged = {k: v for k, v in payloads[-1].items() if k not in (*RUN_STATE_KEYS, "best_map")}
     averaged["state_dict"] = state
     averaged["averaged_from"] = [
         {"source": Path(path).name, "epoch": int(payload.get("epoch", 0))}
@@ -88,27 +88,38 @@ def _check_same_model(first: dict[str, Any], first_path: object, other: dict[str
             )
 
 
-def toward_pretrained(payload: dict[str, Any], weights_file: str | os.PathLike[str], weight: float) -> dict[str, Any]:
-    """``payload`` (a training checkpoint, e.g. an average) with every floating-point tensor of its
-    backbone modules replaced by ``(1 - weight) * fine_tuned + weight * pretrained``, the pretrained
-    tensors read from ``weights_file`` as training does (``--pretrained``); FA-Net's own layers
-    (TEM, stripe embeddings, classifiers) are kept. Records ``toward_pretrained``."""
+def toward_pretrained(
+    payload: dict[str, Any], weights_file: str | os.PathLike[str], weight: float, source: str | None = None
+) -> dict[str, Any]:
+    """``payload`` (a training checkpoint, e.g. an average; ``source`` names it) with every
+    floating-point tensor of its backbone modules replaced by ``(1 - weight) * fine_tuned + weight *
+    pretrained``, the pretrained tensors read from ``weights_file`` as training does
+    (``--pretrained``); FA-Net's own layers (TEM, stripe embeddings, classifiers) are kept. Records
+    ``toward_pretrained``; the source run's best mAP, which these weights do not have, is dropped."""
     if not 0.0 < weight < 1.0:
         raise CheckpointError(f"the pretrained weight must be between 0 and 1 (exclusive), got {weight}")
-    config = config_from_dict(FANetConfig, payload["config"])
     try:
-        start = FANet(config, int(payload["num_classes"]), int(payload["num_cameras"]), weights_file).state_dict()
-    except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        config = config_from_dict(FANetConfig, payload["config"])
+        counts = int(payload["num_classes"]), int(payload["num_cameras"])
+        FANet(config, *counts).load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
-            f"{weights_file} is not a {config.backbone.value} weights file FA-Net can start from ({reason})"
+            f"{source or 'the checkpoint'} does not match the FA-Net architecture ({state_dict_mismatch(exc)})"
+        ) from None
+    try:
+        start = FANet(config, *counts, imagenet_weights=weights_file).state_dict()
+    except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(
+            f"{weights_file} is not a weights file of the {config.backbone.value} backbone "
+            f"({state_dict_mismatch(exc)})"
         ) from None
     state = dict(payload["state_dict"])
     for name, tensor in state.items():
         if name.split(".", 1)[0] in FANet.BACKBONE_MODULES and tensor.is_floating_point():
             state[name] = ((1 - weight) * tensor.float() + weight * start[name].float()).to(tensor.dtype)
-    moved = {k: v for k, v in payload.items() if k not in RUN_STATE_KEYS}
+    moved = {k: v for k, v in payload.items() if k not in (*RUN_STATE_KEYS, "best_map")}
     moved["state_dict"] = state
     moved["toward_pretrained"] = {"source": Path(weights_file).name, "weight": weight}
+    if source is not None:
+        moved["toward_pretrained"]["from"] = Path(source).name
     return moved
-

@@ -13,11 +13,16 @@ checkpoint of one trained without (the two can be averaged), and it does nothing
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from fanet.model import FANet
 
 
 class MixStyle:
@@ -32,6 +37,7 @@ class MixStyle:
         if alpha <= 0:
             raise ValueError(f"MixStyle alpha must be > 0, got {alpha}")
         self.owner = owner
+        self.enabled = True  # off while BatchNorm statistics are measured (fanet.engine.recalibration)
         self.prob = prob
         self.beta = torch.distributions.Beta(alpha, alpha)
         self.eps = eps
@@ -51,17 +57,37 @@ class MixStyle:
         return ((x - mean) / std * mixed_std + mixed_mean).to(features.dtype)
 
     def __call__(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
-        if not self.owner.training or self.prob == 0 or torch.rand(()).item() >= self.prob:
+        if not (self.enabled and self.owner.training) or self.prob == 0 or torch.rand(()).item() >= self.prob:
             return None  # keep the module's output
         return self.mix(output)
 
 
-def attach_mixstyle(model: nn.Module, prob: float, alpha: float) -> list[RemovableHandle]:
-    """Hook MixStyle after ``model.low_level`` and after the first module (stage or block) of each branch of a FANet;
-    returns the hook handles (``handle.remove()`` detaches it)."""
+def attach_mixstyle(model: FANet, prob: float, alpha: float) -> list[RemovableHandle]:
+    """Hook MixStyle after ``model.low_level`` and after the first module (stage or block) of each
+    branch of a FANet (each hook draws its own coin, as in the paper's code); returns the hook
+    handles (``handle.remove()`` detaches it)."""
     hook = MixStyle(model, prob, alpha)
     targets = [model.low_level]
     for branch in (model.foreground_branch, model.background_branch):
         if branch is not None:
             targets.append(next(iter(branch.children())))
     return [target.register_forward_hook(hook) for target in targets]
+
+
+@contextmanager
+def training_augmentation_suspended(model: nn.Module) -> Iterator[None]:
+    """Within the block, every MixStyle hooked on ``model``'s modules leaves features as they are."""
+    hooks = {
+        id(hook): hook
+        for module in model.modules()
+        for hook in module._forward_hooks.values()
+        if isinstance(hook, MixStyle)
+    }
+    states = {key: hook.enabled for key, hook in hooks.items()}
+    for hook in hooks.values():
+        hook.enabled = False
+    try:
+        yield
+    finally:
+        for key, hook in hooks.items():
+            hook.enabled = states[key]

@@ -569,9 +569,9 @@ class Trainer:
                 config.data.height, config.data.width, self.run_dir / TEACHER_CACHE_FILE, log=self.log,
                 earlier_cache=Path(config.init_from).parent / TEACHER_CACHE_FILE if config.init_from else None,
             )  # fmt: skip
-        if self.start_epoch == 0 and config.solver.recalibrate_bn_batches > 0:
-            self._recalibrate_batchnorm(config.solver.recalibrate_bn_batches)
         try:
+            if self.start_epoch == 0 and config.solver.recalibrate_bn_batches > 0:
+                self._recalibrate_batchnorm(config.solver.recalibrate_bn_batches)
             for epoch in range(self.start_epoch, config.solver.epochs):
                 result = self._train_epoch(epoch, iterations)
                 if self._should_evaluate(epoch):

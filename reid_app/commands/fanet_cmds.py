@@ -342,6 +342,8 @@ def train_command(
         raise ReidAppError("--pretrained and --random-init exclude each other")
     if init_from is not None and (random_init or resume is not None):
         raise ReidAppError("--init-from starts a new run from trained weights; drop --random-init/--resume")
+    if recalibrate_bn and resume is not None:
+        raise ReidAppError("--recalibrate-bn acts before a new run's first step; a resumed run has had it: drop it")
     with fanet_errors():
         from fanet.config import TrainConfig  # noqa: PLC0415
         from fanet.engine.trainer import Trainer, read_training_checkpoint, resolve_resume_path  # noqa: PLC0415
@@ -664,6 +666,11 @@ def export_command(
 # average
 
 
+#: ``average --pretrained``'s default share of the pretrained backbone: the value measured on the
+#: domain-generalisation protocol (benchmarks/RESULTS.md, issue 18).
+DEFAULT_PRETRAINED_WEIGHT = 0.25
+
+
 def average_command(
     checkpoints: Annotated[
         list[str], typer.Argument(help="Two or more training checkpoints (last.pt) of one model.", show_default=False)
@@ -675,8 +682,8 @@ def average_command(
                           "--pretrained took; WiSE-FT); then one checkpoint is enough."),
     ] = None,
     pretrained_weight: Annotated[
-        float, typer.Option(help="Share of the pretrained weights in the backbone (with --pretrained).")
-    ] = 0.25,
+        float | None, typer.Option(help="Share of the pretrained weights in the backbone (with --pretrained; 0.25).")
+    ] = None,
 ) -> None:
     """Average the weights of training checkpoints of one model (a model soup): the ends of
     successive stages or learning-rate cycles; with --pretrained, then move the backbone part a
@@ -689,12 +696,18 @@ def average_command(
 
         if Path(output).resolve() in {Path(c).resolve() for c in checkpoints}:
             raise ReidAppError(f"--output {output} is one of the checkpoints to average: write elsewhere")
+        if pretrained is None and pretrained_weight is not None:
+            raise ReidAppError("--pretrained-weight needs --pretrained (the weights to move towards)")
+        if pretrained is not None and Path(output).resolve() == Path(pretrained).resolve():
+            raise ReidAppError(f"--output {output} is the --pretrained file: write elsewhere")
         if pretrained is not None and len(checkpoints) == 1:
             averaged = read_training_checkpoint(checkpoints[0])
         else:
             averaged = average_checkpoints(checkpoints)
         if pretrained is not None:
-            averaged = toward_pretrained(averaged, pretrained, pretrained_weight)
+            pretrained_weight = DEFAULT_PRETRAINED_WEIGHT if pretrained_weight is None else pretrained_weight
+            source = checkpoints[0] if len(checkpoints) == 1 else None
+            averaged = toward_pretrained(averaged, pretrained, pretrained_weight, source=source)
         try:
             save_atomically(averaged, output)
         except OSError as exc:
