@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from fanet.checkpoint import CheckpointError, load_inference_model, read_checkpoint
 from fanet.config import DataConfig, SolverConfig, TALVariant, TrainConfig
+from fanet.engine.mixstyle import MixStyle
 from fanet.engine.scheduler import WarmupMultiStepLR
 from fanet.engine.trainer import (
     PretrainedWeightsError,
@@ -219,6 +220,9 @@ def test_mixstyle_mixes_feature_styles_only_while_training(tiny_market_root: Pat
     plain = Trainer(base, show_progress=False).model.train()
     with torch.no_grad():
         assert torch.equal(plain.low_level(images), plain.low_level.forward(images))
+    # MixStyle is a module of the model with no state: the checkpoint is that of a plain model.
+    assert isinstance(model.mixstyle, MixStyle) and getattr(plain, "mixstyle", None) is None
+    assert model.state_dict().keys() == plain.state_dict().keys()
     with pytest.raises(ReidAppError, match="mixstyle_prob must be in") as refused:
         build_train_config(base, mixstyle_prob=1.5)
     assert "\n" not in str(refused.value)
@@ -278,6 +282,30 @@ def test_training_run_writes_files_and_resumes_exactly(tiny_market_root: Path, t
     images = torch.rand(2, 3, HEIGHT, WIDTH)
     with torch.no_grad():
         torch.testing.assert_close(inference(images), full(images))
+
+
+def test_a_run_with_mixstyle_resumes_exactly(tiny_market_root: Path, tmp_path: Path) -> None:
+    """MixStyle draws its coins, mixing weights and partners from torch's RNG, which checkpoints
+    save: 2 epochs straight == 1 epoch then resume, bit for bit, with MixStyle mixing every batch."""
+    solver = SolverConfig(epochs=2, base_lr=0.05, warmup_start_lr=0.005, warmup_epochs=2, mixstyle_prob=1.0)
+    straight = Trainer(tiny_config(tiny_market_root, tmp_path / "straight", solver=solver, eval_period=2),
+                       show_progress=False)
+    assert isinstance(straight.model.mixstyle, MixStyle)
+    straight.train()
+    first = tiny_config(tiny_market_root, tmp_path / "split", eval_period=2,
+                        solver=SolverConfig(**{**vars(solver), "epochs": 1}))
+    Trainer(first, show_progress=False).train()
+    resumed_config = TrainConfig.from_dict(json.loads((tmp_path / "split" / "config.json").read_text()))
+    assert resumed_config.solver.mixstyle_prob == 1.0
+    resumed_config.solver.epochs = 2
+    Trainer(resumed_config, resume=tmp_path / "split" / "last.pt", show_progress=False).train()
+    rows = read_results_csv(tmp_path / "straight" / "results.csv")
+    split_rows = read_results_csv(tmp_path / "split" / "results.csv")
+    assert split_rows[1]["loss"] == rows[1]["loss"]
+    straight_state = read_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
+    resumed_state = read_checkpoint(tmp_path / "split" / "last.pt")["state_dict"]
+    assert straight_state.keys() == resumed_state.keys()
+    assert all(torch.equal(straight_state[k], resumed_state[k]) for k in straight_state)
 
 
 def test_missing_pretrained_file_is_one_clear_error(tiny_market_root: Path, tmp_path: Path) -> None:

@@ -101,17 +101,22 @@ def toward_pretrained(
     try:
         config = config_from_dict(FANetConfig, payload["config"])
         counts = int(payload["num_classes"]), int(payload["num_cameras"])
-        FANet(config, *counts).load_state_dict(payload["state_dict"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{source or 'the checkpoint'} does not match the FA-Net architecture ({state_dict_mismatch(exc)})"
-        ) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source or 'the checkpoint'} has an unreadable model config ({exc})") from None
     try:
-        start = FANet(config, *counts, imagenet_weights=weights_file).state_dict()
+        model = FANet(config, *counts, imagenet_weights=weights_file)
     except (RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
         raise CheckpointError(
             f"{weights_file} is not a weights file of the {config.backbone.value} backbone "
             f"({state_dict_mismatch(exc)})"
+        ) from None
+    start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    try:
+        # The same network loading the checkpoint checks it against the architecture.
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{source or 'the checkpoint'} does not match the FA-Net architecture ({state_dict_mismatch(exc)})"
         ) from None
     state = dict(payload["state_dict"])
     for name, tensor in state.items():

@@ -25,22 +25,25 @@ if TYPE_CHECKING:
     from fanet.model import FANet
 
 
-class MixStyle:
-    """A forward hook that, while ``owner`` is training and with probability ``prob`` per batch,
-    replaces each sample's channel statistics by a Beta(``alpha``, ``alpha``)-weighted mix of its own
-    and those of a random other sample of the batch (the paper's random-shuffle variant; the
-    statistics are not back-propagated through, as in the paper)."""
+class MixStyle(nn.Module):
+    """While training and with probability ``prob`` per batch, replaces each sample's channel
+    statistics by a Beta(``alpha``, ``alpha``)-weighted mix of its own and those of a random other
+    sample of the batch (the paper's random-shuffle variant; the statistics are not back-propagated
+    through, as in the paper). It has no parameters or buffers, so attached to a model
+    (:func:`attach_mixstyle`) it is one of the model's modules (found by ``model.modules()``, put in
+    training or eval mode with it) while its state dict stays the same."""
 
-    def __init__(self, owner: nn.Module, prob: float = 0.5, alpha: float = 0.1, eps: float = 1e-6) -> None:
+    def __init__(self, prob: float = 0.5, alpha: float = 0.1, eps: float = 1e-6) -> None:
+        super().__init__()
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"MixStyle probability must be in [0, 1], got {prob}")
         if alpha <= 0:
             raise ValueError(f"MixStyle alpha must be > 0, got {alpha}")
-        self.owner = owner
         self.enabled = True  # off while BatchNorm statistics are measured (fanet.engine.recalibration)
         self.prob = prob
         self.beta = torch.distributions.Beta(alpha, alpha)
         self.eps = eps
+        self.handles: list[RemovableHandle] = []
 
     def mix(self, features: Tensor) -> Tensor:
         batch = features.size(0)
@@ -56,38 +59,53 @@ class MixStyle:
         mixed_std = weight * std + (1 - weight) * std[other]
         return ((x - mean) / std * mixed_std + mixed_mean).to(features.dtype)
 
-    def __call__(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
-        if not (self.enabled and self.owner.training) or self.prob == 0 or torch.rand(()).item() >= self.prob:
-            return None  # keep the module's output
-        return self.mix(output)
+    def forward(self, features: Tensor) -> Tensor:
+        if not (self.enabled and self.training) or self.prob == 0 or torch.rand(()).item() >= self.prob:
+            return features
+        return self.mix(features)
+
+    def _after(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        return self(output)
+
+    def remove(self, model: nn.Module) -> None:
+        """Detach from ``model``: its hooks removed, the module dropped from it."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        if getattr(model, MIXSTYLE_ATTRIBUTE, None) is self:
+            delattr(model, MIXSTYLE_ATTRIBUTE)
 
 
-def attach_mixstyle(model: FANet, prob: float, alpha: float) -> list[RemovableHandle]:
+#: The attribute under which :func:`attach_mixstyle` registers the MixStyle module on the model.
+MIXSTYLE_ATTRIBUTE = "mixstyle"
+
+
+def attach_mixstyle(model: FANet, prob: float, alpha: float) -> MixStyle:
     """Hook MixStyle after ``model.low_level`` and after the first module (stage or block) of each
-    branch of a FANet (each hook draws its own coin, as in the paper's code); returns the hook
-    handles (``handle.remove()`` detaches it)."""
-    hook = MixStyle(model, prob, alpha)
+    branch of a FANet (each hook draws its own coin, as in the paper's code); the MixStyle module is
+    registered on the model as ``model.mixstyle`` (``remove(model)`` detaches it again)."""
+    if getattr(model, MIXSTYLE_ATTRIBUTE, None) is not None:
+        raise ValueError("MixStyle is already attached to this model")
+    mixstyle = MixStyle(prob, alpha)
+    model.add_module(MIXSTYLE_ATTRIBUTE, mixstyle)
+    mixstyle.train(model.training)
     targets = [model.low_level]
     for branch in (model.foreground_branch, model.background_branch):
         if branch is not None:
             targets.append(next(iter(branch.children())))
-    return [target.register_forward_hook(hook) for target in targets]
+    mixstyle.handles = [target.register_forward_hook(mixstyle._after) for target in targets]
+    return mixstyle
 
 
 @contextmanager
 def training_augmentation_suspended(model: nn.Module) -> Iterator[None]:
-    """Within the block, every MixStyle hooked on ``model``'s modules leaves features as they are."""
-    hooks = {
-        id(hook): hook
-        for module in model.modules()
-        for hook in module._forward_hooks.values()
-        if isinstance(hook, MixStyle)
-    }
-    states = {key: hook.enabled for key, hook in hooks.items()}
-    for hook in hooks.values():
-        hook.enabled = False
+    """Within the block, every MixStyle module of ``model`` leaves features as they are."""
+    mixers = [module for module in model.modules() if isinstance(module, MixStyle)]
+    states = [mixer.enabled for mixer in mixers]
+    for mixer in mixers:
+        mixer.enabled = False
     try:
         yield
     finally:
-        for key, hook in hooks.items():
-            hook.enabled = states[key]
+        for mixer, state in zip(mixers, states, strict=True):
+            mixer.enabled = state

@@ -575,7 +575,12 @@ class Trainer:
             for epoch in range(self.start_epoch, config.solver.epochs):
                 result = self._train_epoch(epoch, iterations)
                 if self._should_evaluate(epoch):
+                    # An evaluation draws from the RNGs (its loaders' seeds): with their states put
+                    # back, the next epoch is the same whether or not this one was evaluated (a
+                    # run resumed from a shorter run's final, evaluated epoch replays exactly).
+                    rng_before = capture_rng_state(self.device)
                     result.metrics = self.evaluate()
+                    restore_rng_state(rng_before, self.device)
                     self._log_metrics(result.metrics)
                 results.append(result)
                 self._end_epoch(epoch, result)
@@ -729,7 +734,7 @@ class Trainer:
         is_best = mean_ap is not None and (self.best_map is None or mean_ap > self.best_map)
         if is_best:
             self.best_map = mean_ap
-        # RNG states are captured after the epoch (and its evaluation) so the next epoch replays.
+        # RNG states are captured after the epoch so the next epoch replays.
         rng_states = distributed.all_gather_objects(capture_rng_state(self.device), self.context)
         if self.context.is_main:
             payload = self.checkpoint_payload(epoch, rng_states)
