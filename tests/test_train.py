@@ -274,6 +274,11 @@ def test_training_run_writes_files_and_resumes_exactly(tiny_market_root: Path, t
     resumed_state = read_checkpoint(tmp_path / "split" / "last.pt")["state_dict"]
     assert straight_state.keys() == resumed_state.keys()
     assert all(torch.equal(straight_state[k], resumed_state[k]) for k in straight_state)
+    # The split run's epoch 1 was evaluated (its last) and the straight run's was not: the
+    # evaluation leaves the RNGs as it found them, so the two runs end in the same RNG state.
+    straight_rng = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["rng"][0]
+    resumed_rng = torch.load(tmp_path / "split" / "last.pt", map_location="cpu", weights_only=True)["rng"][0]
+    assert all(torch.equal(straight_rng[k], resumed_rng[k]) for k in straight_rng)
 
     # The final inference checkpoint is foreground-only and embeds like the trained model.
     inference = load_inference_model(run / "model_final.pt")
