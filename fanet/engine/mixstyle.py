@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 if TYPE_CHECKING:
     from fanet.model import FANet
@@ -43,7 +42,6 @@ class MixStyle(nn.Module):
         self.prob = prob
         self.beta = torch.distributions.Beta(alpha, alpha)
         self.eps = eps
-        self.handles: list[RemovableHandle] = []
 
     def mix(self, features: Tensor) -> Tensor:
         batch = features.size(0)
@@ -67,14 +65,6 @@ class MixStyle(nn.Module):
     def _after(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
         return self(output)
 
-    def remove(self, model: nn.Module) -> None:
-        """Detach from ``model``: its hooks removed, the module dropped from it."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        if getattr(model, MIXSTYLE_ATTRIBUTE, None) is self:
-            delattr(model, MIXSTYLE_ATTRIBUTE)
-
 
 #: The attribute under which :func:`attach_mixstyle` registers the MixStyle module on the model.
 MIXSTYLE_ATTRIBUTE = "mixstyle"
@@ -83,7 +73,7 @@ MIXSTYLE_ATTRIBUTE = "mixstyle"
 def attach_mixstyle(model: FANet, prob: float, alpha: float) -> MixStyle:
     """Hook MixStyle after ``model.low_level`` and after the first module (stage or block) of each
     branch of a FANet (each hook draws its own coin, as in the paper's code); the MixStyle module is
-    registered on the model as ``model.mixstyle`` (``remove(model)`` detaches it again)."""
+    registered on the model as ``model.mixstyle``."""
     if getattr(model, MIXSTYLE_ATTRIBUTE, None) is not None:
         raise ValueError("MixStyle is already attached to this model")
     mixstyle = MixStyle(prob, alpha)
@@ -93,7 +83,8 @@ def attach_mixstyle(model: FANet, prob: float, alpha: float) -> MixStyle:
     for branch in (model.foreground_branch, model.background_branch):
         if branch is not None:
             targets.append(next(iter(branch.children())))
-    mixstyle.handles = [target.register_forward_hook(mixstyle._after) for target in targets]
+    for target in targets:
+        target.register_forward_hook(mixstyle._after)
     return mixstyle
 
 
