@@ -526,10 +526,11 @@ def test_a_resumed_run_follows_a_changed_schedule(tiny_market_root: Path, tmp_pa
 
 
 def test_average_of_two_stages_is_their_mean_and_starts_or_exports(tiny_market_root: Path, tmp_path: Path) -> None:
-    """``reid-app average``: the mean of every float weight of two runs of one model, integer
-    buffers from the last, no optimiser state; the result starts a new stage and exports with
-    the inputs named. Another architecture, one checkpoint, an inference checkpoint and the
-    output overwriting an input are refused in one line, writing nothing."""
+    """``reid-app average``: the mean (uniform, or weighted with ``--weights``) of every float
+    weight of two runs of one model, integer buffers from the last, no optimiser state; the result
+    starts a new stage and exports with the inputs named. Another architecture, one checkpoint, an
+    inference checkpoint, wrong weights and the output overwriting an input are refused in one
+    line, writing nothing."""
     for name, seed in (("a", 0), ("b", 1)):
         Trainer(tiny_config(tiny_market_root, tmp_path / name, solver=SolverConfig(epochs=1), seed=seed),
                 show_progress=False).train()
@@ -547,6 +548,16 @@ def test_average_of_two_stages_is_their_mean_and_starts_or_exports(tiny_market_r
         assert torch.allclose(tensor, expected, atol=1e-7), name
     assert "optimizer" not in averaged and averaged["kind"] == "training"
     assert averaged["averaged_from"] == [{"source": "last.pt", "epoch": 1}, {"source": "last.pt", "epoch": 1}]
+    # Weighted: 1,3 is a quarter of a and three quarters of b (the shares are recorded).
+    weighted = tmp_path / "weighted.pt"
+    result = runner.invoke(typer_app, ["average", str(tmp_path / "a" / "last.pt"), str(tmp_path / "b" / "last.pt"),
+                                       "--weights", "1,3", "--output", str(weighted)])
+    assert result.exit_code == 0 and "weighted (1,3)" in result.output, result.output
+    quarter = read_checkpoint(weighted)
+    for name in floats:
+        expected = 0.25 * a["state_dict"][name] + 0.75 * b["state_dict"][name]
+        assert torch.allclose(quarter["state_dict"][name], expected, atol=1e-6), name
+    assert [entry["share"] for entry in quarter["averaged_from"]] == [0.25, 0.75]
 
     config = tiny_config(tiny_market_root, tmp_path / "next", solver=SolverConfig(epochs=1), random_init=False,
                          init_from=str(soup))
@@ -567,6 +578,10 @@ def test_average_of_two_stages_is_their_mean_and_starts_or_exports(tiny_market_r
         ([tmp_path / "a" / "last.pt"], "at least two"),
         ([tmp_path / "a" / "last.pt", exported], "not a training checkpoint"),
         ([tmp_path / "a" / "last.pt", tmp_path / "missing.pt"], "missing.pt"),
+        ([tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt", "--weights", "1"], "1 averaging weights for 2"),
+        ([tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt", "--weights", "1,-1"], "must be positive"),
+        ([tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt", "--weights", "1,nan"], "must be positive"),
+        ([tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt", "--weights", "1;3"], "comma-separated numbers"),
     ):
         result = runner.invoke(typer_app, ["average", *map(str, args), "--output", str(refused)])
         assert result.exit_code != 0 and isinstance(result.exception, ReidAppError), result.output

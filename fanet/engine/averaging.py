@@ -19,6 +19,7 @@ stage started from the result can re-estimate them first (``train --recalibrate-
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from collections.abc import Sequence
@@ -36,14 +37,20 @@ from fanet.model import FANet
 RUN_STATE_KEYS = ("optimizer", "scheduler", "scaler", "rng", "iteration")
 
 
-def average_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
-    """The uniform average of the weights of two or more training checkpoints of one
-    architecture (same model config, number of identities and cameras, tensor names and shapes).
-    Floating-point tensors are averaged in float32; integer buffers (BatchNorm's batch counters)
-    and everything else come from the last checkpoint, whose run the average continues.
-    ``averaged_from`` lists the inputs (file name and epoch)."""
+def average_checkpoints(
+    paths: Sequence[str | os.PathLike[str]], weights: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """The average of the weights of two or more training checkpoints of one architecture (same
+    model config, number of identities and cameras, tensor names and shapes): uniform, or with
+    ``weights`` (one positive number per checkpoint, normalised to sum to 1 — e.g. ``1, 3`` puts a
+    quarter of the way from the second checkpoint to the first, a trade between two stages' ends
+    that a uniform soup cannot make). Floating-point tensors are averaged in float32; integer
+    buffers (BatchNorm's batch counters) and everything else come from the last checkpoint, whose
+    run the average continues. ``averaged_from`` lists the inputs (file name, epoch and, when
+    weighted, the share)."""
     if len(paths) < 2:
         raise CheckpointError("averaging needs at least two training checkpoints")
+    shares = _normalised_shares(weights, len(paths))
     payloads = [read_training_checkpoint(path) for path in paths]
     first_path, first = paths[0], payloads[0]
     for path, payload in zip(paths[1:], payloads[1:], strict=True):
@@ -51,17 +58,29 @@ def average_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> dict[str, An
     state: dict[str, torch.Tensor] = {}
     for name, tensor in payloads[-1]["state_dict"].items():
         if tensor.is_floating_point():
-            total = sum(payload["state_dict"][name].float() for payload in payloads)
-            state[name] = (total / len(payloads)).to(tensor.dtype)
+            parts = (share * p["state_dict"][name].float() for share, p in zip(shares, payloads, strict=True))
+            state[name] = sum(parts).to(tensor.dtype)
         else:
             state[name] = tensor.clone()
     averaged = {k: v for k, v in payloads[-1].items() if k not in (*RUN_STATE_KEYS, "best_map")}
     averaged["state_dict"] = state
     averaged["averaged_from"] = [
         {"source": Path(path).name, "epoch": int(payload.get("epoch", 0))}
-        for path, payload in zip(paths, payloads, strict=True)
+        | ({} if weights is None else {"share": round(share, 6)})
+        for path, payload, share in zip(paths, payloads, shares, strict=True)
     ]
     return averaged
+
+
+def _normalised_shares(weights: Sequence[float] | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0 / count] * count
+    if len(weights) != count:
+        raise CheckpointError(f"{len(weights)} averaging weights for {count} checkpoints: give one per checkpoint")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise CheckpointError(f"averaging weights must be positive numbers, got {', '.join(map(str, weights))}")
+    total = math.fsum(weights)
+    return [w / total for w in weights]
 
 
 def _check_same_model(first: dict[str, Any], first_path: object, other: dict[str, Any], path: object) -> None:

@@ -684,11 +684,16 @@ def average_command(
     pretrained_weight: Annotated[
         float | None, typer.Option(help="Share of the pretrained weights in the backbone (with --pretrained; 0.25).")
     ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated positive weight of each checkpoint, in order, normalised to sum "
+                          "to 1 (e.g. 1,3); default: the uniform average."),
+    ] = None,
 ) -> None:
     """Average the weights of training checkpoints of one model (a model soup): the ends of
-    successive stages or learning-rate cycles; with --pretrained, then move the backbone part a
-    share of the way back to its pretrained weights. The result starts a further stage (train
-    --init-from) or is exported (export --checkpoint)."""
+    successive stages or learning-rate cycles, uniformly or with --weights; with --pretrained, then
+    move the backbone part a share of the way back to its pretrained weights. The result starts a
+    further stage (train --init-from) or is exported (export --checkpoint)."""
     with fanet_errors():
         from fanet.checkpoint import save_atomically  # noqa: PLC0415
         from fanet.engine.averaging import average_checkpoints, toward_pretrained  # noqa: PLC0415
@@ -700,10 +705,16 @@ def average_command(
             raise ReidAppError("--pretrained-weight needs --pretrained (the weights to move towards)")
         if pretrained is not None and Path(output).resolve() == Path(pretrained).resolve():
             raise ReidAppError(f"--output {output} is the --pretrained file: write elsewhere")
-        if pretrained is not None and len(checkpoints) == 1:
+        shares = None
+        if weights is not None:
+            try:
+                shares = [float(w) for w in weights.split(",")]
+            except ValueError:
+                raise ReidAppError(f"--weights must be comma-separated numbers, e.g. 1,3; got {weights!r}") from None
+        if pretrained is not None and len(checkpoints) == 1 and shares is None:
             averaged = read_training_checkpoint(checkpoints[0])
         else:
-            averaged = average_checkpoints(checkpoints)
+            averaged = average_checkpoints(checkpoints, shares)
         if pretrained is not None:
             pretrained_weight = DEFAULT_PRETRAINED_WEIGHT if pretrained_weight is None else pretrained_weight
             source = checkpoints[0] if len(checkpoints) == 1 else None
@@ -712,7 +723,8 @@ def average_command(
             save_atomically(averaged, output)
         except OSError as exc:
             raise ReidAppError(f"cannot write {output}: {exc.strerror or exc}") from None
-    what = f"uniform average of {len(checkpoints)} checkpoints" if len(checkpoints) > 1 else checkpoints[0]
+    kind = "uniform" if weights is None else f"weighted ({weights})"
+    what = f"{kind} average of {len(checkpoints)} checkpoints" if len(checkpoints) > 1 else checkpoints[0]
     if pretrained is not None:
         what += f", backbone {pretrained_weight:g} of the way to {Path(pretrained).name}"
     typer.echo(f"wrote {output} ({what})")
