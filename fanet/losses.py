@@ -133,7 +133,11 @@ class FANetLoss:
         person_ids: Tensor,
         camera_ids: Tensor,
         teacher_features: Tensor | None = None,
+        distill_rows: Tensor | None = None,
     ) -> dict[str, Tensor]:
+        """``teacher_features`` are the teacher's features of the batch's images, or with
+        ``distill_rows`` (a boolean per batch row) of those rows only, which alone the
+        distillation term then compares."""
         person_loss = _mean_cross_entropy(output.person_logits, person_ids, self.loss.label_smoothing)
         terms = {"person_id": person_loss}
         if output.camera_logits:
@@ -154,11 +158,17 @@ class FANetLoss:
             terms["triplet"] = batch_hard_triplet_loss(output.features, person_ids, self.loss.triplet_margin)
             total = total + self.loss.triplet_weight * terms["triplet"]
         if self.loss.distill_weight > 0:
-            if teacher_features is None or output.features is None:
-                raise ValueError("the distillation term needs the teacher's and the batch's features")
-            terms["distillation"] = relational_distillation_loss(
-                output.features, teacher_features, self.loss.distill_temperature
-            )
+            if output.features is None:
+                raise ValueError("the distillation term needs the batch's features")
+            student = output.features if distill_rows is None else output.features[distill_rows]
+            if student.shape[0] < 2:  # no pair of distilled images in this batch
+                terms["distillation"] = output.features.sum() * 0.0
+            elif teacher_features is None or teacher_features.shape[0] != student.shape[0]:
+                raise ValueError("the distillation term needs the teacher's features of the distilled images")
+            else:
+                terms["distillation"] = relational_distillation_loss(
+                    student, teacher_features, self.loss.distill_temperature
+                )
             total = total + self.loss.distill_weight * terms["distillation"]
         terms["total"] = total
         return terms

@@ -161,6 +161,55 @@ def test_train_command_distils_from_an_openvino_teacher_on_two_sources(
     assert torch.allclose(cache["features"][cache["known"]].norm(dim=1), torch.ones(int(cache["known"].sum())))
 
 
+def test_distillation_on_some_rows_compares_only_those() -> None:
+    """``distill_rows`` (the batch rows of the distilled sources): the term is the relational loss
+    of those rows alone, and a batch with fewer than two of them adds nothing but still steps."""
+    from fanet.config import FANetConfig, LossConfig
+    from fanet.losses import FANetLoss
+    from fanet.model import FANetOutput
+
+    torch.manual_seed(0)
+    criterion = FANetLoss(FANetConfig.variant("baseline"), LossConfig(distill_weight=1.0))
+    features = torch.randn(6, 32, requires_grad=True)
+    output = FANetOutput(person_logits=[torch.randn(6, 5)], features=features)
+    pids = torch.tensor([0, 0, 1, 1, 2, 2])
+    rows = torch.tensor([True, False, True, True, False, True])
+    teacher = torch.randn(4, 16)
+    terms = criterion(output, pids, pids, teacher, rows)
+    torch.testing.assert_close(terms["distillation"], relational_distillation_loss(features[rows], teacher, 0.1))
+    terms["distillation"].backward()
+    assert float(features.grad[~rows].abs().sum()) == 0 and float(features.grad[rows].abs().sum()) > 0
+    one_row = torch.tensor([False, False, True, False, False, False])
+    assert float(criterion(output, pids, pids, None, one_row)["distillation"]) == 0.0
+    with pytest.raises(ValueError, match="teacher's features of the distilled images"):
+        criterion(output, pids, pids, torch.randn(6, 16), rows)
+
+
+def test_train_command_distils_on_the_named_sources_only(shared_dir: Path, data_root: Path, tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    run = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train", "--dataset", "cuhk03+peta", "--data-root", str(data_root), "--backbone", "osnet",
+            "--last-stride", "2", "--pretrained", str(shared_dir / "weights/openvino_omz_person_reid/intel/"
+            "person-reidentification-retail-0287/person-reidentification-retail-0267.onnx"),
+            "--height", "64", "--width", "32", "--batch-p", "8", "--batch-k", "2", "--epochs", "1",
+            "--max-iters-per-epoch", "3", "--eval-period", "0", "--workers", "0", "--optimizer", "adamw",
+            "--teacher", str(shared_dir / TEACHER_0288), "--distill-sources", "peta", "--output", str(run),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["loss"]["distill_sources"] == ["peta"]
+    rows = list(csv.DictReader((run / "results.csv").open()))
+    assert float(rows[0]["distillation_loss"]) > 0
+    # The teacher saw PETA images only: CUHK03's were neither embedded nor compared.
+    cache = torch.load(run / "teacher_features.pt", weights_only=True)
+    peta_paths = {s.path for s in build_dataset(DatasetName.PETA, data_root).train}
+    distilled = [path for path, known in zip(cache["paths"], cache["known"].tolist(), strict=True) if known]
+    assert distilled and set(distilled) <= peta_paths
+
+
 def test_train_command_refuses_unknown_sources_and_a_peta_only_run_with_evaluation(
     data_root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -172,6 +221,12 @@ def test_train_command_refuses_unknown_sources_and_a_peta_only_run_with_evaluati
         capsys, monkeypatch,
     )  # fmt: skip
     assert code != 0 and err.count("\n") == 1 and "without a query/gallery split" in err
+    for sources, message in (("msmt17", "msmt17 is not a training source (cuhk03+peta)"), ("viper", "unknown dataset")):
+        code, out, err = run_cli(
+            ["train", "--dataset", "cuhk03+peta", "--data-root", str(data_root), "--distill-sources", sources],
+            capsys, monkeypatch,
+        )  # fmt: skip
+        assert code != 0 and err.count("\n") == 1 and message in err, err
 
 
 def test_teacher_features_are_computed_once_per_image_and_reused_on_resume(

@@ -76,6 +76,9 @@ class ReIDDataset:
     gallery: list[Sample] = field(default_factory=list)
     num_train_pids: int = 0
     num_train_cams: int = 0
+    # Several sources combined (:func:`combine_sources`): how many of the train pids each source
+    # holds, in order (its pids follow the previous sources'); empty for one source.
+    pids_per_source: tuple[int, ...] = ()
 
     @property
     def num_cameras(self) -> int:
@@ -495,4 +498,5 @@ def combine_sources(datasets: Sequence[ReIDDataset]) -> ReIDDataset:
         cam_offset += dataset.num_train_cams
     first = datasets[0]
     name = "+".join(d.name for d in datasets)
-    return ReIDDataset(name, first.root, train, first.query, first.gallery, pid_offset, cam_offset)
+    pids_per_source = tuple(d.num_train_pids for d in datasets)
+    return ReIDDataset(name, first.root, train, first.query, first.gallery, pid_offset, cam_offset, pids_per_source)

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -71,6 +71,9 @@ from fanet.engine.scheduler import WarmupMultiStepLR
 from fanet.losses import FANetLoss
 from fanet.model import FANet
 from fanet.weights import WeightsNotFoundError, resolve_weights
+
+if TYPE_CHECKING:
+    from fanet.data.datasets import ReIDDataset
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
@@ -123,6 +126,16 @@ def resolve_imagenet_weights(config: TrainConfig) -> Path | None:
 def disable_background_branch(config: FANetConfig) -> FANetConfig:
     """The model config without the camera-ID branch (and the parts that need it)."""
     return dataclasses.replace(config, use_background=False, use_interaction=False, tal=TALVariant.NONE)
+
+
+def distilled_pids(config: TrainConfig, dataset: ReIDDataset) -> Tensor | None:
+    """Whether each training pid's images take part in the distillation term (``None``: all do)."""
+    wanted = config.loss.distill_sources
+    if not wanted:
+        return None
+    counts = dataset.pids_per_source or (dataset.num_train_pids,)
+    flags = [source in wanted for source, count in zip(config.data.sources, counts, strict=True) for _ in range(count)]
+    return torch.tensor(flags, dtype=torch.bool)
 
 
 def init_label(config: TrainConfig) -> str:
@@ -394,6 +407,7 @@ class Trainer:
         imagenet_file = resolve_imagenet_weights(config)
         self.num_classes = self.dataset.num_train_pids
         self.num_cameras = self.dataset.num_train_cams
+        self.distilled_pids = distilled_pids(config, self.dataset)
         if config.model.use_background and self.num_cameras == 0:
             self.warn(
                 f"dataset {config.data.source_label} at {config.data.root} has no camera IDs: the "
@@ -635,15 +649,21 @@ class Trainer:
         """One SGD step on a loader batch (a dict with ``image``, ``pid``, ``camid``); returns the
         loss terms of the batch (before the step)."""
         self.train_model.train()
-        teacher_features = None
+        teacher_features = distill_rows = None
         if self.teacher_features is not None:
-            teacher_features = self.teacher_features(batch["index"]).to(self.device, non_blocking=True)
+            indices = batch["index"]
+            if self.distilled_pids is not None:
+                distill_rows = self.distilled_pids[batch["pid"]]
+                indices = indices[distill_rows]
+                distill_rows = distill_rows.to(self.device, non_blocking=True)
+            if len(indices) >= 2:
+                teacher_features = self.teacher_features(indices).to(self.device, non_blocking=True)
         images = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         pids = batch["pid"].to(self.device, non_blocking=True)
         camids = batch["camid"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.use_amp or self.use_cpu_bf16):
             output = self.train_model(images)
-            terms = self.criterion(output, pids, camids, teacher_features)
+            terms = self.criterion(output, pids, camids, teacher_features, distill_rows)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["total"]).backward()
         self.scaler.step(self.optimizer)

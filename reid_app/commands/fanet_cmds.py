@@ -92,6 +92,7 @@ def build_train_config(
     teacher: str | None = None,
     distill_weight: float | None = None,
     distill_temperature: float | None = None,
+    distill_sources: str | None = None,
     max_per_identity: int | None = None,
     last_stride: int | None = None,
     dg_root: str | None = None,
@@ -178,6 +179,12 @@ def build_train_config(
             data_changes["dataset"], data_changes["extra_sources"] = parse_sources(dataset)
         except ValueError as exc:
             raise ReidAppError(str(exc)) from None
+    if distill_sources is not None:
+        try:
+            first, rest = parse_sources(distill_sources)
+        except ValueError as exc:
+            raise ReidAppError(f"--distill-sources: {exc}") from None
+        loss_changes["distill_sources"] = (first, *rest)
     if teacher is not None and "distill_weight" not in loss_changes and not base.loss.distill_weight:
         loss_changes["distill_weight"] = 1.0  # a teacher without a weight is meant to be used
     try:
@@ -316,6 +323,11 @@ def train_command(
     distill_temperature: Annotated[
         float | None, typer.Option(help="Softmax temperature over a batch's cosine similarities (0.1).")
     ] = None,
+    distill_sources: Annotated[
+        str | None,
+        typer.Option(help="Only these training sources' images take part in distillation, joined by '+' as "
+                          "in --dataset (e.g. peta); default: every source."),
+    ] = None,
     max_per_identity: Annotated[
         int | None, typer.Option(help="Images one identity gives an epoch at most (default: all).")
     ] = None,
@@ -398,6 +410,7 @@ def train_command(
             teacher=teacher,
             distill_weight=distill_weight,
             distill_temperature=distill_temperature,
+            distill_sources=distill_sources,
             max_per_identity=max_per_identity,
             last_stride=last_stride,
             dg_root=dg_root,
