@@ -228,20 +228,31 @@ def test_mixstyle_mixes_feature_styles_only_while_training(tiny_market_root: Pat
     assert "\n" not in str(refused.value)
 
 
+def straight_and_split_runs(root: Path, work: Path, solver: SolverConfig) -> tuple[Path, Path]:
+    """The same 2-epoch run made straight (``work/straight``) and as 1 epoch then a resume from its
+    last.pt (``work/split``; its epoch 1, the last, is evaluated, the straight run's is not)."""
+    Trainer(tiny_config(root, work / "straight", solver=solver, eval_period=2), show_progress=False).train()
+    first = tiny_config(root, work / "split", eval_period=2, solver=SolverConfig(**{**vars(solver), "epochs": 1}))
+    Trainer(first, show_progress=False).train()
+    resumed_config = TrainConfig.from_dict(json.loads((work / "split" / "config.json").read_text()))
+    assert resumed_config.solver == first.solver  # the run's own config, MixStyle included
+    resumed_config.solver.epochs = 2
+    resumed = Trainer(resumed_config, resume=work / "split" / "last.pt", show_progress=False).train()
+    assert resumed.run_dir == work / "split"  # the resumed run continues the same folder
+    return work / "straight", work / "split"
+
+
+def assert_same_weights(first: Path, second: Path) -> None:
+    first_state, second_state = read_checkpoint(first)["state_dict"], read_checkpoint(second)["state_dict"]
+    assert first_state.keys() == second_state.keys()
+    assert all(torch.equal(first_state[k], second_state[k]) for k in first_state)
+
+
 def test_training_run_writes_files_and_resumes_exactly(tiny_market_root: Path, tmp_path: Path) -> None:
     """2 epochs in one go == 1 epoch, then resume from last.pt for the 2nd: same losses, same weights."""
     solver = SolverConfig(epochs=2, base_lr=0.05, warmup_start_lr=0.005, warmup_epochs=2)
-    straight = Trainer(tiny_config(tiny_market_root, tmp_path / "straight", solver=solver, eval_period=2),
-                       show_progress=False).train()
+    run, split = straight_and_split_runs(tiny_market_root, tmp_path, solver)
 
-    first = tiny_config(tiny_market_root, tmp_path / "split", eval_period=2,
-                        solver=SolverConfig(**{**vars(solver), "epochs": 1}))
-    Trainer(first, show_progress=False).train()
-    resumed_config = TrainConfig.from_dict(json.loads((tmp_path / "split" / "config.json").read_text()))
-    resumed_config.solver.epochs = 2
-    resumed = Trainer(resumed_config, resume=tmp_path / "split" / "last.pt", show_progress=False).train()
-
-    run = straight.run_dir
     for name in ("config.json", "results.csv", "last.pt", "best.pt", "model_final.pt", "model_best.pt"):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
@@ -264,20 +275,16 @@ def test_training_run_writes_files_and_resumes_exactly(tiny_market_root: Path, t
     assert payload["scheduler"]["last_epoch"] == 2
     assert isinstance(payload["rng"][0]["torch"], torch.Tensor)
 
-    # The resumed run continues the same folder and replays epoch 2 bit for bit.
-    assert resumed.run_dir == tmp_path / "split"
-    split_rows = read_results_csv(tmp_path / "split" / "results.csv")
+    # The resumed run replays epoch 2 bit for bit.
+    split_rows = read_results_csv(split / "results.csv")
     assert [row["epoch"] for row in split_rows] == ["1", "2"]
     for column in ("loss", "person_id_loss", "camera_id_loss", "target_attention_loss", "lr", "mAP"):
         assert split_rows[1][column] == rows[1][column], column
-    straight_state = read_checkpoint(run / "last.pt")["state_dict"]
-    resumed_state = read_checkpoint(tmp_path / "split" / "last.pt")["state_dict"]
-    assert straight_state.keys() == resumed_state.keys()
-    assert all(torch.equal(straight_state[k], resumed_state[k]) for k in straight_state)
+    assert_same_weights(run / "last.pt", split / "last.pt")
     # The split run's epoch 1 was evaluated (its last) and the straight run's was not: the
     # evaluation leaves the RNGs as it found them, so the two runs end in the same RNG state.
     straight_rng = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["rng"][0]
-    resumed_rng = torch.load(tmp_path / "split" / "last.pt", map_location="cpu", weights_only=True)["rng"][0]
+    resumed_rng = torch.load(split / "last.pt", map_location="cpu", weights_only=True)["rng"][0]
     assert all(torch.equal(straight_rng[k], resumed_rng[k]) for k in straight_rng)
 
     # The final inference checkpoint is foreground-only and embeds like the trained model.
@@ -293,24 +300,11 @@ def test_a_run_with_mixstyle_resumes_exactly(tiny_market_root: Path, tmp_path: P
     """MixStyle draws its coins, mixing weights and partners from torch's RNG, which checkpoints
     save: 2 epochs straight == 1 epoch then resume, bit for bit, with MixStyle mixing every batch."""
     solver = SolverConfig(epochs=2, base_lr=0.05, warmup_start_lr=0.005, warmup_epochs=2, mixstyle_prob=1.0)
-    straight = Trainer(tiny_config(tiny_market_root, tmp_path / "straight", solver=solver, eval_period=2),
-                       show_progress=False)
-    assert isinstance(straight.model.mixstyle, MixStyle)
-    straight.train()
-    first = tiny_config(tiny_market_root, tmp_path / "split", eval_period=2,
-                        solver=SolverConfig(**{**vars(solver), "epochs": 1}))
-    Trainer(first, show_progress=False).train()
-    resumed_config = TrainConfig.from_dict(json.loads((tmp_path / "split" / "config.json").read_text()))
-    assert resumed_config.solver.mixstyle_prob == 1.0
-    resumed_config.solver.epochs = 2
-    Trainer(resumed_config, resume=tmp_path / "split" / "last.pt", show_progress=False).train()
-    rows = read_results_csv(tmp_path / "straight" / "results.csv")
-    split_rows = read_results_csv(tmp_path / "split" / "results.csv")
-    assert split_rows[1]["loss"] == rows[1]["loss"]
-    straight_state = read_checkpoint(tmp_path / "straight" / "last.pt")["state_dict"]
-    resumed_state = read_checkpoint(tmp_path / "split" / "last.pt")["state_dict"]
-    assert straight_state.keys() == resumed_state.keys()
-    assert all(torch.equal(straight_state[k], resumed_state[k]) for k in straight_state)
+    assert isinstance(Trainer(tiny_config(tiny_market_root, tmp_path / "probe", solver=solver),
+                              show_progress=False).model.mixstyle, MixStyle)
+    straight, split = straight_and_split_runs(tiny_market_root, tmp_path, solver)
+    assert read_results_csv(split / "results.csv")[1]["loss"] == read_results_csv(straight / "results.csv")[1]["loss"]
+    assert_same_weights(straight / "last.pt", split / "last.pt")
 
 
 def test_missing_pretrained_file_is_one_clear_error(tiny_market_root: Path, tmp_path: Path) -> None:
