@@ -19,9 +19,10 @@ Which part of the query image is embedded (the rule):
 4. Otherwise the query has no person: a one-line error. CLI and HTTP API share this rule.
 
 The detector looks at a small query (a crop) at its own size rounded up to the detector's stride,
-at least 256 px, instead of blowing it up to the 640 px of a video frame: the person fills a crop,
+at least 160 px, instead of blowing it up to the 640 px of a video frame: the person fills a crop,
 so the larger input found nobody the smaller one misses, and it cost about 4x the compute per
-search (measured in benchmarks/RESULTS.md, query rule and serve load).
+search. A 160 px floor (was 256) accepted as many real crops and refused as many person-free
+ones, at about two thirds of the detector's time (benchmarks/RESULTS.md, query rule and serve load).
 
 Results are database rows ranked by cosine similarity (inner product of unit vectors): one per
 track (pooled embedding, the default) or one per stored crop (``--detections``).
@@ -72,7 +73,7 @@ CONTEXT_PAD_Y = 0.1
 CONTEXT_GREY = (114, 114, 114)
 CONTEXT_CONFIDENCE = 0.15
 CONTEXT_MIN_BOX_HEIGHT = 0.5
-QUERY_MIN_IMGSZ = 256
+QUERY_MIN_IMGSZ = 160
 DETECTOR_STRIDE = 32
 #: Most results asked for per query person (README.md, Limits); a gallery smaller than that gives
 #: all it has: the index is never asked for more rows than it holds.

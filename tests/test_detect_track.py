@@ -414,7 +414,8 @@ def test_detection_and_tracking_never_touch_the_network(tmp_path: Path) -> None:
 def test_query_images_are_detected_at_their_own_size_not_a_frames() -> None:
     from reid_app.search import query_imgsz
 
-    assert query_imgsz((128, 64, 3)) == 256  # a CUHK03-sized crop: the floor, not 640
+    assert query_imgsz((128, 64, 3)) == 160  # a CUHK03-sized crop: the floor, not 640
+    assert query_imgsz((180, 70, 3)) == 192  # a stored ingest crop: its own size
     assert query_imgsz((400, 200, 3)) == 416  # rounded up to the detector's stride
     assert query_imgsz((639, 300, 3)) is None  # as large as a frame's input: the configured size
     assert query_imgsz((720, 1280, 3)) is None
