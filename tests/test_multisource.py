@@ -31,6 +31,13 @@ def data_root(shared_dir: Path) -> Path:
     return shared_dir / "data"
 
 
+def osnet_on_two_sources(shared_dir: Path, data_root: Path) -> list[str]:
+    """``train`` arguments of the multi-source recipe: CUHK03 + PETA, OSNet from Intel's 0267."""
+    weights = shared_dir / f"{OMZ}/person-reidentification-retail-0287/person-reidentification-retail-0267.onnx"
+    return ["train", "--dataset", "cuhk03+peta", "--data-root", str(data_root), "--backbone", "osnet",
+            "--last-stride", "2", "--pretrained", str(weights)]  # fmt: skip
+
+
 def test_peta_training_set_never_holds_a_dg_test_image(data_root: Path) -> None:
     peta = read_peta_train(data_root)
     labels = {image.path: image for image in read_peta_labels(data_root).values()}
@@ -133,9 +140,7 @@ def test_train_command_distils_from_an_openvino_teacher_on_two_sources(
     result = CliRunner().invoke(
         app,
         [
-            "train", "--dataset", "cuhk03+peta", "--data-root", str(data_root), "--backbone", "osnet",
-            "--last-stride", "2", "--pretrained", str(shared_dir / "weights/openvino_omz_person_reid/intel/"
-            "person-reidentification-retail-0287/person-reidentification-retail-0267.onnx"),
+            *osnet_on_two_sources(shared_dir, data_root),
             "--variant", "fanet", "--height", "64", "--width", "32", "--batch-p", "4", "--batch-k", "2",
             "--epochs", "1", "--max-iters-per-epoch", "2", "--eval-period", "1", "--workers", "0",
             "--test-dataset", "folder", "--test-root", str(tiny_folder_root), "--dg-root", str(dg_root.parent),
@@ -191,9 +196,7 @@ def test_train_command_distils_on_the_named_sources_only(shared_dir: Path, data_
     result = CliRunner().invoke(
         app,
         [
-            "train", "--dataset", "cuhk03+peta", "--data-root", str(data_root), "--backbone", "osnet",
-            "--last-stride", "2", "--pretrained", str(shared_dir / "weights/openvino_omz_person_reid/intel/"
-            "person-reidentification-retail-0287/person-reidentification-retail-0267.onnx"),
+            *osnet_on_two_sources(shared_dir, data_root),
             "--height", "64", "--width", "32", "--batch-p", "8", "--batch-k", "2", "--epochs", "1",
             "--max-iters-per-epoch", "3", "--eval-period", "0", "--workers", "0", "--optimizer", "adamw",
             "--teacher", str(shared_dir / TEACHER_0288), "--distill-sources", "peta", "--output", str(run),
