@@ -228,10 +228,12 @@ def test_mixstyle_mixes_feature_styles_only_while_training(tiny_market_root: Pat
     assert "\n" not in str(refused.value)
 
 
-def straight_and_split_runs(root: Path, work: Path, solver: SolverConfig) -> tuple[Path, Path]:
-    """The same 2-epoch run made straight (``work/straight``) and as 1 epoch then a resume from its
-    last.pt (``work/split``; its epoch 1, the last, is evaluated, the straight run's is not)."""
-    Trainer(tiny_config(root, work / "straight", solver=solver, eval_period=2), show_progress=False).train()
+def straight_and_split_runs(root: Path, work: Path, solver: SolverConfig) -> tuple[Trainer, Path]:
+    """The same 2-epoch run made straight (``work/straight``, its trainer returned) and as 1 epoch
+    then a resume from its last.pt (``work/split``; its epoch 1, the last, is evaluated, the
+    straight run's is not)."""
+    straight = Trainer(tiny_config(root, work / "straight", solver=solver, eval_period=2), show_progress=False)
+    straight.train()
     first = tiny_config(root, work / "split", eval_period=2, solver=SolverConfig(**{**vars(solver), "epochs": 1}))
     Trainer(first, show_progress=False).train()
     resumed_config = TrainConfig.from_dict(json.loads((work / "split" / "config.json").read_text()))
@@ -239,7 +241,7 @@ def straight_and_split_runs(root: Path, work: Path, solver: SolverConfig) -> tup
     resumed_config.solver.epochs = 2
     resumed = Trainer(resumed_config, resume=work / "split" / "last.pt", show_progress=False).train()
     assert resumed.run_dir == work / "split"  # the resumed run continues the same folder
-    return work / "straight", work / "split"
+    return straight, work / "split"
 
 
 def assert_same_weights(first: Path, second: Path) -> None:
@@ -251,7 +253,8 @@ def assert_same_weights(first: Path, second: Path) -> None:
 def test_training_run_writes_files_and_resumes_exactly(tiny_market_root: Path, tmp_path: Path) -> None:
     """2 epochs in one go == 1 epoch, then resume from last.pt for the 2nd: same losses, same weights."""
     solver = SolverConfig(epochs=2, base_lr=0.05, warmup_start_lr=0.005, warmup_epochs=2)
-    run, split = straight_and_split_runs(tiny_market_root, tmp_path, solver)
+    straight, split = straight_and_split_runs(tiny_market_root, tmp_path, solver)
+    run = straight.run_dir
 
     for name in ("config.json", "results.csv", "last.pt", "best.pt", "model_final.pt", "model_best.pt"):
         assert (run / name).is_file(), name
@@ -300,11 +303,11 @@ def test_a_run_with_mixstyle_resumes_exactly(tiny_market_root: Path, tmp_path: P
     """MixStyle draws its coins, mixing weights and partners from torch's RNG, which checkpoints
     save: 2 epochs straight == 1 epoch then resume, bit for bit, with MixStyle mixing every batch."""
     solver = SolverConfig(epochs=2, base_lr=0.05, warmup_start_lr=0.005, warmup_epochs=2, mixstyle_prob=1.0)
-    assert isinstance(Trainer(tiny_config(tiny_market_root, tmp_path / "probe", solver=solver),
-                              show_progress=False).model.mixstyle, MixStyle)
     straight, split = straight_and_split_runs(tiny_market_root, tmp_path, solver)
-    assert read_results_csv(split / "results.csv")[1]["loss"] == read_results_csv(straight / "results.csv")[1]["loss"]
-    assert_same_weights(straight / "last.pt", split / "last.pt")
+    assert isinstance(straight.model.mixstyle, MixStyle)
+    run = straight.run_dir
+    assert read_results_csv(split / "results.csv")[1]["loss"] == read_results_csv(run / "results.csv")[1]["loss"]
+    assert_same_weights(run / "last.pt", split / "last.pt")
 
 
 def test_missing_pretrained_file_is_one_clear_error(tiny_market_root: Path, tmp_path: Path) -> None:
