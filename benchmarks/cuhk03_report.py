@@ -2,7 +2,7 @@
 evaluator and through the app's embedder (they must agree), score calibration. CPU speed is
 measured on its own by benchmarks/reid_speed.py.
 
-    .venv/bin/python benchmarks/cuhk03_report.py --weights weights/fanet_mobilenetv2_cuhk03.pt
+    .venv/bin/python benchmarks/cuhk03_report.py --weights weights/fanet_osnet_cuhk03_peta.pt
 
 Prints figures (no pass/fail). CUHK03 (Li et al., DeepReID, CVPR 2014) is for non-commercial
 research only; the split is the CUHK03-NP-shaped one of ``split_np.json`` (close to, not equal

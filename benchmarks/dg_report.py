@@ -1,6 +1,6 @@
 """Domain-generalisation (DG) figures of FA-Net checkpoints next to trained peers, in one run.
 
-    .venv/bin/python benchmarks/dg_report.py --weights weights/fanet_mobilenetv2_cuhk03.pt [b.pt ...]
+    .venv/bin/python benchmarks/dg_report.py --weights weights/fanet_osnet_cuhk03_peta.pt [b.pt ...]
 
 Prints a markdown table: per test set (VIPeR, PRID, GRID, i-LIDS) rank-1 / mAP in %, the mean over
 the 10 splits of ``peta_reid/dg_splits.json``, and the DG mean of the four sets (the protocol is in

@@ -294,6 +294,10 @@ class TrainConfig:
     # A trained re-ID model (OpenVINO IR or ONNX) to distil from; read by the caller (reid_app),
     # which hands the trainer a callable, so fanet stays pure PyTorch.
     teacher: str | None = None
+    # A teacher-feature cache (teacher_features.pt) of an earlier run with the same teacher and
+    # images, e.g. the other rows of an ablation: the teacher is then not run again (default: the
+    # --init-from run's cache, if any). One of another teacher or image list is ignored.
+    teacher_cache: str | None = None
     # Evaluate the domain-generalisation protocol too (peta_reid/dg_splits.json under this folder)
     # at every evaluation: the figure that says how the model does on cameras it never saw.
     dg_root: str | None = None

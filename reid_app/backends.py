@@ -14,7 +14,7 @@ img/s with the MobileNetV2 FA-Net and 217 with the OSNet one (passes of 32, floa
 an error rather than a silent move.
 
 **The exported graph** is built from the checkpoint on first use and cached beside it, named by the
-checkpoint file's sha256 and the input size (``fanet_mobilenetv2_cuhk03.<sha256[:16]>.256x128.onnx``),
+checkpoint file's sha256 and the input size (``fanet_osnet_cuhk03_peta.<sha256[:16]>.256x128.onnx``),
 so a changed checkpoint never reuses a stale export. It is written atomically (a temporary file,
 then a rename: concurrent processes at worst export twice). Each time a graph is loaded its
 features are compared with PyTorch's on two fixed images (cosine >= :data:`AGREEMENT`): a corrupt

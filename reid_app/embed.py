@@ -27,8 +27,8 @@ from fanet.weights import WeightsNotFoundError, resolve_weights, sha256_file
 from reid_app.backends import InferenceBackend, Warn, load_runtime
 from reid_app.errors import ReidAppError
 
-#: The FA-Net shipped in weights/ (MobileNetV2 backbone, trained on CUHK03; see weights/README.md).
-DEFAULT_EMBEDDER_WEIGHTS = "fanet_mobilenetv2_cuhk03.pt"
+#: The FA-Net shipped in weights/ (OSNet x0.5 backbone, trained on CUHK03 + PETA; see weights/README.md).
+DEFAULT_EMBEDDER_WEIGHTS = "fanet_osnet_cuhk03_peta.pt"
 DEFAULT_EMBEDDER_SOURCE = (
     "the repository's weights/ folder (a fresh clone has it), or your own: `reid-app train` then "
     "`reid-app export --checkpoint RUN/best.pt --inference-checkpoint FILE` and --weights FILE"
@@ -55,7 +55,7 @@ def resolve_torch_device(device: str) -> torch.device:
 class Embedder:
     """FA-Net foreground branch over BGR person crops.
 
-    ``weights``: a path to an FA-Net checkpoint, None for the shipped ``fanet_mobilenetv2_cuhk03.pt`` in the weights
+    ``weights``: a path to an FA-Net checkpoint, None for the shipped ``fanet_osnet_cuhk03_peta.pt`` in the weights
     folders (``$REID_WEIGHTS_DIR``, then ``weights/``), or ``"untrained"`` for a seeded
     random-init model (pipeline demos only). ``input_size`` is (height, width); None takes it
     from the checkpoint's metadata, else 384×128 (the paper's size). ``batch_size`` crops are

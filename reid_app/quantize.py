@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -209,11 +210,18 @@ def quantise_graph(
         candidate = Path(folder) / "int8.onnx"
         cosine = -1.0
         for keep in (k for k in FLOAT_PREFIXES if k <= len(layers)):
-            quantize_static(
-                str(prepared), str(candidate), _batches(calibration), quant_format=QuantFormat.QDQ,
-                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=layers[:keep],
-            )  # fmt: skip
+            # The quantiser warns on the root logger for each 1-D weight (a norm's scale) it leaves
+            # per-tensor: expected, and dozens of lines that buried the progress lines below.
+            previous = logging.root.manager.disable
+            logging.disable(logging.WARNING)
+            try:
+                quantize_static(
+                    str(prepared), str(candidate), _batches(calibration), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=layers[:keep],
+                )  # fmt: skip
+            finally:
+                logging.disable(previous)
             features = _graph(candidate, calibration.shape[2:], threads).embed(held_out)
             cosine = float((features * reference).sum(axis=1).mean())
             log(f"int8 with the first {keep} of {len(layers)} layers in float32: mean cosine {cosine:.4f}")

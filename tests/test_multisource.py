@@ -14,6 +14,7 @@ import torch
 from helpers import run_cli, tiny_peta_root, trimmed
 from typer.testing import CliRunner
 
+from fanet.checkpoint import read_checkpoint
 from fanet.config import DataConfig, DatasetName, parse_sources
 from fanet.data.datasets import UNKNOWN_CAMERA, build_dataset
 from fanet.data.loaders import build_training_set
@@ -211,6 +212,31 @@ def test_train_command_distils_on_the_named_sources_only(shared_dir: Path, data_
     peta_paths = {s.path for s in build_dataset(DatasetName.PETA, data_root).train}
     distilled = [path for path, known in zip(cache["paths"], cache["known"].tolist(), strict=True) if known]
     assert distilled and set(distilled) <= peta_paths
+    # The exported model says it learned from both sources (what the app and the model card show).
+    exported = tmp_path / "exported.pt"
+    result = CliRunner().invoke(
+        app, ["export", "--checkpoint", str(run / "last.pt"), "--inference-checkpoint", str(exported)]
+    )
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(exported)["meta"]["dataset"] == "cuhk03+peta"
+    # Another ablation row with the same teacher and images starts from that cache (--teacher-cache)
+    # instead of running the teacher again, and keeps a copy of its own.
+    other_row = tmp_path / "baseline_row"
+    result = CliRunner().invoke(
+        app,
+        [
+            *osnet_on_two_sources(shared_dir, data_root),
+            "--variant", "baseline", "--height", "64", "--width", "32", "--batch-p", "8", "--batch-k", "2",
+            "--epochs", "1", "--max-iters-per-epoch", "1", "--eval-period", "0", "--workers", "0",
+            "--teacher", str(shared_dir / TEACHER_0288), "--distill-sources", "peta",
+            "--teacher-cache", str(run / "teacher_features.pt"), "--output", str(other_row),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"{len(distilled)} of {len(cache['paths'])} images cached" in " ".join(result.output.split())
+    reused = torch.load(other_row / "teacher_features.pt", weights_only=True)
+    assert bool(reused["known"][cache["known"]].all())
+    torch.testing.assert_close(reused["features"][cache["known"]], cache["features"][cache["known"]])
 
 
 def test_train_command_refuses_unknown_sources_and_a_peta_only_run_with_evaluation(
@@ -230,6 +256,11 @@ def test_train_command_refuses_unknown_sources_and_a_peta_only_run_with_evaluati
             capsys, monkeypatch,
         )  # fmt: skip
         assert code != 0 and err.count("\n") == 1 and message in err, err
+    code, out, err = run_cli(
+        ["train", "--dataset", "cuhk03+peta", "--data-root", str(data_root), "--teacher-cache", "nowhere/teacher.pt"],
+        capsys, monkeypatch,
+    )  # fmt: skip
+    assert code != 0 and err.count("\n") == 1 and "teacher cache nowhere/teacher.pt not found" in err, err
 
 
 def test_teacher_features_are_computed_once_per_image_and_reused_on_resume(

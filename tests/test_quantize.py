@@ -1,8 +1,8 @@
-"""``reid-app quantize`` and ``--int8``: the shipped FA-Net quantised on real crops, gated on a real
-(small) re-ID split and a cut of the DG protocol, then used by the embedder and the evaluator.
+"""``reid-app quantize`` and ``--int8``: a trained FA-Net from weights/ quantised on real crops, gated on
+a real (small) re-ID split and a cut of the DG protocol, then used by the embedder and the evaluator.
 
-Each test works on its own copy of the shipped checkpoint, so the graphs it writes stay in its
-temporary folder.
+Each test works on its own copy of the checkpoint, so the graphs it writes stay in its temporary
+folder.
 """
 
 from __future__ import annotations
@@ -21,11 +21,14 @@ from fanet.evaluation.dg import read_dg_splits, read_peta_labels
 from fanet.weights import REPO_WEIGHTS_DIR
 from reid_app.backends import InferenceBackend, exported_graph_path, is_installed
 from reid_app.cli import typer_app
-from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS, Embedder
+from reid_app.embed import Embedder
 from reid_app.errors import ReidAppError
 from reid_app.quantize import int8_graph_path, int8_record_path, passes
 
-SHIPPED = REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS
+#: The int8 gate accepts the MobileNetV2 FA-Net (its first 4 layers kept float32); the shipped OSNet
+#: model's int8 features stay below the gate's feature agreement (0.983 < 0.99 with 32 float layers,
+#: weights/README.md), so it is embedded in float32.
+MODEL = REPO_WEIGHTS_DIR / "fanet_mobilenetv2_cuhk03.pt"
 pytestmark = pytest.mark.skipif(
     not is_installed(InferenceBackend.ONNXRUNTIME), reason="int8 quantisation needs onnxruntime"
 )
@@ -58,10 +61,10 @@ def gate_root(tmp_path_factory: pytest.TempPathFactory, tiny_market_root: Path, 
 
 @pytest.fixture(scope="module")
 def quantised(tmp_path_factory: pytest.TempPathFactory, gate_root: Path, peta: Path) -> tuple[Path, dict, str]:
-    """A copy of the shipped checkpoint after ``reid-app quantize`` (calibrated on 48 CAVIAR4REID
+    """A copy of the MobileNetV2 checkpoint after ``reid-app quantize`` (calibrated on 48 CAVIAR4REID
     crops): (checkpoint, the --json record, stdout)."""
-    checkpoint = tmp_path_factory.mktemp("weights") / SHIPPED.name
-    shutil.copy(SHIPPED, checkpoint)
+    checkpoint = tmp_path_factory.mktemp("weights") / MODEL.name
+    shutil.copy(MODEL, checkpoint)
     record_file = checkpoint.parent / "record.json"
     result = CliRunner().invoke(
         typer_app,
@@ -78,7 +81,7 @@ def _float_graph(checkpoint: Path) -> Path:
     return embedder.exported_graph.path
 
 
-def test_quantize_accepts_the_shipped_model_within_a_point_and_writes_graph_and_record(quantised) -> None:
+def test_quantize_accepts_the_mobilenetv2_model_within_a_point_and_writes_graph_and_record(quantised) -> None:
     checkpoint, record, out = quantised
     assert record["accepted"] is True
     assert set(record["figures"]) == {"market1501", "dg"}
@@ -124,10 +127,10 @@ def test_evaluate_int8_scores_the_int8_graph(quantised, gate_root: Path, capsys,
 
 
 def test_a_changed_int8_graph_is_not_used(quantised, tmp_path: Path) -> None:
-    checkpoint = tmp_path / SHIPPED.name
+    checkpoint = tmp_path / MODEL.name
     shutil.copy(quantised[0], checkpoint)
     source = quantised[0].parent
-    for path in source.glob(f"{SHIPPED.stem}.*"):
+    for path in source.glob(f"{MODEL.stem}.*"):
         shutil.copy(path, tmp_path / path.name)
     Embedder(str(checkpoint), device="cpu", backend="onnxruntime", int8=True)  # the copy is accepted as is
     graph = int8_graph_path(_float_graph(checkpoint))
@@ -139,8 +142,8 @@ def test_a_changed_int8_graph_is_not_used(quantised, tmp_path: Path) -> None:
 
 
 def test_int8_without_an_accepted_graph_or_on_pytorch_is_a_one_line_error(tmp_path: Path, capsys, monkeypatch) -> None:
-    checkpoint = tmp_path / SHIPPED.name
-    shutil.copy(SHIPPED, checkpoint)
+    checkpoint = tmp_path / MODEL.name
+    shutil.copy(MODEL, checkpoint)
     with pytest.raises(ReidAppError, match="no accepted int8 graph of .*reid-app quantize"):
         Embedder(str(checkpoint), device="cpu", backend="onnxruntime", int8=True)
     with pytest.raises(ReidAppError, match="--int8 runs on the CPU runtimes only"):
@@ -156,8 +159,8 @@ def test_int8_without_an_accepted_graph_or_on_pytorch_is_a_one_line_error(tmp_pa
 
 
 def test_quantize_refuses_missing_gate_data_before_quantising(tmp_path: Path, capsys, monkeypatch) -> None:
-    checkpoint = tmp_path / SHIPPED.name
-    shutil.copy(SHIPPED, checkpoint)
+    checkpoint = tmp_path / MODEL.name
+    shutil.copy(MODEL, checkpoint)
     for gate, expected in (("dg", "dg_splits.json"), ("cuhk03", "--gate cuhk03"), ("bogus", "--gate takes")):
         code, out, err = run_cli(
             ["quantize", "--weights", str(checkpoint), "--data-root", str(tmp_path), "--gate", gate],

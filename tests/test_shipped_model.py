@@ -1,6 +1,6 @@
 """The FA-Net that ships in weights/ (the app's default): the file is the one the model card
 describes, it loads as a trained model, and it re-identifies real people of the CUHK03 test split
-far above chance, through the app's own embedder.
+far above chance, through the app's own embedder (its figures on cameras it never saw: test_dg.py).
 
 CUHK03: Li, Zhao, Xiao, Wang, "DeepReID", CVPR 2014 — non-commercial research use only.
 """
@@ -23,9 +23,10 @@ from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS, Embedder
 SHIPPED = REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS
 MODEL_CARD = REPO_WEIGHTS_DIR / "README.md"
 SUBSET_PEOPLE = 50
-# Measured when the model shipped: R1 84.7 %, mAP 84.0 % (weights/README.md); chance is a few %.
-SUBSET_MIN_RANK1 = 0.75
-SUBSET_MIN_MAP = 0.75
+# Measured when the model shipped: R1 88.8 %, mAP 86.3 % (weights/README.md; the previous default
+# 84.7 % / 84.0 %); chance is a few %.
+SUBSET_MIN_RANK1 = 0.8
+SUBSET_MIN_MAP = 0.78
 
 
 def test_shipped_file_is_the_one_of_the_model_card() -> None:
@@ -36,8 +37,8 @@ def test_shipped_file_is_the_one_of_the_model_card() -> None:
     assert match, "weights/README.md must state the shipped file's sha256"
     assert sha256_file(SHIPPED) == match.group(1)
     payload = read_checkpoint(SHIPPED)
-    assert payload["kind"] == "inference" and payload["config"]["backbone"] == "mobilenetv2"
-    assert payload["meta"]["dataset"] == "cuhk03" and payload["meta"]["init"] == "imagenet"
+    assert payload["kind"] == "inference" and payload["config"]["backbone"] == "osnet"
+    assert payload["meta"]["dataset"] == "cuhk03+peta" and payload["meta"]["init"] == "reid"
 
 
 def test_the_app_uses_it_by_default_as_a_trained_model() -> None:

@@ -52,6 +52,7 @@ from fanet.checkpoint import (
     state_dict_mismatch,
 )
 from fanet.config import (
+    SOURCE_SEPARATOR,
     Backbone,
     DatasetName,
     FANetConfig,
@@ -221,6 +222,14 @@ def load_training_model(path: str | os.PathLike[str]) -> tuple[FANet, dict[str, 
     return model.eval(), payload
 
 
+def trained_on(train_config: dict[str, Any]) -> str | None:
+    """The training sources of a stored TrainConfig as ``--dataset`` takes them (``cuhk03+peta``)."""
+    data = train_config.get("data", {})
+    if data.get("dataset") is None:
+        return None
+    return SOURCE_SEPARATOR.join([data["dataset"], *data.get("extra_sources", [])])
+
+
 def training_stages(payload: dict[str, Any], source: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The training stages behind a training checkpoint, first stage first: one dict per run
     (file name, how it started, epochs, dataset). A run started with ``init_from`` is preceded
@@ -235,7 +244,7 @@ def training_stages(payload: dict[str, Any], source: str | os.PathLike[str]) -> 
             "source": path.name,
             "init": current.get("init"),
             "epochs": int(current.get("epoch", 0)),
-            "dataset": train_config.get("data", {}).get("dataset"),
+            "dataset": trained_on(train_config),
         })
         seen.add(path.resolve())
         earlier = train_config.get("init_from")
@@ -248,6 +257,13 @@ def training_stages(payload: dict[str, Any], source: str | os.PathLike[str]) -> 
                 except (CheckpointError, OSError):
                     current = None
     return stages[::-1]
+
+
+def earlier_teacher_cache(config: TrainConfig) -> Path | None:
+    """The teacher features a run may start from: the one named, else its --init-from run's."""
+    if config.teacher_cache is not None:
+        return Path(config.teacher_cache)
+    return Path(config.init_from).parent / TEACHER_CACHE_FILE if config.init_from else None
 
 
 def next_free_run_dir(path: str | os.PathLike[str]) -> Path:
@@ -358,6 +374,8 @@ class Trainer:
         self.config = config = dataclasses.replace(config)
         if config.loss.distill_weight > 0 and teacher is None:
             raise ValueError("a distillation weight is set but no teacher model was given")
+        if config.teacher_cache is not None and not Path(config.teacher_cache).is_file():
+            raise FileNotFoundError(f"teacher cache {config.teacher_cache} not found")
         # Maps a batch of 0-1 RGB images (on the CPU) to the teacher's features (N, D); each
         # training image goes through it once, the first time a batch holds it (TeacherFeatures).
         self.teacher = teacher if config.loss.distill_weight > 0 else None
@@ -581,7 +599,7 @@ class Trainer:
             self.teacher_features = TeacherFeatures(
                 self.teacher, Path(config.teacher or "teacher").name, self.dataset.train,
                 config.data.height, config.data.width, self.run_dir / TEACHER_CACHE_FILE, log=self.log,
-                earlier_cache=Path(config.init_from).parent / TEACHER_CACHE_FILE if config.init_from else None,
+                earlier_cache=earlier_teacher_cache(config),
             )  # fmt: skip
         try:
             if self.start_epoch == 0 and config.solver.recalibrate_bn_batches > 0:

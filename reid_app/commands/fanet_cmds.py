@@ -90,6 +90,7 @@ def build_train_config(
     mixstyle_prob: float | None = None,
     recalibrate_bn: int | None = None,
     teacher: str | None = None,
+    teacher_cache: str | None = None,
     distill_weight: float | None = None,
     distill_temperature: float | None = None,
     distill_sources: str | None = None,
@@ -218,6 +219,8 @@ def build_train_config(
         top_changes["init_from"] = init_from
     if teacher is not None:
         top_changes["teacher"] = teacher
+    if teacher_cache is not None:
+        top_changes["teacher_cache"] = teacher_cache
     if dg_root is not None:
         top_changes["dg_root"] = dg_root
     return dataclasses.replace(base, model=model, data=data, solver=solver, loss=loss, **top_changes)
@@ -317,6 +320,11 @@ def train_command(
         str | None,
         typer.Option(help="A trained re-ID model to distil from (OpenVINO .xml or .onnx); run on every batch."),
     ] = None,
+    teacher_cache: Annotated[
+        str | None,
+        typer.Option(help="teacher_features.pt of an earlier run with the same teacher and images (e.g. another "
+                          "ablation row): the teacher is not run again (default: the --init-from run's)."),
+    ] = None,
     distill_weight: Annotated[
         float | None, typer.Option(help="Weight of the relational distillation term (default 1 with --teacher).")
     ] = None,
@@ -408,6 +416,7 @@ def train_command(
             mixstyle_prob=mixstyle_prob,
             recalibrate_bn=recalibrate_bn,
             teacher=teacher,
+            teacher_cache=teacher_cache,
             distill_weight=distill_weight,
             distill_temperature=distill_temperature,
             distill_sources=distill_sources,
@@ -634,7 +643,7 @@ def export_command(
         if "init" in payload:
             meta.setdefault("init", payload["init"])
         if payload.get("kind") == TRAINING_KIND:
-            from fanet.engine.trainer import training_stages  # noqa: PLC0415
+            from fanet.engine.trainer import trained_on, training_stages  # noqa: PLC0415
 
             # What the app and the model card show: how long it trained, on what, and from what
             # (a run started from another run's weights counts that run's epochs too).
@@ -643,7 +652,7 @@ def export_command(
             meta.setdefault("epochs_trained", sum(stage["epochs"] for stage in stages))
             if len(stages) > 1:
                 meta.setdefault("stages", stages)
-            meta.setdefault("dataset", payload.get("train_config", {}).get("data", {}).get("dataset"))
+            meta.setdefault("dataset", trained_on(payload.get("train_config", {})))
             meta.setdefault("best_map", payload.get("best_map"))
             for key in ("averaged_from", "toward_pretrained"):
                 if payload.get(key):
