@@ -15,7 +15,7 @@ run for every request, as for new photos); ``--mode repeat`` sends the crops unc
 operator changing top-k, cameras or threshold on the same photo: the server's model cache answers).
 Each request picks a random top-k (5-50) and, one time in three, a camera filter.
 
-    python benchmarks/serve_load.py --clients 16 --duration 60 --mode fresh
+    python benchmarks/serve_load.py --clients 16 --duration 60 --mode fresh [--weights FILE --work DIR]
 """
 
 from __future__ import annotations
@@ -53,12 +53,12 @@ def cli(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "reid_app", *args], cwd=REPO, **kwargs)
 
 
-def prepare(work: Path) -> str:
+def prepare(work: Path, weights: list[str]) -> str:
     url = f"sqlite:///{work / 'reid.db'}"
     if not (work / "reid.db").exists():
         work.mkdir(parents=True, exist_ok=True)
         for camera, clip in enumerate(CLIPS, start=1):
-            assert cli("ingest", str(clip), "--camera", str(camera), "--db", url, "--quiet").wait() == 0
+            assert cli("ingest", str(clip), "--camera", str(camera), "--db", url, "--quiet", *weights).wait() == 0
     return url
 
 
@@ -95,9 +95,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="auto", help="the server's and the ingest's --backend")
     parser.add_argument("--int8", action="store_true", help="the server and the ingest embed with --int8")
+    parser.add_argument("--weights", help="FA-Net weights of every process (default: the shipped model); a --work "
+                                          "folder holds one model's gallery")
     args = parser.parse_args()
 
-    url = prepare(args.work)
+    weights = ["--weights", args.weights] if args.weights else []
+    url = prepare(args.work, weights)
     # A fresh copy of the ingested video each run: the same file would be "already ingested".
     video = args.work / f"camera3_{time.time_ns()}{args.ingest_video.suffix}"
     shutil.copy(args.ingest_video, video)
@@ -109,7 +112,7 @@ def main() -> None:
 
     port = free_port()
     int8 = ["--int8"] if args.int8 else []
-    serve_flags = ["--db", url, "--port", str(port), "--backend", args.backend, *int8]
+    serve_flags = ["--db", url, "--port", str(port), "--backend", args.backend, *int8, *weights]
     server = cli("serve", *serve_flags, stderr=subprocess.PIPE, text=True)
     for line in server.stderr:
         if "serving" in line:
@@ -169,7 +172,7 @@ def main() -> None:
     def run_ingest() -> None:
         time.sleep(args.ingest_after)
         ingest["started"] = time.perf_counter()
-        flags = ["--camera", str(new_camera), "--db", url, "--quiet", "--backend", args.backend, *int8]
+        flags = ["--camera", str(new_camera), "--db", url, "--quiet", "--backend", args.backend, *int8, *weights]
         # --ingest-nice: the ingest at a lower CPU priority than the server, as an operator would
         # run a batch job on a host that also answers interactive searches.
         process = cli("ingest", str(video), *flags, stdout=subprocess.DEVNULL,
