@@ -3,6 +3,7 @@ transforms and loaders."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from collections import Counter
@@ -25,6 +26,7 @@ from fanet.data import (
     build_train_loader,
     load_datasets,
 )
+from fanet.data.loaders import usable_cpus
 
 # ------------------------------------------------------------------------------------------
 # Readers
@@ -358,6 +360,9 @@ def test_test_loaders_and_config_datasets(tiny_market_root: Path) -> None:
     # No augmentation at test time: the same image twice gives the same tensor.
     assert torch.equal(query["image"], next(iter(query_loader))["image"])
     assert query["image"].shape == (4, 3, 64, 32)
+    # More workers than usable CPUs would only add processes: the test loaders take at most one a CPU.
+    many = dataclasses.replace(config, workers=usable_cpus() + 3)
+    assert {loader.num_workers for loader in build_test_loaders(test, many)} == {usable_cpus()}
 
 
 def test_train_loaders_of_two_replicas(tiny_market_root: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -74,6 +76,13 @@ def build_train_loader(
     return TrainLoader(images, sampler, seed, rank, num_workers=data_config.workers, pin_memory=pin_memory)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def build_test_loaders(
     dataset: ReIDDataset,
     data_config: DataConfig,
@@ -84,12 +93,15 @@ def build_test_loaders(
     if data_config.workers < 0:
         raise ValueError(f"workers must be >= 0, got {data_config.workers}")
     transform = build_test_transform(data_config)
+    # Test images are not augmented, so the worker count cannot change a feature: more workers than
+    # the CPUs this process may use only add processes (and PyTorch's warning on a 2-core machine).
+    workers = min(data_config.workers, usable_cpus())
     return tuple(  # type: ignore[return-value]
         DataLoader(
             ReIDImageDataset(samples, transform),
             batch_size=batch_size,
             shuffle=False,
-            num_workers=data_config.workers,
+            num_workers=workers,
             pin_memory=pin_memory,
         )
         for samples in (dataset.query, dataset.gallery)
