@@ -374,7 +374,8 @@ class Trainer:
         self.config = config = dataclasses.replace(config)
         if config.loss.distill_weight > 0 and teacher is None:
             raise ValueError("a distillation weight is set but no teacher model was given")
-        if config.teacher_cache is not None and not Path(config.teacher_cache).is_file():
+        # A resumed run reads its own cache (saved after every epoch), so a moved earlier one is no loss.
+        if self.resume_payload is None and config.teacher_cache and not Path(config.teacher_cache).is_file():
             raise FileNotFoundError(f"teacher cache {config.teacher_cache} not found")
         # Maps a batch of 0-1 RGB images (on the CPU) to the teacher's features (N, D); each
         # training image goes through it once, the first time a batch holds it (TeacherFeatures).
