@@ -6,14 +6,22 @@ float32 export that :mod:`reid_app.backends` caches beside the checkpoint — QD
 weights per output channel, uint8 activations whose ranges are the min/max seen on calibration
 crops. Both CPU runtimes run that graph in int8 (OpenVINO reads the QDQ pairs itself).
 
-Layers next to the input are the ones int8 hurts: on the shipped MobileNetV2 FA-Net, quantising
-its 1st, 2nd or 4th convolution alone moved the features of 64 VIPeR crops to a mean cosine of
-0.985, 0.985 and 0.964 against float32, and any one of its last 50 by less than 0.001
-(``benchmarks/int8_probe.py``). So the first K convolution/linear layers stay float32, with K the
-smallest of 0, 1, 2, 4, 8, ... for which held-out calibration crops keep a mean cosine of
-:data:`FEATURE_AGREEMENT` with float32.
+Two kinds of layer are the ones int8 hurts. Layers next to the input: on the MobileNetV2 FA-Net,
+quantising its 1st, 2nd or 4th convolution alone moved the features of 64 VIPeR crops to a mean
+cosine of 0.985, 0.985 and 0.964 against float32, and any one of its last 50 by less than 0.001
+(``benchmarks/int8_probe.py``). And layers on globally pooled features, above all the channel
+gates of OSNet's aggregation (pool → 1×1 conv → ReLU → 1×1 conv → sigmoid, which scales a whole
+feature map): on the OSNet FA-Net all-int8 gave a mean cosine of 0.950 on those VIPeR crops, all-int8
+but its 24 gate layers 0.990, but its 60 depthwise, 80 pointwise or 15 linear layers 0.950–0.951.
+Layers on 1×1 (pooled) inputs cost next to nothing, so they always stay float32; then the first K
+of the others do too, with K the smallest of 0, 1, 2, 4, 8, ... for which held-out calibration
+crops keep a mean cosine of :data:`FEATURE_AGREEMENT` with float32.
 
-**The gate** (:func:`int8_gate`): the float32 and the int8 graph are both scored, flip-averaged as
+**Speed first**: the first int8 graph tried must run :data:`MIN_SPEEDUP` × float32's img/s on this
+machine (measured on the held-out crops), else nothing is written and neither the layer search nor
+the minutes of the gate are spent: int8 is a trade of accuracy for speed, and without the speed there is no trade.
+
+**The gate** (:func:`quantise_checkpoint`): the float32 and the int8 graph are both scored, flip-averaged as
 the app embeds, on every protocol asked for (default: the CUHK03 split and the DG mean of PETA's
 VIPeR/PRID/GRID/i-LIDS). The int8 graph is accepted only when each rank-1 and mAP is within
 :data:`TOLERANCE_POINTS` of float32's. Rejected: nothing is written. Accepted: the graph and its
@@ -39,7 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -51,6 +59,10 @@ TOLERANCE_POINTS = 1.0
 #: Mean cosine between int8 and float32 features of held-out calibration crops that the layers
 #: kept in float32 must reach before the gate is run.
 FEATURE_AGREEMENT = 0.99
+#: int8 must run at least this much faster than float32 on this machine, or it is not worth its
+#: accuracy budget: on CPUs without int8 dot-product instructions a depthwise-heavy network (OSNet)
+#: ran slower in int8 (ONNX Runtime, AVX2 EPYC: 96 against 145 img/s at batch 32).
+MIN_SPEEDUP = 1.1
 #: Calibration crops used by default (3/4 set the activation ranges, 1/4 check the agreement).
 DEFAULT_CALIBRATION_CROPS = 256
 MIN_CALIBRATION_CROPS = 8
@@ -81,7 +93,7 @@ class Int8Record:
     checkpoint_sha256: str
     graph_sha256: str
     input_size: tuple[int, int]
-    float_layers: int  # the first layers kept in float32
+    float_layers: int  # the first layers (not counting pooled ones) kept in float32
     feature_cosine: float  # mean cosine with float32 on held-out calibration crops
     calibration: str  # where the crops came from
     calibration_crops: int
@@ -90,6 +102,8 @@ class Int8Record:
     tolerance_points: float = TOLERANCE_POINTS
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     onnxruntime: str = ""
+    pooled_float_layers: int = 0  # layers on globally pooled (1×1) features, always float32
+    images_per_second: dict[str, float] = field(default_factory=dict)  # float32|int8 -> batch-32 speed here
 
 
 def _sha256(path: Path) -> str:
@@ -183,6 +197,13 @@ def _video_crops(videos: Sequence[Path], count: int, detector: Any, log: Callabl
 # -- quantising ------------------------------------------------------------------------------
 
 
+class Quantised(NamedTuple):
+    float_layers: int  # the first layers (not counting pooled ones) kept in float32
+    pooled_float_layers: int
+    cosine: float  # mean cosine with float32 on the held-out crops
+    images_per_second: dict[str, float]  # float32|int8 -> batch-32 speed on this machine
+
+
 def quantise_graph(
     float_graph: Path,
     calibration: np.ndarray,
@@ -190,9 +211,11 @@ def quantise_graph(
     output: Path,
     threads: int,
     log: Callable[[str], None] = print,
-) -> tuple[int, float]:
-    """Write the int8 graph of ``float_graph`` to ``output``; returns (layers kept in float32, mean
-    cosine with float32 on ``held_out``). Both arrays are preprocessed 0-1 RGB NCHW batches."""
+) -> Quantised:
+    """Write the int8 graph of ``float_graph`` to ``output``. Both arrays are preprocessed 0-1 RGB
+    NCHW batches. Refused (:class:`ReidAppError`, nothing written) when the fully int8 graph is not
+    :data:`MIN_SPEEDUP` × faster than float32 here, or when no tried prefix of float32 layers keeps
+    :data:`FEATURE_AGREEMENT` on ``held_out``."""
     import onnx  # noqa: PLC0415
     from onnxruntime.quantization import (  # noqa: PLC0415
         CalibrationMethod,
@@ -203,10 +226,12 @@ def quantise_graph(
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
 
     reference = _graph(float_graph, calibration.shape[2:], threads).embed(held_out)
+    speed: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="reid-int8-") as folder:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(float_graph), str(prepared), skip_symbolic_shape=True)
-        layers = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+        pooled = pooled_layers(onnx.load(str(prepared)))
+        layers = [name for name in weighted_layers(onnx.load(str(prepared))) if name not in pooled]
         candidate = Path(folder) / "int8.onnx"
         cosine = -1.0
         for keep in (k for k in FLOAT_PREFIXES if k <= len(layers)):
@@ -218,20 +243,68 @@ def quantise_graph(
                 quantize_static(
                     str(prepared), str(candidate), _batches(calibration), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=layers[:keep],
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=[*pooled, *layers[:keep]],
                 )  # fmt: skip
             finally:
                 logging.disable(previous)
+            if not speed:  # the most int8 graph tried: if it is not faster, none will be
+                speed = {"float32": images_per_second(float_graph, held_out, threads),
+                         "int8": images_per_second(candidate, held_out, threads)}  # fmt: skip
+                log(f"speed at batch 32 here: float32 {speed['float32']:.0f}, int8 {speed['int8']:.0f} img/s")
+                if speed["int8"] < MIN_SPEEDUP * speed["float32"]:
+                    raise ReidAppError(
+                        f"int8 is not faster than float32 on this CPU ({speed['int8']:.0f} against "
+                        f"{speed['float32']:.0f} img/s at batch 32; it must be {MIN_SPEEDUP:g}×): not quantised"
+                    )
             features = _graph(candidate, calibration.shape[2:], threads).embed(held_out)
             cosine = float((features * reference).sum(axis=1).mean())
-            log(f"int8 with the first {keep} of {len(layers)} layers in float32: mean cosine {cosine:.4f}")
+            log(
+                f"int8 with the first {keep} of {len(layers)} layers (and {len(pooled)} on pooled features) "
+                f"in float32: mean cosine {cosine:.4f}"
+            )
             if cosine >= FEATURE_AGREEMENT:
                 shutil.move(candidate, output)
-                return keep, cosine
+                return Quantised(keep, len(pooled), cosine, {k: round(v, 1) for k, v in speed.items()})
     raise ReidAppError(
         f"int8 features stay too far from float32 (mean cosine {cosine:.4f} < {FEATURE_AGREEMENT} with "
         f"the first {FLOAT_PREFIXES[-1]} layers in float32): not quantised"
     )
+
+
+def weighted_layers(model: Any) -> list[str]:
+    """Names of an ONNX graph's convolution and linear nodes, in graph order."""
+    return [node.name for node in model.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
+
+
+def pooled_layers(model: Any) -> list[str]:
+    """Names of the convolution/linear nodes whose input is globally pooled (N×C×1×1 or N×C):
+    channel gates and embedding heads, cheap in any precision and the ones int8 hurts most."""
+    from onnx import shape_inference  # noqa: PLC0415
+
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {
+        value.name: [dim.dim_value if dim.HasField("dim_value") else None for dim in value.type.tensor_type.shape.dim]
+        for value in (*inferred.graph.value_info, *inferred.graph.input)
+    }
+
+    def pooled(shape: list[int | None] | None) -> bool:
+        return shape is not None and (len(shape) == 2 or (len(shape) == 4 and shape[2:] == [1, 1]))
+
+    weighted = set(weighted_layers(inferred))
+    return [node.name for node in inferred.graph.node if node.name in weighted and pooled(shapes.get(node.input[0]))]
+
+
+def images_per_second(graph: Path, images: np.ndarray, threads: int, seconds: float = 1.0) -> float:
+    """Unflipped images a second of ``graph`` on ONNX Runtime, in passes of up to 32 of ``images``
+    after one warm-up pass, timed for at least ``seconds``."""
+    model = _graph(graph, images.shape[2:], threads)
+    batch = images[:32]
+    model.raw(batch)
+    done, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds or done < 3 * len(batch):
+        model.raw(batch)
+        done += len(batch)
+    return done / elapsed
 
 
 def _batches(images: np.ndarray, batch: int = 32) -> Any:
@@ -355,7 +428,7 @@ def quantise_checkpoint(
     log(f"calibration: {source} ({len(calibrating)} set the ranges, {len(held_out)} check the features)")
     with tempfile.TemporaryDirectory(prefix="reid-int8-") as folder:
         candidate = Path(folder) / "int8.onnx"
-        float_layers, cosine = quantise_graph(float_graph, calibrating, held_out, candidate, threads, log)
+        quantised = quantise_graph(float_graph, calibrating, held_out, candidate, threads, log)
         figures: dict[str, dict[str, dict[str, float]]] = {}
         for protocol in gate:
             figures[protocol] = {}
@@ -370,9 +443,10 @@ def quantise_checkpoint(
                 )
         record = Int8Record(
             checkpoint=embedder.weights_path.name, checkpoint_sha256=embedder.weights_sha256,
-            graph_sha256=_sha256(candidate), input_size=(height, width), float_layers=float_layers,
-            feature_cosine=round(cosine, 6), calibration=source, calibration_crops=len(images), figures=figures,
-            accepted=passes(figures), onnxruntime=onnxruntime.__version__,
+            graph_sha256=_sha256(candidate), input_size=(height, width), float_layers=quantised.float_layers,
+            feature_cosine=round(quantised.cosine, 6), calibration=source, calibration_crops=len(images),
+            figures=figures, accepted=passes(figures), onnxruntime=onnxruntime.__version__,
+            pooled_float_layers=quantised.pooled_float_layers, images_per_second=quantised.images_per_second,
         )  # fmt: skip
         if record.accepted:
             remove_int8(float_graph)

@@ -301,3 +301,11 @@ def test_teacher_features_are_computed_once_per_image_and_reused_on_resume(
     assert seen == []  # an --init-from stage starts from the earlier stage's cache...
     second_stage.save()
     assert second_stage_cache.is_file()  # ...and keeps a copy of its own
+    # A run on fewer images (one source of a multi-source run's) takes the features it shares by path.
+    subset = TeacherFeatures(teacher, "0288", [samples[3], samples[0], samples[5]], 256, 128,
+                             tmp_path / "subset.pt", earlier_cache=cache)  # fmt: skip
+    assert subset.known.tolist() == [True, True, False]
+    torch.testing.assert_close(subset(torch.tensor([0, 1])), torch.stack([second[1], first[0]]))
+    assert seen == []
+    subset(torch.tensor([2]))
+    assert seen == [1]  # the one image the earlier run never embedded

@@ -23,12 +23,13 @@ from reid_app.backends import InferenceBackend, exported_graph_path, is_installe
 from reid_app.cli import typer_app
 from reid_app.embed import Embedder
 from reid_app.errors import ReidAppError
-from reid_app.quantize import int8_graph_path, int8_record_path, passes
+from reid_app.quantize import int8_graph_path, int8_record_path, passes, pooled_layers, weighted_layers
 
-#: The int8 gate accepts the MobileNetV2 FA-Net (its first 4 layers kept float32); the shipped OSNet
-#: model's int8 features stay below the gate's feature agreement (0.983 < 0.99 with 32 float layers,
-#: weights/README.md), so it is embedded in float32.
+#: The int8 gate accepts the MobileNetV2 FA-Net (its first 4 layers kept float32). The quick tests
+#: quantise it; the shipped OSNet model's graph is only checked for the layers kept float32 (its gate
+#: run on CUHK03 and the whole DG protocol takes minutes: benchmarks/RESULTS.md).
 MODEL = REPO_WEIGHTS_DIR / "fanet_mobilenetv2_cuhk03.pt"
+SHIPPED = REPO_WEIGHTS_DIR / "fanet_osnet_cuhk03_peta.pt"
 pytestmark = pytest.mark.skipif(
     not is_installed(InferenceBackend.ONNXRUNTIME), reason="int8 quantisation needs onnxruntime"
 )
@@ -89,6 +90,9 @@ def test_quantize_accepts_the_mobilenetv2_model_within_a_point_and_writes_graph_
     # The layers next to the input stay float32 (measured: MobileNetV2 needs its first 4).
     assert 1 <= record["float_layers"] <= 8
     assert record["feature_cosine"] >= 0.99
+    # Accepted only because it is faster here (measured: 1.4× float32 at batch 32 on a 2-core EPYC).
+    assert record["images_per_second"]["int8"] >= 1.1 * record["images_per_second"]["float32"] > 0
+    assert record["pooled_float_layers"] == 15  # the stripe embeddings
     assert record["calibration_crops"] == 48 and "CAVIAR4REID" in record["calibration"]
     graph = int8_graph_path(_float_graph(checkpoint))
     assert graph.is_file() and int8_record_path(graph).is_file()
@@ -180,3 +184,28 @@ def test_the_gate_rejects_a_drop_of_more_than_a_point() -> None:
     assert not passes(figures(57.4, 56.3))
     assert not passes(figures(57.4, 57.4, mAP_drop=1.2))
     assert exported_graph_path(Path("w.pt"), "0" * 64, 256, 128).name == "w.0000000000000000.256x128.onnx"
+
+
+@pytest.mark.parametrize(("checkpoint", "gates", "heads"), [(SHIPPED, 24, 15), (MODEL, 0, 15)])
+def test_layers_on_pooled_features_are_the_channel_gates_and_the_stripe_heads(
+    checkpoint: Path, gates: int, heads: int
+) -> None:
+    """OSNet's aggregation gates (two 1×1 convolutions on a pooled map each, the second feeding the
+    sigmoid) and the 15 stripe embeddings stay float32; no convolution over a feature map does."""
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(str(_float_graph(checkpoint)))
+    kinds = {node.name: node.op_type for node in graph.graph.node}
+    consumers: dict[str, list[str]] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    gate_logits = [
+        node.name
+        for node in graph.graph.node
+        if node.op_type == "Conv" and "Sigmoid" in consumers.get(node.output[0], [])
+    ]
+    pooled = pooled_layers(graph)
+    assert [kinds[name] for name in pooled].count("Conv") == gates
+    assert [kinds[name] for name in pooled].count("Gemm") == heads
+    assert len(gate_logits) == gates // 2 and set(gate_logits) <= set(pooled)
+    assert set(pooled) < set(weighted_layers(graph))

@@ -13,8 +13,8 @@ and it is best on clean images; the student learns to keep it under its augmenta
 use rather than all up front: a short run (or a smoke test) pays only for the images it sees.
 
 The cache (``teacher_features.pt``, written atomically after each epoch) records the teacher's name
-and the image list; a resumed run reuses it only when both match, so a changed teacher or training
-set starts afresh.
+and the image list; a resumed run (or one given an earlier run's cache) reuses the features of the
+images both lists hold, and only when the teacher is the same; the rest are computed on first use.
 """
 
 from __future__ import annotations
@@ -68,18 +68,31 @@ class TeacherFeatures:
             self._unsaved = self._load(earlier_cache, log)
 
     def _load(self, cache_file: Path, log: Callable[[str], None]) -> bool:
-        """Take the features cached in ``cache_file`` if they are this teacher's for these images."""
+        """Take the features cached in ``cache_file`` if they are this teacher's: by image path, so
+        an earlier run on more images (``cuhk03+peta`` for a ``cuhk03`` run) serves the ones it knows."""
         try:
             payload = torch.load(cache_file, map_location="cpu", weights_only=True)
-            if payload["teacher"] != self.teacher_name or payload["paths"] != self.paths:
-                log(f"teacher features in {cache_file} are another teacher's or image list's: starting afresh")
+            if payload["teacher"] != self.teacher_name:
+                log(f"teacher features in {cache_file} are another teacher's: starting afresh")
                 return False
-            self.features = payload["features"]
+            features = payload["features"]
             # A cache written whole (no mask) knows every image.
-            self.known = payload.get("known", torch.ones(len(self.paths), dtype=torch.bool))
-        except (OSError, RuntimeError, KeyError, TypeError) as exc:
+            known = payload.get("known", torch.ones(len(payload["paths"]), dtype=torch.bool))
+            row_of = {path: row for row, path in enumerate(payload["paths"]) if bool(known[row])}
+        except (OSError, RuntimeError, KeyError, TypeError, IndexError) as exc:
             log(f"teacher features in {cache_file} unreadable ({type(exc).__name__}): starting afresh")
             return False
+        if payload["paths"] == self.paths:
+            self.features, self.known = features, known.clone()
+        else:
+            rows = [(index, row_of[path]) for index, path in enumerate(self.paths) if path in row_of]
+            if not rows:
+                log(f"teacher features in {cache_file} are of other images: starting afresh")
+                return False
+            mine, theirs = (torch.tensor(column) for column in zip(*rows, strict=True))
+            self.features = torch.zeros(len(self.paths), features.shape[1], dtype=features.dtype)
+            self.features[mine] = features[theirs]
+            self.known[mine] = True
         log(f"teacher features: {int(self.known.sum())} of {len(self.paths)} images cached in {cache_file}")
         return True
 

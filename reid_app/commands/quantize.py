@@ -60,7 +60,8 @@ def quantize_command(
             "nothing written"
         )
     typer.echo(
-        f"int8 accepted ({record.float_layers} first layers kept in float32, feature cosine "
+        f"int8 accepted ({record.float_layers} first layers and {record.pooled_float_layers} on pooled features "
+        f"kept in float32, feature cosine "
         f"{record.feature_cosine:.4f}): use --int8"
     )
 
