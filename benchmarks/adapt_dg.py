@@ -1,8 +1,8 @@
 """Site adaptation measured on the domain-generalisation sets: each of VIPeR, PRID, GRID and i-LIDS
 is one "site" whose crops are adapted on without labels, then scored on its own 10 splits.
 
-    .venv/bin/python benchmarks/adapt_dg.py [--weights FILE] [--epochs 4] [--sets VIPeR PRID GRID i-LID]
-        [--work /tmp/adapt_dg] [--threads 2]
+    .venv/bin/python benchmarks/adapt_dg.py [--weights FILE] [--epochs 4] [--no-camera-centring]
+        [--sets VIPeR PRID GRID i-LID] [--work /tmp/adapt_dg] [--threads 2]
 
 Each set's tracklet folder is built from its images without identity labels crossing cameras, as
 a tracker would give them: one track per person and camera (in these sets that is one image per
@@ -19,8 +19,10 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from fanet.centring import CameraCentring
 from fanet.checkpoint import checkpoint_input_size, load_inference_model, read_checkpoint
 from fanet.data.peta import DG_TEST_SUBSETS, find_peta_folder, read_peta_labels
 from fanet.evaluation.dg import evaluate_dg, fanet_embedder
@@ -50,16 +52,30 @@ def tracklet_folder(peta: Path, name: str, folder: Path) -> int:
 
 
 def score(weights: Path, peta: Path, name: str) -> tuple[float, float]:
+    """The set's R1 and mAP; a checkpoint with camera means centres each image by its camera's, as
+    the app does for a crop ingested from that camera (no camera recorded: the site's mean)."""
     model = load_inference_model(weights)
-    height, width = checkpoint_input_size(read_checkpoint(weights))
-    result = evaluate_dg(fanet_embedder(model, height, width), peta, sets=[name])
+    payload = read_checkpoint(weights)
+    height, width = checkpoint_input_size(payload)
+    embed = fanet_embedder(model, height, width)
+    centring = CameraCentring.from_meta((payload.get("meta") or {}).get("camera_centring"))
+    if centring is not None:
+        images = read_peta_labels(peta).values()
+        camera_of = {image.path: None if image.camid < 0 else str(image.camid) for image in images}
+        plain = embed
+
+        def embed(paths: list[str]) -> np.ndarray:
+            return centring.apply(plain(paths), [camera_of[path] for path in paths])
+
+    result = evaluate_dg(embed, peta, sets=[name])
     return 100 * result.mean_rank1, 100 * result.mean_mAP
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4, help="0: camera centring only")
+    parser.add_argument("--no-camera-centring", action="store_true")
     parser.add_argument("--sets", nargs="+", default=list(DG_TEST_SUBSETS), choices=DG_TEST_SUBSETS)
     parser.add_argument("--work", type=Path, default=Path("/tmp/adapt_dg"))
     parser.add_argument("--threads", type=int, default=2)
@@ -73,7 +89,8 @@ def main() -> None:
         before = score(args.weights, peta, name)
         started = time.perf_counter()
         output = args.work / name / f"adapted_{args.weights.stem}.pt"
-        report = run_adapt(str(args.weights), output, folder=folder, epochs=args.epochs, log=lambda _line: None)
+        report = run_adapt(str(args.weights), output, folder=folder, epochs=args.epochs,
+                           camera_centring=not args.no_camera_centring, log=lambda _line: None)  # fmt: skip
         seconds = time.perf_counter() - started
         after = score(output, peta, name)
         last = report.epochs[-1] if report.epochs else None

@@ -107,10 +107,12 @@ def run_adapt(
     db: Database | None = None,
     folder: Path | None = None,
     epochs: int = 4,
+    camera_centring: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> AdaptReport:
-    """Adapt ``weights`` (default: the shipped model) on ``db``'s tracks or ``folder``'s; write ``output``."""
+    """Adapt ``weights`` (default: the shipped model) on ``db``'s tracks or ``folder``'s; write ``output``.
+    ``epochs=0`` with ``camera_centring`` only takes the site's camera means (:mod:`fanet.centring`)."""
     from fanet.checkpoint import (  # noqa: PLC0415
         CheckpointError,
         checkpoint_input_size,
@@ -119,7 +121,7 @@ def run_adapt(
         save_inference_checkpoint,
     )
     from fanet.data.tracklets import TrackletLayoutError, read_tracklet_folder  # noqa: PLC0415
-    from fanet.engine.adapt import STATE_SUFFIX, AdaptConfig, adapt, card_line  # noqa: PLC0415
+    from fanet.engine.adapt import STATE_SUFFIX, AdaptConfig, adapt, card_line, fit_camera_centring  # noqa: PLC0415
     from fanet.weights import sha256_file  # noqa: PLC0415
     from reid_app.embed import _resolve_checkpoint  # noqa: PLC0415
 
@@ -127,6 +129,10 @@ def run_adapt(
         raise ReidAppError("adapt takes one source: --db URL or --from-folder DIR")
     if weights is not None and weights.strip().lower() == "untrained":
         raise ReidAppError("adapt starts from a trained checkpoint: --weights untrained is not one")
+    try:
+        config = AdaptConfig(epochs=epochs, camera_centring=camera_centring)
+    except ValueError as exc:
+        raise ReidAppError(str(exc)) from None
     check_writable(output)
     base = _resolve_checkpoint(weights)
     try:
@@ -155,16 +161,22 @@ def run_adapt(
     state_file = output.with_name(output.name + STATE_SUFFIX)
     log(f"adapting {base.name} on {crops} crops of {len(tracklets)} tracks ({cameras} cameras) for {epochs} epochs")
     try:
-        history = adapt(model, tracklets, input_size, AdaptConfig(epochs=epochs), state_file, base_sha, progress, log)
+        history = adapt(model, tracklets, input_size, config, state_file, base_sha, progress, log)
     except ValueError as exc:
         raise ReidAppError(str(exc)) from None
     meta = dict(payload.get("meta") or {})
-    meta = {k: v for k, v in meta.items() if k not in ("model", "path", "half")}
+    # A starting model's own camera means describe its features, not the adapted model's.
+    meta = {k: v for k, v in meta.items() if k not in ("model", "path", "half", "camera_centring")}
     meta["input_size"] = list(input_size)
     meta["adapted"] = {
         "from": base.name, "from_sha256": base_sha, "crops": crops, "tracks": len(tracklets), "cameras": cameras,
         "source": source, "epochs": epochs, "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }  # fmt: skip
+    if camera_centring:
+        centring = fit_camera_centring(model, tracklets, input_size, progress)
+        meta["camera_centring"] = centring.to_meta()
+        meta["adapted"]["centred_cameras"] = len(centring.cameras)
+        log(f"camera centring: means of {len(centring.cameras)} of {cameras} cameras (the rest: the site's mean)")
     save_inference_checkpoint(model, output, **meta)
     state_file.unlink(missing_ok=True)
     if export_dir is not None:

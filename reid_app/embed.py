@@ -8,12 +8,14 @@ the model has not been trained for re-identification, so that commands can print
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fanet.centring import CameraCentring
 from fanet.checkpoint import (
     CheckpointError,
     checkpoint_input_size,
@@ -62,6 +64,10 @@ class Embedder:
     resized at a time (bounding memory); the forward passes are sized by
     :func:`fanet.inference.embed_images` for the device.
 
+    A checkpoint written by ``reid-app adapt`` may hold its site's camera means
+    (:mod:`fanet.centring`): :meth:`embed` then takes each crop's camera mean away (the site's mean
+    for a crop of unknown camera, such as a query photo); :attr:`centring` holds them.
+
     ``backend`` picks the runtime (:mod:`reid_app.backends`: ``auto``, ``torch``,
     ``onnxruntime``, ``openvino``); :attr:`backend` says which one runs. ``warn`` receives the one
     line said when a backend falls back to PyTorch. ``int8`` runs the checkpoint's int8 graph that
@@ -104,6 +110,7 @@ class Embedder:
             self.weights_sha256 = sha256_file(path)
             # An exported file is a trained model unless its metadata says it saw no training at all.
             self.is_trained = self.metadata.get("epochs_trained", 1) != 0
+        self.centring = CameraCentring.from_meta(self.metadata.get("camera_centring"))
         self.input_size = tuple(input_size or checkpoint_input_size(payload))
         self.model = model.to(self._device).eval()
         self.dim: int = int(model.feature_dim)
@@ -124,10 +131,13 @@ class Embedder:
             )
         return None
 
-    def embed(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
-        """(N, dim) float32 l2-normalised features of BGR uint8 crops (any sizes)."""
+    def embed(self, crops_bgr: list[np.ndarray], cameras: Sequence[str | int | None] | None = None) -> np.ndarray:
+        """(N, dim) float32 l2-normalised features of BGR uint8 crops (any sizes). ``cameras``: the
+        camera id of each crop (None where unknown), used when the model holds camera means."""
         if len(crops_bgr) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if cameras is not None and len(cameras) != len(crops_bgr):
+            raise ValueError(f"{len(cameras)} camera ids for {len(crops_bgr)} crops")
         height, width = self.input_size
         chunks = []
         # Preprocess batch by batch: a whole video's crops at 384×128 would not fit in memory.
@@ -141,13 +151,22 @@ class Embedder:
             else:
                 features = embed_images(self.model, images, flip=True)
                 chunks.append(features.numpy().astype(np.float32, copy=False))
-        return np.concatenate(chunks)
+        features = np.concatenate(chunks)
+        if self.centring is None:
+            return features
+        return self.centring.apply(features, None if cameras is None else [_camera_key(c) for c in cameras])
 
     def __repr__(self) -> str:
         return (
             f"Embedder({self.model_name!r}, dim={self.dim}, device={self.device}, backend={self.backend.value}, "
-            f"precision={self.precision}, trained={self.is_trained})"
+            f"precision={self.precision}, trained={self.is_trained}, "
+            f"camera_means={0 if self.centring is None else len(self.centring.cameras)})"
         )
+
+
+def _camera_key(camera: str | int | None) -> str | None:
+    """Camera ids as the centring stores them (the tracklet folders' names): ``3`` and ``"3"`` agree."""
+    return None if camera is None else str(camera)
 
 
 def _resolve_checkpoint(weights: str | None) -> Path:

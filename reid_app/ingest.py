@@ -507,7 +507,8 @@ class _Ingest:
             if crop.frame_index not in self._crop_vectors.get(track.track_id, {})
         ]  # fmt: skip
         if missing:
-            vectors = self.embedder.embed([crop.image for _, crop in missing])
+            cameras = [self.options.camera] * len(missing)  # an adapted model centres by camera
+            vectors = self.embedder.embed([crop.image for _, crop in missing], cameras=cameras)
             for (track_id, crop), vector in zip(missing, vectors, strict=True):
                 self._crop_vectors.setdefault(track_id, {})[crop.frame_index] = vector
         empty = np.zeros((0, self.embedder.dim), dtype=np.float32)

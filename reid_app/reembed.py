@@ -203,7 +203,8 @@ def _embed_missing(db: Database, embedder: Any, job_id: int, owner: str, done: i
     while True:
         with db.read() as session:
             page = session.execute(
-                select(Detection.id, Detection.x1, Detection.y1, Detection.x2, Detection.y2, Detection.thumbnail_path)
+                select(Detection.id, Detection.x1, Detection.y1, Detection.x2, Detection.y2, Detection.thumbnail_path,
+                       Detection.camera_id)  # fmt: skip
                 .where(Detection.id > after)
                 .where(~exists().where(ReembedVector.job_id == job_id, ReembedVector.detection_id == Detection.id))
                 .order_by(Detection.id)
@@ -215,7 +216,7 @@ def _embed_missing(db: Database, embedder: Any, job_id: int, owner: str, done: i
             stored = select(Thumbnail.detection_id, Thumbnail.jpeg).where(Thumbnail.detection_id.in_(ids))
             jpegs = dict(session.execute(stored).all())
         crops = [_stored_crop(db, row, jpegs.get(row[0]), (height, width)) for row in page]
-        vectors = embedder.embed(crops)
+        vectors = embedder.embed(crops, cameras=[row.camera_id for row in page])
         now = db.server_time()
 
         rows = [
@@ -234,7 +235,7 @@ def _stage(session: Session, job_id: int, owner: str, now: float, rows: list[Ree
 
 
 def _stored_crop(db: Database, row: Any, jpeg: bytes | None, input_size: tuple[int, int]) -> np.ndarray:
-    detection_id, x1, y1, x2, y2, path = row
+    detection_id, x1, y1, x2, y2, path = row[:6]
     if jpeg is None:
         local = confined_thumbnail(db.config.storage_dir, path)
         jpeg = read_thumbnail_file(local) if local is not None else None

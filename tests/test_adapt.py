@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -88,6 +89,9 @@ def test_adapt_from_a_folder_writes_a_checkpoint_that_says_what_it_was_adapted_o
     assert f"adapted from {SHIPPED.name} on 48 crops of 48 tracks" in out
     assert "pseudo-identities" in err  # the epoch line
     assert not output.with_name(output.name + STATE_SUFFIX).exists()
+    # Both cameras hold 24 crops (>= MIN_CAMERA_CROPS): each has its mean, beside the site's.
+    assert sorted(meta["camera_centring"]) == ["*", "0", "1"] and adapted["centred_cameras"] == 2
+    assert "centred on 2 camera means" in out
     # The adapted model is an ordinary checkpoint for the app, and it did change.
     adapted_model, shipped = Embedder(str(output), device="cpu", backend="torch"), Embedder(None, device="cpu")
     crops = [np.full((128, 48, 3), value, np.uint8) for value in (40, 120)]
@@ -180,4 +184,44 @@ def test_bad_inputs_are_one_line_and_write_nothing(viper_tracklets: Path, tmp_pa
     with pytest.raises(ReidAppError, match="one source"):
         run_adapt(None, output)
     with pytest.raises(ValueError, match="epochs"):
-        adapt_engine.AdaptConfig(epochs=0)
+        adapt_engine.AdaptConfig(epochs=-1)
+    with pytest.raises(ValueError, match="change nothing"):
+        adapt_engine.AdaptConfig(epochs=0, camera_centring=False)
+    assert "change nothing" in adapt_cli("--from-folder", str(viper_tracklets), "--output", str(output),
+                                         "--epochs", "0", "--no-camera-centring")  # fmt: skip
+    assert not output.exists()
+
+
+def test_camera_centring_alone_keeps_the_weights_and_centres_each_cameras_crops(
+    viper_tracklets: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """``--epochs 0``: the starting network unchanged, the site's camera means added; the embedder
+    takes each crop's camera mean away, and the site's mean where the camera is not known."""
+    output = tmp_path / "centred.pt"
+    code, out, err = run_cli(
+        ["adapt", "--from-folder", str(viper_tracklets), "--output", str(output), "--epochs", "0", "--quiet"],
+        capsys, monkeypatch,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "0 epochs, centred on 2 camera means" in out
+    centred_payload, shipped_payload = read_checkpoint(output), read_checkpoint(SHIPPED)
+    for name, tensor in shipped_payload["state_dict"].items():
+        torch.testing.assert_close(centred_payload["state_dict"][name].float(), tensor.float(), rtol=0, atol=0)
+    crops = {camera: [cv2.imread(str(p)) for p in sorted((viper_tracklets / camera).glob("*/*"))] for camera in "01"}
+    centred, plain = (Embedder(w, device="cpu", backend="torch") for w in (str(output), None))
+    assert centred.centring is not None and plain.centring is None
+    raw_of = {camera: plain.embed(images) for camera, images in crops.items()}
+    for camera, images in crops.items():
+        raw = raw_of[camera]
+        by_camera = centred.embed(images, cameras=[int(camera)] * len(images))  # the app's ids are ints
+        expected = raw - raw.mean(axis=0)
+        np.testing.assert_allclose(by_camera, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=2e-3)
+        assert np.linalg.norm(by_camera.mean(axis=0)) < 0.5 * np.linalg.norm(raw.mean(axis=0))
+    # A crop of unknown camera (a query photo) or of a camera the site did not show: the site's mean.
+    everyone = np.concatenate([raw_of["0"], raw_of["1"]])
+    unknown = centred.embed(crops["0"][:3])
+    np.testing.assert_array_equal(unknown, centred.embed(crops["0"][:3], cameras=[None, 7, "x"]))
+    expected = everyone[:3] - everyone.mean(axis=0)
+    np.testing.assert_allclose(unknown, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=2e-3)
+    with pytest.raises(ValueError, match="camera ids for"):
+        centred.embed(crops["0"][:2], cameras=[0])

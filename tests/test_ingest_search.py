@@ -520,13 +520,13 @@ class FailingEmbedder(Embedder):
         self.batches = 0
         self.stored_when_failing: tuple[int, int] | None = None
 
-    def embed(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
+    def embed(self, crops_bgr: list[np.ndarray], cameras: list[int | None] | None = None) -> np.ndarray:
         if crops_bgr:
             self.batches += 1
             if self.batches == 2:
                 self.stored_when_failing = camera_counts(self.folder, 3)
                 raise self.error
-        return super().embed(crops_bgr)
+        return super().embed(crops_bgr, cameras)
 
 
 def failure_config(folder: Path) -> AppConfig:

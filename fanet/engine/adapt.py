@@ -19,6 +19,11 @@ The method (each round is one epoch):
    teacher keeps the batch's similarity structure close to the one the model began with, so a few
    wrong pseudo-labels cannot undo what it learnt on labelled data.
 
+4. **Camera-aware centring** (:mod:`fanet.centring`, after the last epoch): each camera's mean
+   feature over the site's crops, computed with the adapted model, is stored in the checkpoint and
+   taken from every feature of that camera before it is compared. ``epochs=0`` runs this step alone
+   (seconds: one embedding pass), the one measured to help on every DG "site" (RESULTS.md).
+
 CPU budget: the shared low-level module stays frozen (half the step, see
 ``SolverConfig.freeze_low_level``) and only the foreground branch, TEM and stripe embeddings learn
 (Adam, lr ``lr``). State is saved after every epoch (``<output>.adapt-state.pt``); a run started
@@ -41,6 +46,7 @@ import torch.nn.functional as functional
 from PIL import Image
 from torch import Tensor
 
+from fanet.centring import CameraCentring
 from fanet.checkpoint import save_atomically
 from fanet.data.datasets import Sample
 from fanet.data.loaders import TrainLoader
@@ -68,10 +74,13 @@ class AdaptConfig:
     pad: int = 4
     erase_prob: float = 0.3
     seed: int = 0
+    camera_centring: bool = True  # step 4 of the module docstring
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0 (0: camera centring only), got {self.epochs}")
+        if self.epochs == 0 and not self.camera_centring:
+            raise ValueError("0 epochs without camera centring would change nothing")
         if self.batch_p < 2 or self.batch_k < 1:
             raise ValueError(f"need P >= 2 and K >= 1, got P={self.batch_p}, K={self.batch_k}")
 
@@ -165,6 +174,8 @@ def adapt(
     run by this call (a resumed run starts after the saved epoch)."""
     if len(tracklets) < 2:
         raise ValueError(f"adaptation needs at least 2 tracks, got {len(tracklets)}")
+    if config.epochs == 0:
+        return []
     height, width = input_size
     paths = [p for t in tracklets for p in t.paths]
     owner = np.concatenate([np.full(len(t.paths), i) for i, t in enumerate(tracklets)])
@@ -241,6 +252,16 @@ def adapt(
     return epochs
 
 
+def fit_camera_centring(
+    model: FANet, tracklets: list[Tracklet], input_size: tuple[int, int], progress: Progress | None = None
+) -> CameraCentring:
+    """Step 4 of the module docstring: the (adapted) model's camera means over the site's crops."""
+    paths = [p for t in tracklets for p in t.paths]
+    cameras = [t.camera for t in tracklets for _ in t.paths]
+    features = _embed_with_progress(model.eval(), paths, *input_size, progress, "camera centring")
+    return CameraCentring.fit(features.numpy(), cameras)
+
+
 def _embed_with_progress(
     model: FANet, paths: list[str], height: int, width: int, progress: Progress | None, stage: str
 ) -> Tensor:
@@ -278,8 +299,10 @@ def card_line(meta: dict[str, Any]) -> str:
     adapted = meta.get("adapted") or {}
     if not adapted:
         return ""
+    centred = adapted.get("centred_cameras")
+    centring = "" if centred is None else f", centred on {centred} camera means"
     return (
         f"adapted from {adapted.get('from')} on {adapted.get('crops')} crops of {adapted.get('tracks')} tracks "
-        f"({adapted.get('cameras')} cameras, {adapted.get('source')}), {adapted.get('epochs')} epochs, "
+        f"({adapted.get('cameras')} cameras, {adapted.get('source')}), {adapted.get('epochs')} epochs{centring}, "
         f"{adapted.get('at')}"
     )

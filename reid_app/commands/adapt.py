@@ -27,7 +27,13 @@ def adapt_command(
     ),
     data_dir: str | None = typer.Option(None, "--data-dir", help="Folder of the thumbnails (default: next to the DB)."),
     weights: str | None = typer.Option(None, "--weights", help="Checkpoint to start from (default: the shipped one)."),
-    epochs: int = typer.Option(4, "--epochs", help="Adaptation epochs (each re-labels the tracks)."),
+    epochs: int = typer.Option(
+        4, "--epochs", help="Adaptation epochs (each re-labels the tracks); 0: only the cameras' mean features."
+    ),
+    camera_centring: bool = typer.Option(
+        True, "--camera-centring/--no-camera-centring",
+        help="Store each camera's mean feature; the app takes it from that camera's crops (queries: the site's).",
+    ),  # fmt: skip
     apply: bool = typer.Option(False, "--apply", help="Then move the database to the adapted model (reembed)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -53,8 +59,8 @@ def adapt_command(
         def on_progress(stage: str, done: int, total: int) -> None:
             progress.update(task, description=stage, completed=done, total=total)
 
-        report = run_adapt(weights, output, db=database, folder=from_folder, epochs=epochs, progress=on_progress,
-                           log=_log)  # fmt: skip
+        report = run_adapt(weights, output, db=database, folder=from_folder, epochs=epochs,
+                           camera_centring=camera_centring, progress=on_progress, log=_log)  # fmt: skip
     typer.echo(f"wrote {report.output}: {report.card}")
     if apply:
         from reid_app.ingest import load_embedder  # noqa: PLC0415
