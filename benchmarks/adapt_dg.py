@@ -94,11 +94,11 @@ def main() -> None:
         seconds = time.perf_counter() - started
         after = score(output, peta, name)
         last = report.epochs[-1] if report.epochs else None
-        linked = f"{last.linked_tracklets}/{report.tracks} tracks linked" if last else ""
+        linked = f"{last.linked_tracklets}/{report.tracks} tracks linked, " if last else ""
         rows.append((name, before, after, seconds, report.crops, linked))
         print(
             f"{name:<7} before R1 {before[0]:5.1f} mAP {before[1]:5.1f}  after R1 {after[0]:5.1f} mAP {after[1]:5.1f}  "
-            f"({report.crops} crops, {tracks} tracks, {linked}, adapted in {seconds:.0f} s)",
+            f"({report.crops} crops, {tracks} tracks, {linked}adapted in {seconds:.0f} s)",
             flush=True,
         )
     mean_before = [sum(r[1][i] for r in rows) / len(rows) for i in (0, 1)]
