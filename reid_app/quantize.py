@@ -230,8 +230,9 @@ def quantise_graph(
     with tempfile.TemporaryDirectory(prefix="reid-int8-") as folder:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(float_graph), str(prepared), skip_symbolic_shape=True)
-        pooled = pooled_layers(onnx.load(str(prepared)))
-        layers = [name for name in weighted_layers(onnx.load(str(prepared))) if name not in pooled]
+        graph = onnx.load(str(prepared))
+        pooled = pooled_layers(graph)
+        layers = [name for name in weighted_layers(graph) if name not in pooled]
         candidate = Path(folder) / "int8.onnx"
         cosine = -1.0
         for keep in (k for k in FLOAT_PREFIXES if k <= len(layers)):
