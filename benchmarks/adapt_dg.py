@@ -1,7 +1,7 @@
 """Site adaptation measured on the domain-generalisation sets: each of VIPeR, PRID, GRID and i-LIDS
 is one "site" whose crops are adapted on without labels, then scored on its own 10 splits.
 
-    .venv/bin/python benchmarks/adapt_dg.py [--weights FILE] [--epochs 4] [--no-camera-centring]
+    .venv/bin/python benchmarks/adapt_dg.py [--weights FILE] [--epochs 0] [--no-camera-centring]
         [--sets VIPeR PRID GRID i-LID] [--work /tmp/adapt_dg] [--threads 2]
 
 Each set's tracklet folder is built from its images without identity labels crossing cameras, as
@@ -74,7 +74,7 @@ def score(weights: Path, peta: Path, name: str) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS)
-    parser.add_argument("--epochs", type=int, default=4, help="0: camera centring only")
+    parser.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs; 0: camera centring only")
     parser.add_argument("--no-camera-centring", action="store_true")
     parser.add_argument("--sets", nargs="+", default=list(DG_TEST_SUBSETS), choices=DG_TEST_SUBSETS)
     parser.add_argument("--work", type=Path, default=Path("/tmp/adapt_dg"))

@@ -1,4 +1,4 @@
-"""``reid-app adapt``: fine-tune the FA-Net checkpoint on a site's own unlabelled tracks.
+"""``reid-app adapt``: adapt the FA-Net checkpoint to a site's own unlabelled tracks.
 
 The method is :mod:`fanet.engine.adapt` (tracklet pseudo-identities, cluster contrast, anchored
 to the starting model); this module only gathers the crops and writes the result:
@@ -106,13 +106,14 @@ def run_adapt(
     *,
     db: Database | None = None,
     folder: Path | None = None,
-    epochs: int = 4,
+    epochs: int = 0,
     camera_centring: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> AdaptReport:
     """Adapt ``weights`` (default: the shipped model) on ``db``'s tracks or ``folder``'s; write ``output``.
     ``epochs=0`` with ``camera_centring`` only takes the site's camera means (:mod:`fanet.centring`)."""
+    from fanet.centring import MIN_CENTRING_TRACKS  # noqa: PLC0415
     from fanet.checkpoint import (  # noqa: PLC0415
         CheckpointError,
         checkpoint_input_size,
@@ -149,36 +150,48 @@ def run_adapt(
         source_dir, source = export_dir, f"database {db.config.safe_db_url}"
     else:
         source_dir, source = folder, f"folder {folder}"
-    try:
-        tracklets = read_tracklet_folder(source_dir)
-    except TrackletLayoutError as exc:
-        raise ReidAppError(str(exc)) from None
-    if len(tracklets) < MIN_TRACKS:
-        raise ReidAppError(f"{source} holds {len(tracklets)} track: adaptation needs at least {MIN_TRACKS}")
-    crops = sum(len(t.paths) for t in tracklets)
-    cameras = len({t.camera for t in tracklets})
-    base_sha = sha256_file(base)
-    state_file = output.with_name(output.name + STATE_SUFFIX)
-    log(f"adapting {base.name} on {crops} crops of {len(tracklets)} tracks ({cameras} cameras) for {epochs} epochs")
-    try:
-        history = adapt(model, tracklets, input_size, config, state_file, base_sha, progress, log)
-    except ValueError as exc:
-        raise ReidAppError(str(exc)) from None
-    meta = dict(payload.get("meta") or {})
-    # A starting model's own camera means describe its features, not the adapted model's.
-    meta = {k: v for k, v in meta.items() if k not in ("model", "path", "half", "camera_centring")}
-    meta["input_size"] = list(input_size)
-    meta["adapted"] = {
-        "from": base.name, "from_sha256": base_sha, "crops": crops, "tracks": len(tracklets), "cameras": cameras,
-        "source": source, "epochs": epochs, "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }  # fmt: skip
-    if camera_centring:
-        centring = fit_camera_centring(model, tracklets, input_size, progress)
-        meta["camera_centring"] = centring.to_meta()
-        meta["adapted"]["centred_cameras"] = len(centring.cameras)
-        log(f"camera centring: means of {len(centring.cameras)} of {cameras} cameras (the rest: the site's mean)")
-    save_inference_checkpoint(model, output, **meta)
-    state_file.unlink(missing_ok=True)
-    if export_dir is not None:
-        shutil.rmtree(export_dir, ignore_errors=True)
-    return AdaptReport(output, base.name, crops, len(tracklets), cameras, history, card_line(meta))
+    try:  # the export is a scratch copy: gone after success, a refusal or a stop alike
+        try:
+            tracklets = read_tracklet_folder(source_dir)
+        except TrackletLayoutError as exc:
+            raise ReidAppError(str(exc)) from None
+        if len(tracklets) < MIN_TRACKS:
+            raise ReidAppError(f"{source} holds {len(tracklets)} track: adaptation needs at least {MIN_TRACKS}")
+        crops = sum(len(t.paths) for t in tracklets)
+        cameras = len({t.camera for t in tracklets})
+        centring_skipped = None
+        if camera_centring and len(tracklets) < MIN_CENTRING_TRACKS:
+            too_few = f"{len(tracklets)} tracks, the camera means need {MIN_CENTRING_TRACKS}"
+            if epochs == 0:
+                raise ReidAppError(f"{source} holds {too_few}: ingest more footage first (or fine-tune: --epochs N)")
+            centring_skipped, camera_centring = too_few, False
+            log(f"no camera centring: {too_few} (a mean over a few people is their look, not the cameras')")
+        base_sha = sha256_file(base)
+        state_file = output.with_name(output.name + STATE_SUFFIX)
+        log(f"adapting {base.name} on {crops} crops of {len(tracklets)} tracks ({cameras} cameras) for {epochs} epochs")
+        try:
+            history = adapt(model, tracklets, input_size, config, state_file, base_sha, progress, log)
+        except ValueError as exc:
+            raise ReidAppError(str(exc)) from None
+        meta = dict(payload.get("meta") or {})
+        # A starting model's own camera means describe its features, not the adapted model's.
+        meta = {k: v for k, v in meta.items() if k not in ("model", "path", "half", "camera_centring")}
+        meta["input_size"] = list(input_size)
+        meta["adapted"] = {
+            "from": base.name, "from_sha256": base_sha, "crops": crops, "tracks": len(tracklets), "cameras": cameras,
+            "source": source, "epochs": epochs, "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }  # fmt: skip
+        if camera_centring:
+            centring = fit_camera_centring(model, tracklets, input_size, progress)
+            meta["camera_centring"] = centring.to_meta()
+            meta["adapted"]["centred_cameras"] = len(centring.cameras)
+            log(f"camera centring: means of {len(centring.cameras)} of {cameras} cameras (the rest, with fewer than "
+                f"{MIN_CENTRING_TRACKS} tracks: the site's mean)")  # fmt: skip
+        elif centring_skipped:
+            meta["adapted"]["centring_skipped"] = centring_skipped
+        save_inference_checkpoint(model, output, **meta)
+        state_file.unlink(missing_ok=True)
+        return AdaptReport(output, base.name, crops, len(tracklets), cameras, history, card_line(meta))
+    finally:
+        if export_dir is not None:
+            shutil.rmtree(export_dir, ignore_errors=True)

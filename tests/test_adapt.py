@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import run_cli
 
+from fanet.centring import MIN_CENTRING_TRACKS, SITE, CameraCentring, TooFewTracks
 from fanet.checkpoint import read_checkpoint
 from fanet.data.peta import read_peta_labels
 from fanet.data.tracklets import Tracklet, TrackletLayoutError, read_tracklet_folder
@@ -58,19 +59,29 @@ def test_mutual_nearest_tracklets_become_one_identity_but_never_two_seen_at_once
     assert labels[0] != labels[1]
 
 
-@pytest.fixture(scope="module")
-def viper_tracklets(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """24 VIPeR people, each a track in camera 0 and one in camera 1 (48 real crops; no label
-    crosses a camera)."""
-    folder = tmp_path_factory.mktemp("viper_tracks")
+def viper_folder(shared_dir: Path, folder: Path, people_count: int) -> Path:
+    """``people_count`` VIPeR people, each a track in camera 0 and one in camera 1 (one real crop
+    each; no label crosses a camera)."""
     peta = shared_dir / "data" / "peta_reid"
     images = sorted((i for i in read_peta_labels(peta).values() if i.subset == "VIPeR"), key=lambda i: i.path)
-    people = sorted({i.pid for i in images})[:24]
+    people = sorted({i.pid for i in images})[:people_count]
     for image in (i for i in images if i.pid in people):
         target = folder / str(image.camid) / image.pid / Path(image.path).name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(image.path)
     return folder
+
+
+@pytest.fixture(scope="module")
+def viper_tracklets(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 people in two cameras: 48 tracks, fewer than the camera means need."""
+    return viper_folder(shared_dir, tmp_path_factory.mktemp("viper_tracks"), 24)
+
+
+@pytest.fixture(scope="module")
+def viper_site(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MIN_CENTRING_TRACKS people in two cameras: enough tracks for a mean of each camera."""
+    return viper_folder(shared_dir, tmp_path_factory.mktemp("viper_site"), MIN_CENTRING_TRACKS)
 
 
 def test_adapt_from_a_folder_writes_a_checkpoint_that_says_what_it_was_adapted_on(
@@ -89,9 +100,10 @@ def test_adapt_from_a_folder_writes_a_checkpoint_that_says_what_it_was_adapted_o
     assert f"adapted from {SHIPPED.name} on 48 crops of 48 tracks" in out
     assert "pseudo-identities" in err  # the epoch line
     assert not output.with_name(output.name + STATE_SUFFIX).exists()
-    # Both cameras hold 24 crops (>= MIN_CAMERA_CROPS): each has its mean, beside the site's.
-    assert sorted(meta["camera_centring"]) == ["*", "0", "1"] and adapted["centred_cameras"] == 2
-    assert "centred on 2 camera means" in out
+    # 48 tracks are too few people for a mean (fanet/centring.py): fine-tuned, not centred, and said so.
+    assert "camera_centring" not in meta and "centred_cameras" not in adapted
+    assert f"1 epochs, not centred (48 tracks, the camera means need {MIN_CENTRING_TRACKS})" in out
+    assert "no camera centring: 48 tracks" in err
     # The adapted model is an ordinary checkpoint for the app, and it did change.
     adapted_model, shipped = Embedder(str(output), device="cpu", backend="torch"), Embedder(None, device="cpu")
     crops = [np.full((128, 48, 3), value, np.uint8) for value in (40, 120)]
@@ -126,12 +138,21 @@ def test_adapt_a_database_and_apply_it(tmp_path: Path, capsys, monkeypatch) -> N
         options = IngestOptions(video=str(REPO / "sample_videos" / clip), camera=camera, max_frames=8)
         ingest_video(config, options, embedder=embedder, detector=detector)
     output = tmp_path / "adapted" / "site.pt"
+    # Two short clips hold a handful of tracks: the default (camera means only) refuses them, and
+    # leaves neither a checkpoint nor its scratch export of the tracks behind.
+    code, out, err = run_cli(
+        ["adapt", "--db", config.db_url, "--data-dir", str(tmp_path), "--output", str(output), "--quiet"],
+        capsys, monkeypatch,
+    )  # fmt: skip
+    assert code != 0 and f"the camera means need {MIN_CENTRING_TRACKS}" in err
+    assert not output.exists() and not list(output.parent.glob(".*"))
     code, out, err = run_cli(
         ["adapt", "--db", config.db_url, "--data-dir", str(tmp_path), "--output", str(output), "--epochs", "1",
          "--apply", "--quiet"],
         capsys, monkeypatch,
     )  # fmt: skip
     assert code == 0, err
+    assert "not centred" in out
     adapted = read_checkpoint(output)["meta"]["adapted"]
     assert adapted["cameras"] == 2 and adapted["source"].startswith("database sqlite:///")
     assert not list(output.parent.glob(".site.pt.tracklets"))  # the export is removed after success
@@ -189,25 +210,49 @@ def test_bad_inputs_are_one_line_and_write_nothing(viper_tracklets: Path, tmp_pa
         adapt_engine.AdaptConfig(epochs=0, camera_centring=False)
     assert "change nothing" in adapt_cli("--from-folder", str(viper_tracklets), "--output", str(output),
                                          "--epochs", "0", "--no-camera-centring")  # fmt: skip
+    # The default (camera means only) on 48 tracks: too few people for a mean.
+    assert f"48 tracks, the camera means need {MIN_CENTRING_TRACKS}" in adapt_cli(
+        "--from-folder", str(viper_tracklets), "--output", str(output)
+    )
     assert not output.exists()
 
 
+def test_camera_means_are_over_many_tracks_each_counted_once() -> None:
+    rng = np.random.default_rng(0)
+    dim, many = 8, MIN_CENTRING_TRACKS
+    # Camera "a": `many` one-crop tracks plus one track of 500 crops far off; camera "b": too few tracks.
+    a = rng.standard_normal((many, dim)).astype(np.float32)
+    long_track = np.tile(np.full(dim, 9.0, np.float32), (500, 1))
+    b = rng.standard_normal((many - 1, dim)).astype(np.float32) + 3
+    features = np.concatenate([a, long_track, b])
+    cameras = ["a"] * (many + 500) + ["b"] * (many - 1)
+    tracks = [*range(many), *(["long"] * 500), *range(many - 1)]
+    centring = CameraCentring.fit(features, cameras, tracks)
+    assert centring.cameras == ["a"]  # "b" has one track too few: the site's mean
+    track_means = np.concatenate([a, long_track[:1], b])
+    np.testing.assert_allclose(centring.means["a"], track_means[: many + 1].mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(centring.means[SITE], track_means.mean(axis=0), rtol=1e-5)
+    # Without track ids every crop is a track of its own, and then the long track dominates "a".
+    assert CameraCentring.fit(features, cameras).means["a"][0] > 8
+    with pytest.raises(TooFewTracks, match=f"at least {many} tracks and the site has {many - 1}"):
+        CameraCentring.fit(b, ["b"] * (many - 1))
+
+
 def test_camera_centring_alone_keeps_the_weights_and_centres_each_cameras_crops(
-    viper_tracklets: Path, tmp_path: Path, capsys, monkeypatch
+    viper_site: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    """``--epochs 0``: the starting network unchanged, the site's camera means added; the embedder
-    takes each crop's camera mean away, and the site's mean where the camera is not known."""
+    """The default (``--epochs 0``): the starting network unchanged, the site's camera means added; the
+    embedder takes each crop's camera mean away, and the site's mean where the camera is not known."""
     output = tmp_path / "centred.pt"
     code, out, err = run_cli(
-        ["adapt", "--from-folder", str(viper_tracklets), "--output", str(output), "--epochs", "0", "--quiet"],
-        capsys, monkeypatch,
-    )  # fmt: skip
+        ["adapt", "--from-folder", str(viper_site), "--output", str(output), "--quiet"], capsys, monkeypatch
+    )
     assert code == 0, err
     assert "0 epochs, centred on 2 camera means" in out
     centred_payload, shipped_payload = read_checkpoint(output), read_checkpoint(SHIPPED)
     for name, tensor in shipped_payload["state_dict"].items():
         torch.testing.assert_close(centred_payload["state_dict"][name].float(), tensor.float(), rtol=0, atol=0)
-    crops = {camera: [cv2.imread(str(p)) for p in sorted((viper_tracklets / camera).glob("*/*"))] for camera in "01"}
+    crops = {camera: [cv2.imread(str(p)) for p in sorted((viper_site / camera).glob("*/*"))] for camera in "01"}
     centred, plain = (Embedder(w, device="cpu", backend="torch") for w in (str(output), None))
     assert centred.centring is not None and plain.centring is None
     raw_of = {camera: plain.embed(images) for camera, images in crops.items()}

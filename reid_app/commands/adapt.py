@@ -1,4 +1,4 @@
-"""``reid-app adapt``: fine-tune FA-Net on a site's own unlabelled tracks (:mod:`reid_app.adapt`)."""
+"""``reid-app adapt``: learn a site's cameras from its own unlabelled tracks (:mod:`reid_app.adapt`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def adapt_command(
     data_dir: str | None = typer.Option(None, "--data-dir", help="Folder of the thumbnails (default: next to the DB)."),
     weights: str | None = typer.Option(None, "--weights", help="Checkpoint to start from (default: the shipped one)."),
     epochs: int = typer.Option(
-        4, "--epochs", help="Adaptation epochs (each re-labels the tracks); 0: only the cameras' mean features."
+        0, "--epochs", help="Fine-tuning epochs on the tracks before the cameras' mean features are taken "
+        "(each re-labels the tracks); 0: only the mean features, the measured better choice for the shipped model."
     ),
     camera_centring: bool = typer.Option(
         True, "--camera-centring/--no-camera-centring",
@@ -37,8 +38,8 @@ def adapt_command(
     apply: bool = typer.Option(False, "--apply", help="Then move the database to the adapted model (reembed)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Adapt the re-ID model to your cameras without labels (tracks of one camera that overlap in time
-    are different people; the rest is learnt); --apply also re-embeds the database with it."""
+    """Adapt the re-ID model to your cameras without labels: each camera's mean feature is stored with
+    it (--epochs N fine-tunes on the tracks first); --apply also re-embeds the database with it."""
     from reid_app.adapt import run_adapt  # noqa: PLC0415
     from reid_app.errors import ReidAppError  # noqa: PLC0415
     from reid_app.store import Database  # noqa: PLC0415
