@@ -1,6 +1,6 @@
 """Time and peak memory of ``reid-app adapt`` and ``reid-app reembed`` at several crop counts.
 
-    .venv/bin/python benchmarks/adapt_scale.py [--crops 1000 5000 20000] [--epochs 4] [--skip-adapt]
+    .venv/bin/python benchmarks/adapt_scale.py [--crops 1000 5000 20000] [--epochs 0] [--skip-adapt]
         [--skip-reembed] [--work /tmp/adapt_scale] [--weights FILE]
 
 Crops: CUHK03's training images, then PETA's training subsets (CAVIAR4REID, 3DPeS, SARC3D,
@@ -117,7 +117,7 @@ def timed(command: list[str]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crops", type=int, nargs="+", default=[1000, 5000, 20000])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=0, help="as reid-app adapt: 0 = the camera means alone")
     parser.add_argument("--weights", default=str(REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/adapt_scale"))
     parser.add_argument("--skip-adapt", action="store_true")
