@@ -11,7 +11,7 @@ normalisation statistics per camera inside the network; here the statistics are 
 final features, so any runtime (PyTorch, ONNX Runtime, OpenVINO) embeds as before and the centring
 is applied after it.
 
-Measured on the four DG sets as sites (benchmarks/RESULTS.md, issue 21): +2.9 rank-1 on the shipped
+Measured on the four DG sets as sites (benchmarks/RESULTS.md, issue 21): +2.7 rank-1 on the shipped
 model with no training, every set better. A crop of a camera the site statistics do not know (or do
 not hold enough tracks of), and a query photo of unknown camera, is centred by the site's mean,
 which keeps most of the gain (+1.8 rank-1 for queries there).
