@@ -1,7 +1,7 @@
 """Site adaptation measured on the domain-generalisation sets: each of VIPeR, PRID, GRID and i-LIDS
 is one "site" whose crops are adapted on without labels, then scored on its own 10 splits.
 
-    .venv/bin/python benchmarks/adapt_dg.py [--weights FILE] [--epochs 0] [--no-camera-centring]
+    .venv/bin/python benchmarks/adapt_dg.py [--weights FILE] [--epochs 0] [--no-camera-centring] [--no-camera-whitening]
         [--sets VIPeR PRID GRID i-LID] [--work /tmp/adapt_dg] [--threads 2]
 
 Each set's tracklet folder is built from its images without identity labels crossing cameras, as
@@ -58,7 +58,7 @@ def score(weights: Path, peta: Path, name: str) -> tuple[float, float]:
     payload = read_checkpoint(weights)
     height, width = checkpoint_input_size(payload)
     embed = fanet_embedder(model, height, width)
-    centring = CameraCentring.from_meta((payload.get("meta") or {}).get("camera_centring"))
+    centring = CameraCentring.from_meta(payload.get("meta"))
     if centring is not None:
         images = read_peta_labels(peta).values()
         camera_of = {image.path: None if image.camid < 0 else str(image.camid) for image in images}
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS)
     parser.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs; 0: camera centring only")
     parser.add_argument("--no-camera-centring", action="store_true")
+    parser.add_argument("--no-camera-whitening", action="store_true", help="the camera means alone")
     parser.add_argument("--sets", nargs="+", default=list(DG_TEST_SUBSETS), choices=DG_TEST_SUBSETS)
     parser.add_argument("--work", type=Path, default=Path("/tmp/adapt_dg"))
     parser.add_argument("--threads", type=int, default=2)
@@ -90,7 +91,8 @@ def main() -> None:
         started = time.perf_counter()
         output = args.work / name / f"adapted_{args.weights.stem}.pt"
         report = run_adapt(str(args.weights), output, folder=folder, epochs=args.epochs,
-                           camera_centring=not args.no_camera_centring, log=lambda _line: None)  # fmt: skip
+                           camera_centring=not args.no_camera_centring,
+                           camera_whitening=not args.no_camera_whitening, log=lambda _line: None)  # fmt: skip
         seconds = time.perf_counter() - started
         after = score(output, peta, name)
         last = report.epochs[-1] if report.epochs else None

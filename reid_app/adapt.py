@@ -108,12 +108,14 @@ def run_adapt(
     folder: Path | None = None,
     epochs: int = 0,
     camera_centring: bool = True,
+    camera_whitening: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> AdaptReport:
     """Adapt ``weights`` (default: the shipped model) on ``db``'s tracks or ``folder``'s; write ``output``.
-    ``epochs=0`` with ``camera_centring`` only takes the site's camera means (:mod:`fanet.centring`)."""
-    from fanet.centring import MIN_CENTRING_TRACKS  # noqa: PLC0415
+    ``epochs=0`` with ``camera_centring`` only takes the site's camera means and (``camera_whitening``)
+    their whitening (:mod:`fanet.centring`)."""
+    from fanet.centring import CENTRING_META_KEY, MIN_CENTRING_TRACKS, WHITENING_META_KEY  # noqa: PLC0415
     from fanet.checkpoint import (  # noqa: PLC0415
         CheckpointError,
         checkpoint_input_size,
@@ -131,7 +133,7 @@ def run_adapt(
     if weights is not None and weights.strip().lower() == "untrained":
         raise ReidAppError("adapt starts from a trained checkpoint: --weights untrained is not one")
     try:
-        config = AdaptConfig(epochs=epochs, camera_centring=camera_centring)
+        config = AdaptConfig(epochs=epochs, camera_centring=camera_centring, camera_whitening=camera_whitening)
     except ValueError as exc:
         raise ReidAppError(str(exc)) from None
     check_writable(output)
@@ -175,18 +177,21 @@ def run_adapt(
             raise ReidAppError(str(exc)) from None
         meta = dict(payload.get("meta") or {})
         # A starting model's own camera means describe its features, not the adapted model's.
-        meta = {k: v for k, v in meta.items() if k not in ("model", "path", "half", "camera_centring")}
+        dropped = ("model", "path", "half", CENTRING_META_KEY, WHITENING_META_KEY)
+        meta = {k: v for k, v in meta.items() if k not in dropped}
         meta["input_size"] = list(input_size)
         meta["adapted"] = {
             "from": base.name, "from_sha256": base_sha, "crops": crops, "tracks": len(tracklets), "cameras": cameras,
             "source": source, "epochs": epochs, "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }  # fmt: skip
         if camera_centring:
-            centring = fit_camera_centring(model, tracklets, input_size, progress)
-            meta["camera_centring"] = centring.to_meta()
+            centring = fit_camera_centring(model, tracklets, input_size, progress, whiten=config.camera_whitening)
+            meta.update(centring.to_meta())
             meta["adapted"]["centred_cameras"] = len(centring.cameras)
-            log(f"camera centring: means of {len(centring.cameras)} of {cameras} cameras (the rest, with fewer than "
-                f"{MIN_CENTRING_TRACKS} tracks: the site's mean)")  # fmt: skip
+            meta["adapted"]["whitened"] = bool(centring.whitening)
+            what = "means and whitening" if centring.whitening else "means"
+            log(f"camera centring: {what} of {len(centring.cameras)} of {cameras} cameras (the rest, with fewer than "
+                f"{MIN_CENTRING_TRACKS} tracks: the site's)")  # fmt: skip
         elif centring_skipped:
             meta["adapted"]["centring_skipped"] = centring_skipped
         save_inference_checkpoint(model, output, **meta)

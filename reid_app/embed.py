@@ -110,7 +110,7 @@ class Embedder:
             self.weights_sha256 = sha256_file(path)
             # An exported file is a trained model unless its metadata says it saw no training at all.
             self.is_trained = self.metadata.get("epochs_trained", 1) != 0
-        self.centring = CameraCentring.from_meta(self.metadata.get("camera_centring"))
+        self.centring = CameraCentring.from_meta(self.metadata)
         self.input_size = tuple(input_size or checkpoint_input_size(payload))
         self.model = model.to(self._device).eval()
         self.dim: int = int(model.feature_dim)

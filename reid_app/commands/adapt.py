@@ -35,6 +35,10 @@ def adapt_command(
         True, "--camera-centring/--no-camera-centring",
         help="Store each camera's mean feature; the app takes it from that camera's crops (queries: the site's).",
     ),  # fmt: skip
+    camera_whitening: bool = typer.Option(
+        True, "--camera-whitening/--no-camera-whitening",
+        help="With the means, store each camera's whitening of its centred features (the measured better choice).",
+    ),  # fmt: skip
     apply: bool = typer.Option(False, "--apply", help="Then move the database to the adapted model (reembed)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -61,7 +65,8 @@ def adapt_command(
             progress.update(task, description=stage, completed=done, total=total)
 
         report = run_adapt(weights, output, db=database, folder=from_folder, epochs=epochs,
-                           camera_centring=camera_centring, progress=on_progress, log=_log)  # fmt: skip
+                           camera_centring=camera_centring, camera_whitening=camera_whitening,
+                           progress=on_progress, log=_log)  # fmt: skip
     typer.echo(f"wrote {report.output}: {report.card}")
     if apply:
         from reid_app.ingest import load_embedder  # noqa: PLC0415
