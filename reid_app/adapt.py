@@ -124,8 +124,17 @@ def run_adapt(
         save_inference_checkpoint,
     )
     from fanet.data.tracklets import TrackletLayoutError, read_tracklet_folder  # noqa: PLC0415
-    from fanet.engine.adapt import STATE_SUFFIX, AdaptConfig, adapt, card_line, fit_camera_centring  # noqa: PLC0415
+    from fanet.engine.adapt import (  # noqa: PLC0415
+        STATE_SUFFIX,
+        AdaptConfig,
+        adapt,
+        card_line,
+        embed_tracklets,
+        fit_camera_centring_on,
+        tracklet_means,
+    )
     from fanet.weights import sha256_file  # noqa: PLC0415
+    from reid_app.calibration import THRESHOLDS_META_KEY, calibrate  # noqa: PLC0415
     from reid_app.embed import _resolve_checkpoint  # noqa: PLC0415
 
     if (db is None) == (folder is None):
@@ -177,7 +186,7 @@ def run_adapt(
             raise ReidAppError(str(exc)) from None
         meta = dict(payload.get("meta") or {})
         # A starting model's own camera means describe its features, not the adapted model's.
-        dropped = ("model", "path", "half", CENTRING_META_KEY, WHITENING_META_KEY)
+        dropped = ("model", "path", "half", CENTRING_META_KEY, WHITENING_META_KEY, THRESHOLDS_META_KEY)
         meta = {k: v for k, v in meta.items() if k not in dropped}
         meta["input_size"] = list(input_size)
         meta["adapted"] = {
@@ -185,8 +194,20 @@ def run_adapt(
             "source": source, "epochs": epochs, "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }  # fmt: skip
         if camera_centring:
-            centring = fit_camera_centring(model, tracklets, input_size, progress, whiten=config.camera_whitening)
+            features = embed_tracklets(model, tracklets, input_size, progress)
+            centring = fit_camera_centring_on(features, tracklets, whiten=config.camera_whitening)
             meta.update(centring.to_meta())
+            # The app's default thresholds, moved to the centred scores (reid_app/calibration.py).
+            crop_cameras = [t.camera for t in tracklets for _ in t.paths]
+            adapted_means = tracklet_means(centring.apply(features, crop_cameras), tracklets)
+            if epochs:  # the network changed too: the starting one's features, once more
+                starting_model = model_from_checkpoint(payload, source=base.name)
+                features = embed_tracklets(starting_model, tracklets, input_size, progress, "calibration")
+            starting_means = tracklet_means(features, tracklets)
+            thresholds, pairs = calibrate(starting_means, adapted_means, [t.camera for t in tracklets])
+            meta[THRESHOLDS_META_KEY] = thresholds.to_meta(pairs)
+            log(f"thresholds for this site's scores (set on {pairs} track pairs): search {thresholds.search:.3f}, "
+                f"identities {thresholds.identity:.3f}, watchlist {thresholds.watch:.3f}")  # fmt: skip
             meta["adapted"]["centred_cameras"] = len(centring.cameras)
             meta["adapted"]["whitened"] = bool(centring.whitening)
             what = "means and whitening" if centring.whitening else "means"

@@ -27,6 +27,7 @@ from fanet.checkpoint import (
 from fanet.inference import embed_images, preprocess_bgr
 from fanet.weights import WeightsNotFoundError, resolve_weights, sha256_file
 from reid_app.backends import InferenceBackend, Warn, load_runtime
+from reid_app.calibration import Thresholds
 from reid_app.errors import ReidAppError
 
 #: The FA-Net shipped in weights/ (OSNet x0.5 backbone, trained on CUHK03 + PETA; see weights/README.md).
@@ -111,6 +112,8 @@ class Embedder:
             # An exported file is a trained model unless its metadata says it saw no training at all.
             self.is_trained = self.metadata.get("epochs_trained", 1) != 0
         self.centring = CameraCentring.from_meta(self.metadata)
+        #: The default thresholds for this model's scores (its own when ``adapt`` calibrated them).
+        self.thresholds = Thresholds.of_model(self.metadata)
         self.input_size = tuple(input_size or checkpoint_input_size(payload))
         self.model = model.to(self._device).eval()
         self.dim: int = int(model.feature_dim)

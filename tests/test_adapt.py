@@ -29,8 +29,9 @@ from fanet.data.peta import read_peta_labels
 from fanet.data.tracklets import Tracklet, TrackletLayoutError, read_tracklet_folder
 from fanet.engine import adapt as adapt_engine
 from fanet.engine.adapt import STATE_SUFFIX, pseudo_identities
-from fanet.weights import REPO_WEIGHTS_DIR
+from fanet.weights import REPO_WEIGHTS_DIR, sha256_file
 from reid_app.adapt import run_adapt
+from reid_app.calibration import Thresholds, calibrate, database_thresholds
 from reid_app.config import AppConfig
 from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS, Embedder
 from reid_app.errors import ReidAppError
@@ -365,3 +366,36 @@ def test_camera_whitening_is_stored_and_applied_per_camera(
         return float((np.diag(similarity).mean() - others.mean()) / others.std())
 
     assert separation(out_of["0"], out_of["1"]) > separation(raw["0"], raw["1"]) + 1.0  # measured 7.3 vs 4.8
+
+    # The model's own default thresholds, moved to its scores (reid_app/calibration.py) and found by
+    # the commands that load no model through the database's model hash.
+    shipped = Thresholds.defaults()
+    own = adapted.thresholds
+    assert f"thresholds for this site's scores (set on {50 * 50} track pairs)" in err
+    assert own != shipped and own.search < shipped.search and own.watch < shipped.watch
+    assert own.identity > shipped.identity  # a distance: merging needs a lower similarity than 0.55 now
+    assert database_thresholds(str(output), sha256_file(output)) == own
+    assert database_thresholds(str(output), "0" * 64) == shipped  # another model's database
+    assert Embedder(None, device="cpu").thresholds == shipped
+
+
+def test_calibrated_thresholds_pass_the_same_share_of_cross_camera_pairs() -> None:
+    rng = np.random.default_rng(3)
+    tracks, dim = 120, 32
+    cameras = ["0"] * 60 + ["1"] * 60
+
+    def unit(rows: np.ndarray) -> np.ndarray:
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    starting = unit(rng.standard_normal((tracks, dim)) + 0.8)  # a shared offset: scores sit high
+    adapted = unit(starting - starting.mean(axis=0))  # centred: the same people, lower scores
+    thresholds, pairs = calibrate(starting, adapted, cameras)
+    assert pairs == 60 * 60
+    cross = np.array(cameras)[:, None] != np.array(cameras)[None, :]
+    for before, after in ((0.25, thresholds.search), (0.5, thresholds.watch), (0.55, 1 - thresholds.identity)):
+        share_before = np.mean((starting @ starting.T)[cross] >= before)
+        share_after = np.mean((adapted @ adapted.T)[cross] >= after)
+        assert abs(share_before - share_after) <= 2 / pairs
+    assert thresholds.search < 0.25
+    with pytest.raises(ValueError, match="two tracks"):
+        calibrate(starting[:1], adapted[:1], ["0"])

@@ -265,11 +265,35 @@ def fit_camera_centring(
 ) -> CameraCentring:
     """Step 4 of the module docstring: the (adapted) model's camera means over the site's crops and,
     with ``whiten``, the cameras' whitening."""
+    features = embed_tracklets(model, tracklets, input_size, progress)
+    return fit_camera_centring_on(features, tracklets, whiten)
+
+
+def embed_tracklets(
+    model: FANet,
+    tracklets: list[Tracklet],
+    input_size: tuple[int, int],
+    progress: Progress | None = None,
+    stage: str = "camera centring",
+) -> np.ndarray:
+    """Every crop of ``tracklets`` (tracklet by tracklet, in order) through ``model``: (N, D) float32."""
     paths = [p for t in tracklets for p in t.paths]
+    return _embed_with_progress(model.eval(), paths, *input_size, progress, stage).numpy()
+
+
+def fit_camera_centring_on(features: np.ndarray, tracklets: list[Tracklet], whiten: bool = True) -> CameraCentring:
+    """:func:`fit_camera_centring` on features :func:`embed_tracklets` computed."""
     cameras = [t.camera for t in tracklets for _ in t.paths]
     tracks = [t.track for t in tracklets for _ in t.paths]
-    features = _embed_with_progress(model.eval(), paths, *input_size, progress, "camera centring")
-    return CameraCentring.fit(features.numpy(), cameras, tracks, whiten=whiten)
+    return CameraCentring.fit(features, cameras, tracks, whiten=whiten)
+
+
+def tracklet_means(features: np.ndarray, tracklets: list[Tracklet]) -> np.ndarray:
+    """One l2-normalised mean feature per tracklet from :func:`embed_tracklets`'s rows."""
+    owner = np.repeat(np.arange(len(tracklets)), [len(t.paths) for t in tracklets])
+    sums = np.zeros((len(tracklets), features.shape[1]), dtype=np.float64)
+    np.add.at(sums, owner, features)
+    return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def _embed_with_progress(

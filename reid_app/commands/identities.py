@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from reid_app.calibration import database_thresholds
 from reid_app.commands.ingest import warn
 from reid_app.commands.stats import UNTRAINED_NOTE
 from reid_app.config import DB_URL_ENV, DEFAULT_DB_URL, AppConfig
@@ -22,7 +23,11 @@ def identities_command(
     threshold: float | None = typer.Option(
         None,
         "--threshold",
-        help=f"Cosine distance (1 - similarity) up to which clusters merge (default {AppConfig.identity_threshold}).",
+        help=f"Cosine distance (1 - similarity) up to which clusters merge (default: the model's own; "
+        f"{AppConfig.identity_threshold} for the shipped model).",
+    ),
+    weights: str | None = typer.Option(
+        None, "--weights", help="The database's model, when not the shipped one (its calibrated default threshold)."
     ),
     linkage: str = typer.Option("average", "--linkage", help="average or complete."),
     db: str | None = typer.Option(
@@ -34,10 +39,11 @@ def identities_command(
     """Cluster all tracks into identities, store each track's identity id and list them."""
     if linkage not in ("average", "complete"):
         raise ReidAppError(f"--linkage must be 'average' or 'complete', got {linkage!r}")
-    config = AppConfig.from_env(db, data_dir)
-    threshold = config.identity_threshold if threshold is None else threshold
+    config = AppConfig.from_env(db, data_dir, weights=weights)
     database = Database(config)
     info = require_nonempty(database)
+    if threshold is None:
+        threshold = database_thresholds(config.weights, info.model_weights_sha256).identity
     if not info.model_is_trained:
         warn(UNTRAINED_NOTE)
     summaries = compute_identities(database, threshold, linkage)  # type: ignore[arg-type]

@@ -30,8 +30,8 @@ def search_command(
     threshold: float | None = typer.Option(
         None,
         "--threshold",
-        help=f"Minimum cosine similarity (default {AppConfig.search_threshold}, calibrated for the shipped model "
-        f"on CUHK03: see weights/README.md; -1 shows every match).",
+        help=f"Minimum cosine similarity (default: the model's own, {AppConfig.search_threshold} for the shipped model "
+        f"(weights/README.md), set by adapt for an adapted one; -1 shows every match).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (stable keys) instead of a table."),
     report: str | None = typer.Option(None, "--report", help="Also write a self-contained HTML report here."),
@@ -48,7 +48,6 @@ def search_command(
     weights: str | None = typer.Option(None, "--weights", help="FA-Net weights (must be those of the database)."),
 ) -> None:
     """Search the gallery for the person(s) in IMAGE."""
-    threshold = AppConfig.search_threshold if threshold is None else threshold
     options = SearchOptions(
         top_k=top_k,
         cameras=[parse_camera_id(c) for c in camera],
@@ -69,6 +68,8 @@ def search_command(
     embedder = load_embedder(config, warn)
     warn(embedder.warning())
     check_model_identity(info, embedder.model_name, embedder.weights_sha256, embedder.dim)
+    if threshold is None:
+        options.threshold = embedder.thresholds.search
     result = run_search(
         config, image, options, embedder=embedder, detector=load_detector(detector, device, config.backend), db=database
     )

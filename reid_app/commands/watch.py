@@ -22,7 +22,10 @@ def add_command(
     image: Path | None = typer.Argument(None, help="A photo of the person (a crop or a frame)."),
     name: str = typer.Option(..., "--name", help="Who this is (shown in alerts)."),
     case: int | None = typer.Option(None, "--case", help="Watch for a case's person (its confirmed tracks)."),
-    threshold: float = typer.Option(0.6, "--threshold", help="Lowest cosine similarity that raises an alert."),
+    threshold: float | None = typer.Option(
+        None, "--threshold",
+        help="Lowest cosine similarity that raises an alert (default: the model's own; 0.5 for the shipped model).",
+    ),  # fmt: skip
     webhook: str = typer.Option("", "--webhook", help="URL alerts are POSTed to (JSON, HMAC-SHA256 signed)."),
     secret: str | None = typer.Option(None, "--secret", help=f"Signing secret (default: ${SECRET_ENV})."),
     db: str | None = typer.Option(None, "--db", help=DB_HELP),
@@ -32,6 +35,7 @@ def add_command(
     """Add a person to the watchlist: every ingest then checks each new track against them."""
     import os  # noqa: PLC0415
 
+    from reid_app.calibration import database_thresholds  # noqa: PLC0415
     from reid_app.ingest import load_detector, load_embedder  # noqa: PLC0415
     from reid_app.search import load_query_image, select_query_persons  # noqa: PLC0415
     from reid_app.store import Database, check_model_identity, require_nonempty  # noqa: PLC0415
@@ -49,6 +53,8 @@ def add_command(
         check_model_identity(info, embedder.model_name, embedder.weights_sha256, embedder.dim)
         person = select_query_persons(load_query_image(image), load_detector(None, config.device, config.backend))[0]
         vector = embedder.embed([person.image])[0]
+    if threshold is None:
+        threshold = database_thresholds(config.weights, info.model_weights_sha256).watch
     signing = secret if secret is not None else os.environ.get(SECRET_ENV, "")
     watch_id = add_watch(database, name, vector, info.model_weights_sha256 or "", threshold, webhook, signing,
                          by=cli_actor())  # fmt: skip

@@ -226,9 +226,9 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
             "matches_are_meaningful": warning is None,
             "defaults": {
                 "top_k": 10,
-                "threshold": state.config.search_threshold,
+                "threshold": state.embedder.thresholds.search,
                 "max_top_k": MAX_TOP_K,
-                "identity_threshold": state.config.identity_threshold,
+                "identity_threshold": state.embedder.thresholds.identity,
             },
             "max_upload_bytes": state.max_upload_bytes,
         }
@@ -250,7 +250,7 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
             top_k=top_k,
             cameras=[_camera(c) for c in camera or []],
             exclude_cameras=[_camera(c) for c in exclude_camera or []],
-            threshold=state.config.search_threshold if threshold is None else threshold,
+            threshold=state.embedder.thresholds.search if threshold is None else threshold,
             level=level,
             all_persons=all_persons,
         )
@@ -352,7 +352,7 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
     ) -> dict[str, Any]:
         """Cluster all tracks again, as ``reid-app identities`` does, and store the result."""
         info = require_nonempty(state.db)
-        threshold = state.config.identity_threshold if threshold is None else threshold
+        threshold = state.embedder.thresholds.identity if threshold is None else threshold
         summaries = compute_identities(state.db, threshold, linkage)
         return identities_payload(summaries, threshold, linkage, bool(info.model_is_trained))
 
@@ -394,7 +394,8 @@ def _add_api(app: FastAPI, state: ServerState) -> None:
         """Watch for a case's person (the mean of its confirmed tracks): every ingest alerts on them."""
         info = require_nonempty(state.db)
         vector = watchlist.case_vector(state.db, _row_id(body.case_id))
-        watch_id = watchlist.add_watch(state.db, body.name, vector, info.model_weights_sha256 or "", body.threshold,
+        threshold = state.embedder.thresholds.watch if body.threshold is None else body.threshold
+        watch_id = watchlist.add_watch(state.db, body.name, vector, info.model_weights_sha256 or "", threshold,
                                        body.webhook, body.secret, by=actor(request))  # fmt: skip
         return {"watch_id": watch_id, "watchlist": watchlist.list_watches(state.db)}
 
@@ -432,7 +433,7 @@ class CaseUpdate(BaseModel):
 class WatchCreate(BaseModel):
     case_id: int = Field(ge=1, le=MAX_ROW_ID)
     name: str = Field(min_length=1, max_length=200)
-    threshold: float = Field(default=watchlist.DEFAULT_THRESHOLD, ge=-1.0, le=1.0)
+    threshold: float | None = Field(default=None, ge=-1.0, le=1.0)  # None: the model's own
     webhook: str = Field(default="", max_length=2000)
     secret: str = Field(default="", max_length=200)
 
