@@ -20,7 +20,7 @@ score, on the strict side.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -92,10 +92,12 @@ def calibrate(
     return thresholds, int(pairs.sum())
 
 
-def database_thresholds(weights: str | None, model_weights_sha256: str | None) -> Thresholds:
+def database_thresholds(weights: str | None, info: Any, warn: Callable[[str], None] | None = None) -> Thresholds:
     """The default thresholds for a database's scores, for a command that loads no model: those of
     the checkpoint ``weights`` names (None: the shipped one) when it is the model the database was
-    embedded with (same sha256), else :meth:`Thresholds.defaults`."""
+    embedded with (``info``: its :class:`reid_app.store.DatabaseInfo`, same sha256), else
+    :meth:`Thresholds.defaults` (and ``warn`` is told why, unless the database's model is untrained:
+    then no threshold means anything)."""
     from fanet.checkpoint import CheckpointError, read_checkpoint  # noqa: PLC0415
     from fanet.weights import sha256_file  # noqa: PLC0415
     from reid_app.embed import _resolve_checkpoint  # noqa: PLC0415
@@ -105,8 +107,11 @@ def database_thresholds(weights: str | None, model_weights_sha256: str | None) -
         return Thresholds.defaults()
     try:
         path = _resolve_checkpoint(weights)
-        if model_weights_sha256 is None or sha256_file(path) != model_weights_sha256:
-            return Thresholds.defaults()
-        return Thresholds.of_model(read_checkpoint(path).get("meta"))
-    except (CheckpointError, FileNotFoundError, ReidAppError, OSError):
-        return Thresholds.defaults()
+        if info.model_weights_sha256 is not None and sha256_file(path) == info.model_weights_sha256:
+            return Thresholds.of_model(read_checkpoint(path).get("meta"))
+        why = f"{path.name} is not the model this database was embedded with"
+    except (CheckpointError, FileNotFoundError, ReidAppError, OSError) as exc:
+        why = str(exc).splitlines()[0]
+    if warn is not None and info.model_is_trained:
+        warn(f"default threshold: the shipped model's ({why}; --weights FILE names the database's model)")
+    return Thresholds.defaults()

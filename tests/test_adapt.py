@@ -36,7 +36,7 @@ from reid_app.config import AppConfig
 from reid_app.embed import DEFAULT_EMBEDDER_WEIGHTS, Embedder
 from reid_app.errors import ReidAppError
 from reid_app.ingest import IngestOptions, ingest_video, load_detector
-from reid_app.store import Database
+from reid_app.store import Database, DatabaseInfo
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO_WEIGHTS_DIR / DEFAULT_EMBEDDER_WEIGHTS
@@ -374,8 +374,13 @@ def test_camera_whitening_is_stored_and_applied_per_camera(
     assert f"thresholds for this site's scores (set on {50 * 50} track pairs)" in err
     assert own != shipped and own.search < shipped.search and own.watch < shipped.watch
     assert own.identity > shipped.identity  # a distance: merging needs a lower similarity than 0.55 now
-    assert database_thresholds(str(output), sha256_file(output)) == own
-    assert database_thresholds(str(output), "0" * 64) == shipped  # another model's database
+    info = DatabaseInfo(model_weights_sha256=sha256_file(output), model_is_trained=True)
+    assert database_thresholds(str(output), info) == own
+    told: list[str] = []
+    info.model_weights_sha256 = "0" * 64  # another model's database
+    assert database_thresholds(str(output), info, told.append) == shipped
+    assert told == [f"default threshold: the shipped model's ({output.name} is not the model this database was "
+                    "embedded with; --weights FILE names the database's model)"]  # fmt: skip
     assert Embedder(None, device="cpu").thresholds == shipped
 
 

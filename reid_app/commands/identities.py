@@ -43,7 +43,7 @@ def identities_command(
     database = Database(config)
     info = require_nonempty(database)
     if threshold is None:
-        threshold = database_thresholds(config.weights, info.model_weights_sha256).identity
+        threshold = database_thresholds(config.weights, info, warn).identity
     if not info.model_is_trained:
         warn(UNTRAINED_NOTE)
     summaries = compute_identities(database, threshold, linkage)  # type: ignore[arg-type]

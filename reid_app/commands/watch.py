@@ -54,7 +54,7 @@ def add_command(
         person = select_query_persons(load_query_image(image), load_detector(None, config.device, config.backend))[0]
         vector = embedder.embed([person.image])[0]
     if threshold is None:
-        threshold = database_thresholds(config.weights, info.model_weights_sha256).watch
+        threshold = database_thresholds(config.weights, info, warn).watch
     signing = secret if secret is not None else os.environ.get(SECRET_ENV, "")
     watch_id = add_watch(database, name, vector, info.model_weights_sha256 or "", threshold, webhook, signing,
                          by=cli_actor())  # fmt: skip
