@@ -130,7 +130,7 @@ def run_adapt(
         adapt,
         card_line,
         embed_tracklets,
-        fit_camera_centring_on,
+        fit_camera_centring,
         tracklet_means,
     )
     from fanet.weights import sha256_file  # noqa: PLC0415
@@ -195,7 +195,7 @@ def run_adapt(
         }  # fmt: skip
         if camera_centring:
             features = embed_tracklets(model, tracklets, input_size, progress)
-            centring = fit_camera_centring_on(features, tracklets, whiten=config.camera_whitening)
+            centring = fit_camera_centring(features, tracklets, whiten=config.camera_whitening)
             meta.update(centring.to_meta())
             # The app's default thresholds, moved to the centred scores (reid_app/calibration.py).
             crop_cameras = [t.camera for t in tracklets for _ in t.paths]

@@ -256,19 +256,6 @@ def adapt(
     return epochs
 
 
-def fit_camera_centring(
-    model: FANet,
-    tracklets: list[Tracklet],
-    input_size: tuple[int, int],
-    progress: Progress | None = None,
-    whiten: bool = True,
-) -> CameraCentring:
-    """Step 4 of the module docstring: the (adapted) model's camera means over the site's crops and,
-    with ``whiten``, the cameras' whitening."""
-    features = embed_tracklets(model, tracklets, input_size, progress)
-    return fit_camera_centring_on(features, tracklets, whiten)
-
-
 def embed_tracklets(
     model: FANet,
     tracklets: list[Tracklet],
@@ -281,8 +268,9 @@ def embed_tracklets(
     return _embed_with_progress(model.eval(), paths, *input_size, progress, stage).numpy()
 
 
-def fit_camera_centring_on(features: np.ndarray, tracklets: list[Tracklet], whiten: bool = True) -> CameraCentring:
-    """:func:`fit_camera_centring` on features :func:`embed_tracklets` computed."""
+def fit_camera_centring(features: np.ndarray, tracklets: list[Tracklet], whiten: bool = True) -> CameraCentring:
+    """Step 4 of the module docstring on :func:`embed_tracklets`'s features of the (adapted) model: the
+    site's camera means and, with ``whiten``, the cameras' whitening."""
     cameras = [t.camera for t in tracklets for _ in t.paths]
     tracks = [t.track for t in tracklets for _ in t.paths]
     return CameraCentring.fit(features, cameras, tracks, whiten=whiten)
@@ -308,11 +296,7 @@ def _embed_with_progress(
 
 
 def _crop_labels(features: Tensor, owner: np.ndarray, tracklets: list[Tracklet]) -> np.ndarray:
-    count = len(tracklets)
-    sums = np.zeros((count, features.shape[1]), dtype=np.float32)
-    np.add.at(sums, owner, features.numpy())
-    means = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
-    return pseudo_identities(means, tracklets)[owner]
+    return pseudo_identities(tracklet_means(features.numpy(), tracklets), tracklets)[owner]
 
 
 def _tracklet_labels(labels: np.ndarray, owner: np.ndarray, count: int) -> np.ndarray:
